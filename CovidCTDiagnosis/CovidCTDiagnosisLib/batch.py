@@ -1,0 +1,121 @@
+"""Many cases in one run: one result folder per case and a summary CSV; bad cases are skipped.
+
+A batch input is a folder (each DICOM sub-folder or volume file in it is a case) or a CSV
+manifest with a `path` column (and optionally `case_id`). Cases whose folder is already complete
+are not analysed again, so an interrupted batch can simply be re-run.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import CovidCTError, InputNotFoundError, OutputError
+from .outputs import REPORT_JSON, is_complete, read_report, write_outputs
+from .pipeline import Analyzer
+
+VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
+SUMMARY_CSV = "summary.csv"
+
+
+@dataclass
+class Case:
+    case_id: str
+    path: Path
+
+
+@dataclass
+class CaseOutcome:
+    case: Case
+    status: str  # "done", "skipped" (already complete) or "failed"
+    report: dict | None = None
+    error: str = ""
+
+
+def _case_id(path: Path) -> str:
+    name = path.name
+    for suffix in VOLUME_SUFFIXES:
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def find_cases(source) -> list[Case]:
+    """Cases from a folder (sub-folders and volume files, sorted) or a manifest CSV."""
+    source = Path(source)
+    if not source.exists():
+        raise InputNotFoundError(f"batch input not found: {source}")
+    if source.is_file():
+        with open(source, newline="") as f:
+            rows = list(csv.DictReader(f))
+        if not rows or "path" not in rows[0]:
+            raise InputNotFoundError(f"{source} is not a manifest: it needs a 'path' column")
+        cases = []
+        for row in rows:
+            path = Path(row["path"])
+            path = path if path.is_absolute() else source.parent / path
+            cases.append(Case(row.get("case_id") or _case_id(path), path))
+        return cases
+    return [
+        Case(_case_id(p), p)
+        for p in sorted(source.iterdir())
+        if not p.name.startswith(".") and (p.is_dir() or p.name.lower().endswith(VOLUME_SUFFIXES))
+    ]
+
+
+def run_batch(
+    analyzer: Analyzer,
+    source,
+    out_dir,
+    on_case: Callable[[CaseOutcome], None] | None = None,
+    **analyze_options,
+) -> list[CaseOutcome]:
+    """Analyse every case into out_dir/<case_id>/ and write out_dir/summary.csv."""
+    out_dir = Path(out_dir)
+    cases = find_cases(source)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"cannot create {out_dir}: {exc.strerror or exc}") from exc
+    outcomes = []
+    for case in cases:
+        target = out_dir / case.case_id
+        if is_complete(target):
+            outcome = CaseOutcome(case, "skipped", read_report(target))
+        else:
+            try:
+                result = analyzer.analyze(case.path, **analyze_options)
+                write_outputs(result, result.ct, target)
+                outcome = CaseOutcome(case, "done", result.to_report())
+            except CovidCTError as exc:
+                outcome = CaseOutcome(case, "failed", error=str(exc))
+        outcomes.append(outcome)
+        if on_case is not None:
+            on_case(outcome)
+    write_summary(outcomes, out_dir / SUMMARY_CSV)
+    return outcomes
+
+
+def write_summary(outcomes: list[CaseOutcome], path: Path) -> None:
+    """One row per case: status, patient label and class probabilities, or the error."""
+    classes: list[str] = []
+    for o in outcomes:
+        for c in (o.report or {}).get("model", {}).get("classes", []):
+            if c not in classes:
+                classes.append(c)
+    fields = ["case_id", "path", "status", "label", "aggregation", *classes, "trained_model", "result_folder", "error"]
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        for o in outcomes:
+            row = {"case_id": o.case.case_id, "path": str(o.case.path), "status": o.status, "error": o.error}
+            if o.report:
+                patient = o.report["patient"]
+                row.update(label=patient["label"], aggregation=patient["aggregation"], trained_model=o.report["model"]["trained"])
+                row.update({c: f"{p:.4f}" for c, p in patient["probabilities"].items()})
+                row["result_folder"] = str(path.parent / o.case.case_id / REPORT_JSON)
+            writer.writerow(row)
+    tmp.replace(path)

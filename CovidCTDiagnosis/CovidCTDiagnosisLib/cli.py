@@ -1,0 +1,254 @@
+"""`covidct`: the command line of the CovidCT engine.
+
+Errors in the input, model or output folder print one line on stderr and exit with the code
+listed by `covidct --help`; nothing is left half-written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from .errors import EXIT_CODES, CovidCTError, OutputError
+
+PROG = "covidct"
+DEMO_OUT = "covidct-demo"
+
+DESCRIPTION = """\
+COVID-19 diagnosis assistant for chest CT (DRENet, Song et al. 2021). Research use only.
+
+Typical use:
+  covidct analyze path/to/dicom_folder --out results/case1
+  covidct batch cases/ --out results/          (one folder per case + summary.csv)
+  covidct score-images slice1.png slice2.jpg --out scores.csv
+  covidct demo                                 (synthetic phantom, no data needed)
+Each result folder opens in 3D Slicer by drag and drop: lungs.seg.nrrd (lungs and lesion
+boxes), gradcam.nrrd (heat map), lesions.mrk.json (boxes as ROIs); report.html is for reading.
+"""
+
+
+def _exit_code_help() -> str:
+    return "exit codes:\n" + "\n".join(f"  {code:>3}  {text}" for code, text in sorted(EXIT_CODES.items()))
+
+
+def _add_model_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", metavar="FILE", help="DRENet model file (default: the bundled reference model); "
+                   "'untrained' runs an untrained network, for testing only")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where the network runs (default: auto)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or summaries")
+
+
+def _add_analysis_options(p: argparse.ArgumentParser) -> None:
+    _add_model_options(p)
+    p.add_argument("--slices", default="15", metavar="15|all|N",
+                   help="axial slices to analyse: 15 equidistant over the lungs (the paper's), N, or 'all' lung slices")
+    p.add_argument("--aggregate", choices=("mean", "noisy-or"), default="mean",
+                   help="patient-level score: mean of slice probabilities (the paper's) or Noisy-OR")
+    p.add_argument("--series", metavar="UID", help="DICOM SeriesInstanceUID to read when a folder holds several series")
+    p.add_argument("--progress", choices=("bar", "lines", "none"), default="bar",
+                   help="progress on stderr as a bar, or 'lines' on stdout as 'PROGRESS <fraction> <stage>' (for other programs)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=PROG, description=DESCRIPTION, epilog=_exit_code_help(),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("analyze", help="analyse one chest CT volume", formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Analyse one chest CT: a DICOM series folder, or a .nii/.nii.gz/.nrrd/.mha file.",
+                       epilog=_exit_code_help())
+    p.add_argument("input", help="DICOM folder or volume file")
+    p.add_argument("--out", required=True, metavar="DIR", help="result folder (replaced atomically if it exists)")
+    _add_analysis_options(p)
+
+    p = sub.add_parser("batch", help="analyse many cases: one result folder each and summary.csv",
+                       description="Analyse every case in a folder (DICOM sub-folders and volume files) or listed in a CSV "
+                                   "manifest with a 'path' column (optional 'case_id'). Bad cases are reported and skipped; "
+                                   "re-running skips cases already finished.", epilog=_exit_code_help(),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("input", metavar="DIR_OR_MANIFEST")
+    p.add_argument("--out", required=True, metavar="DIR")
+    _add_analysis_options(p)
+
+    p = sub.add_parser("score-images", help="class probabilities of 2-D slice images (PNG/JPG/DICOM)",
+                       description="Score single axial slices (already in a lung window if PNG/JPG). Writes a CSV: path, "
+                                   "then one probability column per class.", epilog=_exit_code_help(),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("images", nargs="+", metavar="IMAGE")
+    p.add_argument("--out", required=True, metavar="CSV")
+    _add_model_options(p)
+
+    p = sub.add_parser("demo", help="build a synthetic chest phantom, analyse it and write the report (offline)",
+                       description="Build a synthetic chest CT phantom (body, ribs, lungs, vessels, ground-glass lesions at "
+                                   "known places), save it as OUT/input/phantom-ct.nrrd, analyse it into OUT/result.",
+                       epilog=_exit_code_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default=DEMO_OUT, metavar="DIR", help=f"demo folder (default: ./{DEMO_OUT})")
+    _add_model_options(p)
+
+    from .training.commands import add_evaluate_arguments, add_train_arguments
+
+    add_train_arguments(sub.add_parser("train", help="train or fine-tune a DRENet model on labelled slices"))
+    add_evaluate_arguments(sub.add_parser("evaluate", help="evaluate model(s) on a labelled set or a saved test split"))
+    return parser
+
+
+class _Progress:
+    """Stage progress as a tqdm bar on stderr, machine-readable lines on stdout, or nothing."""
+
+    def __init__(self, mode: str, label: str = ""):
+        self.mode, self.bar = mode, None
+        if mode == "bar":
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=100, desc=label, unit="%", file=sys.stderr, leave=False,
+                            bar_format="{desc} {percentage:3.0f}%|{bar}| {postfix}")
+
+    def __call__(self, stage: str, fraction: float) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix_str(stage)
+            self.bar.update(round(fraction * 100) - self.bar.n)
+        elif self.mode == "lines":
+            print(f"PROGRESS {fraction:.3f} {stage}", flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _analyzer(args):
+    from .pipeline import Analyzer
+
+    return Analyzer(args.model, args.device)
+
+
+def _slices(value: str):
+    if value == "all":
+        return "all"
+    if not value.isdigit() or int(value) < 1:
+        raise CovidCTError(f"--slices must be 'all' or a positive number, not {value!r}")
+    return int(value)
+
+
+def _summary_line(report: dict) -> str:
+    probs = ", ".join(f"{c} {p:.2f}" for c, p in report["patient"]["probabilities"].items())
+    if not report["model"]["trained"]:
+        return f"UNTRAINED network, not a diagnosis ({probs})"
+    return f"{report['patient']['label']} ({probs}; {report['patient']['aggregation']} of {len(report['slices'])} slices)"
+
+
+def cmd_analyze(args) -> int:
+    from .outputs import write_outputs
+
+    slices = _slices(args.slices)
+    analyzer = _analyzer(args)
+    progress = _Progress("none" if args.quiet and args.progress == "bar" else args.progress, Path(args.input).name)
+    try:
+        result = analyzer.analyze(args.input, slices=slices, aggregate=args.aggregate, series_uid=args.series, progress=progress)
+    finally:
+        progress.close()
+    out = write_outputs(result, result.ct, args.out)
+    if not args.quiet:
+        print(f"{Path(args.input).name}: {_summary_line(result.to_report())}\nresults in {out}", file=sys.stderr)
+    return 0
+
+
+def cmd_batch(args) -> int:
+    from .batch import SUMMARY_CSV, run_batch
+
+    slices = _slices(args.slices)
+    analyzer = _analyzer(args)
+
+    def report(outcome):
+        if args.quiet:
+            return
+        detail = outcome.error if outcome.status == "failed" else _summary_line(outcome.report)
+        print(f"{outcome.case.case_id}: {outcome.status}: {detail}", file=sys.stderr)
+
+    mode = "none" if args.quiet and args.progress == "bar" else args.progress
+    outcomes = run_batch(analyzer, args.input, args.out, on_case=report, slices=slices, aggregate=args.aggregate,
+                         series_uid=args.series, progress=_Progress(mode if mode == "lines" else "none"))
+    failed = sum(o.status == "failed" for o in outcomes)
+    if not args.quiet:
+        print(f"{len(outcomes)} cases, {failed} failed; summary in {Path(args.out) / SUMMARY_CSV}", file=sys.stderr)
+    return 0
+
+
+def cmd_score_images(args) -> int:
+    from .pipeline import score_images
+
+    analyzer = _analyzer(args)
+    rows = score_images(analyzer, args.images)
+    out = Path(args.out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
+        with os.fdopen(fd, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["path", *analyzer.config.classes])
+            for path, probs in zip(args.images, rows):
+                writer.writerow([path, *(f"{probs[c]:.6f}" for c in analyzer.config.classes)])
+        os.replace(tmp, out)
+    except OSError as exc:
+        raise OutputError(f"cannot write {out}: {exc.strerror or exc}") from exc
+    if not analyzer.model_info.trained and not args.quiet:
+        print("warning: UNTRAINED network: these probabilities are meaningless", file=sys.stderr)
+    return 0
+
+
+def cmd_demo(args) -> int:
+    import SimpleITK as sitk
+
+    from .outputs import write_outputs
+    from .phantom import make_demo_phantom
+    from .pipeline import Analyzer
+
+    analyzer = Analyzer(args.model, args.device)
+    out = Path(args.out)
+    phantom = make_demo_phantom()
+    ct_path = out / "input" / "phantom-ct.nrrd"
+    try:
+        ct_path.parent.mkdir(parents=True, exist_ok=True)
+        sitk.WriteImage(phantom.image, str(ct_path), True)
+    except (OSError, RuntimeError) as exc:
+        raise OutputError(f"cannot write {ct_path}: {exc}") from exc
+    progress = _Progress("none" if args.quiet else "bar", "phantom")
+    start = time.perf_counter()
+    try:
+        result = analyzer.analyze(ct_path, progress=progress)
+    finally:
+        progress.close()
+    result_dir = write_outputs(result, result.ct, out / "result")
+    if not args.quiet:
+        lesions = "; ".join(f"{l.lung} lung at LPS ({', '.join(f'{v:.0f}' for v in l.center_lps)}) mm" for l in phantom.lesions)
+        print(f"phantom with lesions: {lesions}\n{_summary_line(result.to_report())}\n"
+              f"analysed in {time.perf_counter() - start:.1f} s; open {result_dir / 'report.html'}, or drag "
+              f"{ct_path} and the files in {result_dir} into 3D Slicer", file=sys.stderr)
+    return 0
+
+
+COMMANDS = {"analyze": cmd_analyze, "batch": cmd_batch, "score-images": cmd_score_images, "demo": cmd_demo}
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command in COMMANDS:
+            return COMMANDS[args.command](args)
+        from .training import commands
+
+        return {"train": commands.run_train, "evaluate": commands.run_evaluate}[args.command](args)
+    except CovidCTError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

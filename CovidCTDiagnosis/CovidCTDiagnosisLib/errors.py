@@ -1,0 +1,73 @@
+"""Errors the engine raises for bad input, each with the command-line exit code it maps to.
+
+Every message is one line a user can act on; `covidct` prints it to stderr and exits with
+`exit_code`. Anything else escaping the engine is a bug (exit code 1).
+"""
+
+
+class CovidCTError(Exception):
+    """Base class: a problem with the user's input, model or output, not a bug."""
+
+    exit_code = 1
+
+
+class InputNotFoundError(CovidCTError):
+    """The input path does not exist."""
+
+    exit_code = 3
+
+
+class UnreadableInputError(CovidCTError):
+    """The input exists but cannot be read as an image (corrupt DICOM, empty folder, unknown format)."""
+
+    exit_code = 3
+
+
+class NotACTError(CovidCTError):
+    """The image is readable but not a usable chest CT volume (MR, 2-D, constant, NaNs, bad spacing, gaps)."""
+
+    exit_code = 4
+
+
+class NoLungsError(CovidCTError):
+    """No lungs were found in the image."""
+
+    exit_code = 5
+
+
+class ModelFileError(CovidCTError):
+    """The model file is missing, unreadable, corrupt or for other classes than asked."""
+
+    exit_code = 6
+
+
+class DeviceError(CovidCTError):
+    """The requested compute device is not available (e.g. --device cuda without a GPU)."""
+
+    exit_code = 8
+
+
+class OutputError(CovidCTError):
+    """The output folder cannot be written (permissions, full disk, exists as a file)."""
+
+    exit_code = 7
+
+
+EXIT_CODES = {
+    0: "success",
+    1: "internal error (a bug: please report it)",
+    2: "command-line usage error",
+    InputNotFoundError.exit_code: "input not found or unreadable (missing path, corrupt or empty DICOM, unknown format)",
+    NotACTError.exit_code: "input is not a usable chest CT (not CT, 2-D, constant, NaNs, bad spacing, missing slices)",
+    NoLungsError.exit_code: "no lungs found in the image",
+    ModelFileError.exit_code: "model file missing, corrupt, or not a compatible DRENet checkpoint",
+    OutputError.exit_code: "output folder cannot be written",
+    DeviceError.exit_code: "requested device not available (e.g. --device cuda without a CUDA GPU)",
+    130: "interrupted (Ctrl-C); nothing was written",
+}
+
+
+class AnalysisCancelled(CovidCTError):
+    """The caller's cancel callback asked to stop; nothing was written."""
+
+    exit_code = 130

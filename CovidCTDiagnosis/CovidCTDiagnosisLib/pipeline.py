@@ -1,0 +1,222 @@
+"""The whole analysis of one chest CT, as a Python API: `Analyzer(...).analyze(path_or_image)`.
+
+Stages: read -> lungs -> choose slices -> prepare input -> DRENet -> Grad-CAM -> map back to
+the input's voxels and patient coordinates -> aggregate. Nothing is printed and nothing global
+is kept: an `Analyzer` holds one loaded model and can be reused for many cases. Writing files
+is separate (`outputs.write_outputs`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import cv2
+import numpy as np
+import SimpleITK as sitk
+
+from . import aggregation, geometry
+from .checkpoint import resolve_model
+from .errors import AnalysisCancelled
+from .inference import SliceScorer
+from .lungs import extract_lungs
+from .preprocessing import CropTransform, prepare_slice
+from .result import UNTRAINED_WARNING, LesionBox, PatientResult, Result, SliceResult
+from .slice_selection import choose_slices, lung_fraction
+from .volume_io import check_ct, read_volume
+
+PAPER_SLICE_COUNT = 15
+ProgressCallback = Callable[[str, float], None]
+
+
+class Analyzer:
+    """One loaded DRENet on one device, ready to analyse CT volumes.
+
+    model: None (the bundled reference model), a checkpoint path, or "untrained[:backbone]".
+    """
+
+    def __init__(self, model=None, device: str = "auto", expected_classes: Sequence[str] | None = None):
+        net, self.model_info = resolve_model(model, expected_classes)
+        self.scorer = SliceScorer(net, device)
+
+    @classmethod
+    def from_network(cls, net, model_info, device: str = "auto") -> "Analyzer":
+        """Wrap a DRENet already in memory (e.g. just trained, or built by hand in a test)."""
+        self = cls.__new__(cls)
+        self.model_info, self.scorer = model_info, SliceScorer(net, device)
+        return self
+
+    @property
+    def config(self):
+        return self.scorer.config
+
+    def analyze(
+        self,
+        source,
+        *,
+        slices: int | str | None = PAPER_SLICE_COUNT,
+        aggregate: str = "mean",
+        series_uid: str | None = None,
+        progress: ProgressCallback | None = None,
+        cancel: Callable[[], bool] | None = None,
+    ) -> Result:
+        """Analyse a CT (path to DICOM folder / NIfTI / NRRD / MHA, or a SimpleITK image).
+
+        slices: 15 (the paper's equidistant choice), another count, or "all"/None for every lung slice.
+        """
+        if aggregate not in aggregation.METHODS:
+            raise ValueError(f"unknown aggregation {aggregate!r}; choose one of {', '.join(aggregation.METHODS)}")
+        count = None if slices in (None, "all") else int(slices)
+        timings: dict[str, float] = {}
+        stage = _Stages(timings, progress, cancel)
+        cfg = self.config
+
+        with stage("read", 0.05):
+            loaded = read_volume(source, series_uid=series_uid)
+            image = loaded.image
+            check_ct(image)
+            oriented = geometry.orient_to_lps(image)
+            hu = sitk.GetArrayViewFromImage(oriented)  # (K, J, I): axial slices, radiological view
+        with stage("lungs", 0.25):
+            lungs = extract_lungs(hu, oriented.GetSpacing())
+        with stage("slices", 0.3):
+            chosen = choose_slices(lungs.area_mm2, count)
+            fractions = lung_fraction(lungs.area_mm2)
+        with stage("prepare", 0.35):
+            mask = lungs.mask
+            prepared = [prepare_slice(hu[k], mask[k], cfg.input_size, cfg.window_level, cfg.window_width) for k in chosen]
+            batch = np.stack([p[0] for p in prepared])
+            crops = [p[1] for p in prepared]
+        positive = cfg.classes.index(cfg.positive_class)
+        with stage("network", 0.9):
+            scores = self.scorer.score(batch, explain_class=positive)
+        with stage("explain", 0.97):
+            heat = np.zeros(hu.shape, dtype=np.float32)
+            for n, k in enumerate(chosen):
+                heat[k] = _cam_to_slice(scores.cams[n], crops[n], hu.shape[1:]) * mask[k]
+            gradcam = geometry.to_original_grid(heat, oriented, image)
+            lung_labels = geometry.to_original_grid(lungs.labels, oriented, image)
+            mapper = _BoxMapper(oriented, image)
+            slice_results = [
+                SliceResult(
+                    index=mapper.slice_index(k),
+                    z_mm=mapper.slice_z(k),
+                    lung_fraction=float(fractions[k]),
+                    probabilities={c: float(p) for c, p in zip(cfg.classes, scores.probabilities[n])},
+                    boxes=[
+                        mapper.box(k, crops[n], scores.boxes[n, r], rank=r + 1, score=float(scores.box_scores[n, r]))
+                        for r in range(scores.boxes.shape[1])
+                    ],
+                )
+                for n, k in enumerate(chosen)
+            ]
+        with stage("aggregate", 1.0):
+            probs = aggregation.aggregate(scores.probabilities, cfg.classes, cfg.positive_class, aggregate)
+            indices = [s.index for s in slice_results]
+            top = aggregation.top_slices(scores.probabilities, indices, cfg.classes, cfg.positive_class)
+        warnings = list(loaded.info.notes)
+        if not self.model_info.trained:
+            warnings.insert(0, UNTRAINED_WARNING)
+        return Result(
+            input=loaded.info,
+            model=self.model_info,
+            device=str(self.scorer.device),
+            patient=PatientResult(label=max(probs, key=probs.get), probabilities=probs, aggregation=aggregate),
+            slices=slice_results,
+            top_slices=top,
+            positive_class=cfg.positive_class,
+            timings=timings,
+            lung_labels=lung_labels,
+            gradcam=gradcam,
+            warnings=warnings,
+            ct=image,
+        )
+
+
+def analyze(source, model=None, device: str = "auto", **options) -> Result:
+    """One-off analysis; for several cases build one `Analyzer` and call `.analyze` on each."""
+    return Analyzer(model, device).analyze(source, **options)
+
+
+class _Stages:
+    """Times each stage, reports progress after it, and honours cancellation between stages."""
+
+    def __init__(self, timings: dict, progress: ProgressCallback | None, cancel: Callable[[], bool] | None):
+        self.timings, self.progress, self.cancel = timings, progress, cancel
+
+    @contextmanager
+    def __call__(self, name: str, done_fraction: float):
+        if self.cancel is not None and self.cancel():
+            raise AnalysisCancelled("analysis cancelled")
+        start = time.perf_counter()
+        yield
+        self.timings[name] = round(time.perf_counter() - start, 4)
+        if self.progress is not None:
+            self.progress(name, done_fraction)
+
+
+def _cam_to_slice(cam: np.ndarray, crop: CropTransform, shape: tuple[int, int]) -> np.ndarray:
+    """Model-input heat map -> slice pixels (J, I), zero outside the crop."""
+    return cv2.warpAffine(
+        cam.astype(np.float32), crop.matrix(), (shape[1], shape[0]), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP, borderValue=0.0
+    )
+
+
+class _BoxMapper:
+    """Maps slices and model-input boxes from the LPS-oriented grid back to the input volume."""
+
+    def __init__(self, oriented: sitk.Image, original: sitk.Image):
+        self.oriented, self.original = oriented, original
+        self.axis = geometry.axial_axis(original)
+        self.size = oriented.GetSize()
+
+    def slice_index(self, k: int) -> int:
+        return int(geometry.oriented_to_original_index(self.oriented, self.original, (0, 0, k))[self.axis])
+
+    def slice_z(self, k: int) -> float:
+        centre = ((self.size[0] - 1) / 2, (self.size[1] - 1) / 2, float(k))
+        return float(self.oriented.TransformContinuousIndexToPhysicalPoint(centre)[2])
+
+    def box(self, k: int, crop: CropTransform, xyxy: np.ndarray, rank: int, score: float) -> LesionBox:
+        # box edges in model-input pixels -> pixel-centre coordinates -> slice pixel edges
+        (i0, i1), (j0, j1) = (v + 0.5 for v in crop.to_slice(xyxy[[0, 2]] - 0.5, xyxy[[1, 3]] - 0.5))
+        i_lo, i_hi = _pixel_range(i0, i1, self.size[0])
+        j_lo, j_hi = _pixel_range(j0, j1, self.size[1])
+        corners = np.array(
+            [geometry.oriented_to_original_index(self.oriented, self.original, (i, j, k)) for i in (i_lo, i_hi) for j in (j_lo, j_hi)]
+        )
+        lo, hi = corners.min(0), corners.max(0)
+        centre = self.original.TransformContinuousIndexToPhysicalPoint([float(v) for v in (lo + hi) / 2])
+        size = (hi - lo + 1) * np.array(self.original.GetSpacing())
+        return LesionBox(
+            rank=rank,
+            score=score,
+            ijk_min=tuple(int(v) for v in lo),
+            ijk_max=tuple(int(v) for v in hi),
+            center_lps=tuple(float(v) for v in centre),
+            size_mm=tuple(float(v) for v in size),
+        )
+
+
+def _pixel_range(lo: float, hi: float, n: int) -> tuple[int, int]:
+    """Pixel edges [lo, hi) -> inclusive indices of the pixels whose centres lie inside, clipped to [0, n)."""
+    first = int(np.clip(np.ceil(lo - 0.5), 0, n - 1))
+    last = int(np.clip(np.ceil(hi - 0.5) - 1, first, n - 1))
+    return first, last
+
+
+def score_images(analyzer: Analyzer, paths: Sequence) -> list[dict[str, float]]:
+    """Class probabilities of 2-D slice images (PNG/JPG/single-slice DICOM), one dict per path."""
+    from .lungs import lung_mask_2d
+    from .preprocessing import prepare_image_2d
+    from .volume_io import read_image_2d
+
+    cfg = analyzer.config
+    batch = []
+    for path in paths:
+        gray = read_image_2d(Path(path))
+        batch.append(prepare_image_2d(gray, lung_mask_2d(gray), cfg.input_size)[0])
+    scores = analyzer.scorer.score(np.stack(batch), explain_class=0, with_cam=False)
+    return [{c: float(p) for c, p in zip(cfg.classes, row)} for row in scores.probabilities]

@@ -1,0 +1,73 @@
+"""Model files: round trip, clear errors for missing, corrupt, foreign or mismatched files."""
+
+import pytest
+import torch
+
+from CovidCTDiagnosisLib.checkpoint import load_model, resolve_model, save_checkpoint, untrained_model
+from CovidCTDiagnosisLib.drenet import DRENet, DRENetConfig
+from CovidCTDiagnosisLib.errors import ModelFileError
+
+
+@pytest.fixture(scope="module")
+def small_model():
+    torch.manual_seed(1)
+    cfg = DRENetConfig(classes=("COVID-19", "Bacterial pneumonia", "Healthy"), input_size=64)
+    return DRENet(cfg).eval()
+
+
+def test_round_trip_keeps_config_and_weights(tmp_path, small_model):
+    path = save_checkpoint(tmp_path / "m.pt", small_model, trained=True, metadata={"name": "tiny"})
+    model, info = load_model(path)
+    assert model.config == small_model.config
+    assert info.classes == ["COVID-19", "Bacterial pneumonia", "Healthy"] and info.trained and info.name == "tiny"
+    assert len(info.sha256) == 64
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(model(x).logits, small_model(x).logits, atol=1e-5)
+
+
+def test_half_precision_file_loads_close(tmp_path, small_model):
+    path = save_checkpoint(tmp_path / "h.pt", small_model, trained=True, half=True)
+    model, _ = load_model(path)
+    assert next(model.parameters()).dtype == torch.float32
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(torch.softmax(model(x).logits, 1), torch.softmax(small_model(x).logits, 1), atol=2e-2)
+
+
+def test_errors(tmp_path, small_model):
+    with pytest.raises(ModelFileError, match="not found"):
+        load_model(tmp_path / "missing.pt")
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(b"\x00not a model" * 100)
+    with pytest.raises(ModelFileError, match="corrupt"):
+        load_model(corrupt)
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"weights": torch.zeros(3)}, foreign)
+    with pytest.raises(ModelFileError, match="not a CovidCT"):
+        load_model(foreign)
+    path = save_checkpoint(tmp_path / "m.pt", small_model, trained=True)
+    with pytest.raises(ModelFileError, match="expected classes"):
+        load_model(path, expected_classes=["COVID-19", "Non-COVID-19"])
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(path.read_bytes()[:2000])
+    with pytest.raises(ModelFileError):
+        load_model(truncated)
+    payload = torch.load(path, weights_only=True)
+    payload["state_dict"].pop("navigator.tidy1.weight")
+    torch.save(payload, tmp_path / "mismatch.pt")
+    with pytest.raises(ModelFileError, match="does not match"):
+        load_model(tmp_path / "mismatch.pt")
+
+
+def test_untrained_only_by_name():
+    model, info = untrained_model("untrained:efficientnet_lite0")
+    assert info.trained is False and info.file is None and "untrained" in info.name
+    _, info2 = resolve_model("untrained")
+    assert info2.trained is False
+
+
+def test_no_bundled_model_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("COVIDCT_MODEL_DIR", str(tmp_path))
+    with pytest.raises(ModelFileError, match="no trained model"):
+        resolve_model(None)

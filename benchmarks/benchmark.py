@@ -1,0 +1,125 @@
+"""Speed of the CovidCT engine, measured in one run on this machine; prints times and ratios.
+
+1. End to end `analyze` + all output files with the default model (the bundled one, else the
+   same architecture untrained) on P001-covid (../shared/data) or, without it, the demo
+   phantom: each stage's time, the network's share and the rest, against the targets
+   (total <= 5 s, everything but the network <= 3 s on a 2-core CPU).
+2. The paper's ResNet50 DRENet: the network stage (forward + Grad-CAM) against the bare
+   backbone passes on the same tensors (whole images, crops, generated images): target <= 1.2x.
+Run: `make benchmark` or `.venv/bin/python benchmarks/benchmark.py [--device cuda] [--repeats N]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from CovidCTDiagnosisLib.checkpoint import default_model_path, untrained_model
+from CovidCTDiagnosisLib.drenet import DRENet, DRENetConfig
+from CovidCTDiagnosisLib.inference import SliceScorer, resolve_device
+from CovidCTDiagnosisLib.outputs import write_outputs
+from CovidCTDiagnosisLib.phantom import make_demo_phantom
+from CovidCTDiagnosisLib.pipeline import Analyzer
+
+P001 = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "ct" / "covid-ct-md" / "P001-covid"
+TOTAL_TARGET_S = 5.0
+NON_NETWORK_TARGET_S = 3.0
+RESNET_RATIO_TARGET = 1.2
+NETWORK_STAGES = ("network",)
+
+
+def best_of(repeats: int, fn):
+    """Minimum wall time over `repeats` calls (after one warm-up call), and the last return value."""
+    value = fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        value = fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return min(times), value
+
+
+def end_to_end(device: str, repeats: int) -> None:
+    model = str(default_model_path()) if default_model_path() else "untrained"
+    analyzer = Analyzer(model, device)
+    if P001.is_dir():
+        source, name = P001, "P001-covid (148-slice JPEG-lossless DICOM)"
+    else:
+        source, name = make_demo_phantom().image, "demo phantom (../shared/data absent)"
+    print(f"== end to end: {name}, model {analyzer.model_info.name}, device {analyzer.scorer.device}")
+
+    def run():
+        with tempfile.TemporaryDirectory() as tmp:
+            start = time.perf_counter()
+            result = analyzer.analyze(source)
+            analysed = time.perf_counter()
+            write_outputs(result, result.ct, Path(tmp) / "out")
+            result.timings["write outputs"] = time.perf_counter() - analysed
+            return result
+
+    total, result = best_of(repeats, run)
+    stages = result.timings
+    network = sum(stages[s] for s in NETWORK_STAGES)
+    for stage, seconds in stages.items():
+        print(f"  {stage:<16} {seconds:7.3f} s")
+    print(f"  {'total':<16} {total:7.3f} s   target <= {TOTAL_TARGET_S} s: ratio {total / TOTAL_TARGET_S:.2f}")
+    rest = total - network
+    print(f"  {'not network':<16} {rest:7.3f} s   target <= {NON_NETWORK_TARGET_S} s: ratio {rest / NON_NETWORK_TARGET_S:.2f}")
+
+
+def resnet_overhead(device: str, repeats: int, slices: int) -> None:
+    dev = resolve_device(device)
+    torch.manual_seed(0)
+    net = DRENet(DRENetConfig(backbone="resnet50"))
+    scorer = SliceScorer(net, device)
+    size = net.config.input_size
+    images = np.random.default_rng(0).random((slices, size, size), dtype=np.float32)
+    print(f"== ResNet50 DRENet, {slices} slices at {size} px, device {dev}")
+    t_net, _ = best_of(repeats, lambda: scorer.score(images, explain_class=0))
+    t_fwd, _ = best_of(repeats, lambda: scorer.score(images, explain_class=0, with_cam=False))
+
+    x = torch.from_numpy(images).to(dev)[:, None].expand(-1, 3, -1, -1).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad(), torch.autocast("cuda", torch.float16, enabled=dev.type == "cuda"):
+        out = scorer.model(x)
+        crops = scorer.model.crop_regions(x, out.region_boxes).contiguous(memory_format=torch.channels_last)
+        k = net.config.top_k
+        generated = scorer.model.generate_image(x, out.region_boxes[:, :k], torch.softmax(out.region_scores[:, :k], 1))
+        generated = generated.contiguous(memory_format=torch.channels_last)
+
+    def bare():
+        with torch.no_grad(), torch.autocast("cuda", torch.float16, enabled=dev.type == "cuda"):
+            for chunk in range(0, slices, scorer.chunk):
+                part = slice(chunk, chunk + scorer.chunk)
+                scorer.model.features(x[part])
+                scorer.model.features(crops[part.start * k : part.stop * k])
+                scorer.model.features(generated[part])
+
+    t_bare, _ = best_of(repeats, bare)
+    print(f"  bare backbone passes  {t_bare:7.3f} s  (whole images, {slices * k} crops, generated images)")
+    print(f"  DRENet forward        {t_fwd:7.3f} s  ratio {t_fwd / t_bare:.3f}")
+    print(f"  forward + Grad-CAM    {t_net:7.3f} s  ratio {t_net / t_bare:.3f}  target <= {RESNET_RATIO_TARGET}")
+    print(f"  Grad-CAM alone        {t_net - t_fwd:7.3f} s")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--slices", type=int, default=15)
+    args = parser.parse_args()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    end_to_end(args.device, args.repeats)
+    resnet_overhead(args.device, args.repeats, args.slices)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
