@@ -1,0 +1,191 @@
+"""The result folder: report.json, slices.csv, lungs.seg.nrrd, gradcam.nrrd, lesions.mrk.json, report.html.
+
+Written atomically: everything goes into a hidden sibling folder that is renamed into place only
+once complete, so a result folder is either the previous one or the new one, never a mixture.
+The folder's content is documented in docs/report-schema.md.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import secrets
+import shutil
+from os import PathLike
+from pathlib import Path
+from typing import Any
+
+import nrrd
+import numpy as np
+import SimpleITK as sitk
+
+from . import geometry
+from .errors import OutputError
+from .html_report import render_html
+from .markups_file import write_lesion_markups
+from .result import REPORT_SCHEMA_VERSION, Result
+from .segmentation_file import GZIP_LEVEL, write_lung_segmentation
+
+REPORT_JSON = "report.json"
+SLICES_CSV = "slices.csv"
+LUNGS_SEG_NRRD = "lungs.seg.nrrd"
+GRADCAM_NRRD = "gradcam.nrrd"
+LESIONS_MRK_JSON = "lesions.mrk.json"
+REPORT_HTML = "report.html"
+OUTPUT_FILES = (REPORT_JSON, SLICES_CSV, LUNGS_SEG_NRRD, GRADCAM_NRRD, LESIONS_MRK_JSON, REPORT_HTML)
+_GRID_TOLERANCE = 1e-4  # mm (origin, spacing) and direction cosines
+
+
+def write_outputs(result: Result, ct_image: sitk.Image, out_dir: str | PathLike, *, overwrite: bool = True) -> Path:
+    """Write the result folder `out_dir` and return its path.
+
+    An existing result folder is replaced (only if `overwrite`) once the new one is complete. A
+    folder holding anything but result files is never replaced. On failure nothing is left
+    behind: an OSError becomes OutputError("cannot write <dir>: <reason>"); Ctrl-C and bugs
+    propagate unchanged.
+    """
+    out_dir = Path(os.path.realpath(out_dir))  # "." and symlinks become the real folder, renamed as a whole
+    _check_same_grid(ct_image, result.lung_labels, result.gradcam)
+    staging = None
+    try:
+        _check_target(out_dir, overwrite)
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        staging = _sibling(out_dir, "partial")
+        staging.mkdir()  # honours the umask, unlike tempfile.mkdtemp's 0o700
+        write_report_json(staging / REPORT_JSON, result)
+        write_slices_csv(staging / SLICES_CSV, result)
+        write_lung_segmentation(staging / LUNGS_SEG_NRRD, result.lung_labels, result.slices)
+        write_volume_nrrd(staging / GRADCAM_NRRD, result.gradcam)
+        write_lesion_markups(staging / LESIONS_MRK_JSON, result.slices, ct_image)
+        (staging / REPORT_HTML).write_text(render_html(result, ct_image), encoding="utf-8")
+        _move_into_place(staging, out_dir)
+    except OSError as exc:
+        raise OutputError(f"cannot write {out_dir}: {exc.strerror or exc}") from exc
+    finally:
+        if staging is not None and staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return out_dir
+
+
+def read_report(out_dir: str | PathLike) -> dict[str, Any]:
+    """The report.json of a result folder; OutputError if missing, unreadable or of another schema."""
+    path = Path(out_dir) / REPORT_JSON
+    try:
+        with open(path, encoding="utf-8") as f:
+            report = json.load(f)
+    except OSError as exc:
+        raise OutputError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    except ValueError as exc:
+        raise OutputError(f"cannot read {path}: not valid JSON ({exc})") from exc
+    major = str(report.get("schema_version", "")).split(".")[0] if isinstance(report, dict) else ""
+    if major != REPORT_SCHEMA_VERSION.split(".")[0]:
+        raise OutputError(f"cannot read {path}: not a report of schema {REPORT_SCHEMA_VERSION}")
+    return report
+
+
+def is_complete(out_dir: str | PathLike) -> bool:
+    """Whether `out_dir` holds every result file and a readable report.json (batch re-runs skip it)."""
+    out_dir = Path(out_dir)
+    if not all((out_dir / name).is_file() for name in OUTPUT_FILES):
+        return False
+    try:
+        read_report(out_dir)
+    except OutputError:
+        return False
+    return True
+
+
+def write_report_json(path: Path, result: Result) -> None:
+    """report.json: `result.to_report()`, indented."""
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(result.to_report(), f, indent=2)
+        f.write("\n")
+
+
+def write_slices_csv(path: Path, result: Result) -> None:
+    """One row per analysed slice: index, z_mm, lung_fraction, a probability per class, n_boxes, top_box_score."""
+    classes = list(result.model.classes)
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["index", "z_mm", "lung_fraction", *classes, "n_boxes", "top_box_score"])
+        for s in result.slices:
+            top_score = max((b.score for b in s.boxes), default=None)
+            writer.writerow(
+                [
+                    s.index,
+                    f"{s.z_mm:.3f}",
+                    f"{s.lung_fraction:.4f}",
+                    *(f"{s.probabilities[c]:.6f}" for c in classes),
+                    len(s.boxes),
+                    "" if top_score is None else f"{top_score:.6f}",
+                ]
+            )
+
+
+def write_volume_nrrd(path: Path, image: sitk.Image) -> None:
+    """A scalar volume as float32 gzip NRRD, exactly the image's geometry (LPS).
+
+    pynrrd rather than sitk.WriteImage: ITK's NRRD writer ignores a full disk and leaves a
+    truncated file, while Python's file I/O raises OSError(ENOSPC).
+    """
+    affine = geometry.ijk_to_lps_matrix(image)
+    header = {
+        "space": "left-posterior-superior",
+        "kinds": ["domain", "domain", "domain"],
+        "space directions": affine[:3, :3].T,  # row a: voxel axis a in LPS, mm
+        "space origin": affine[:3, 3],
+        "encoding": "gzip",
+    }
+    voxels_ijk = sitk.GetArrayViewFromImage(image).astype(np.float32, copy=False).transpose(2, 1, 0)
+    nrrd.write(str(path), voxels_ijk, header, compression_level=GZIP_LEVEL)
+
+
+def _check_target(out_dir: Path, overwrite: bool) -> None:
+    """Refuse a file, an existing folder without `overwrite`, and a folder holding anything else."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise OutputError(f"cannot write {out_dir}: it exists and is not a folder")
+    if not out_dir.is_dir():
+        return
+    present = set(os.listdir(out_dir))
+    if present and not overwrite:
+        raise OutputError(f"cannot write {out_dir}: it already exists (allow overwriting to replace it)")
+    foreign = sorted(present - set(OUTPUT_FILES))
+    if foreign:
+        raise OutputError(
+            f"cannot write {out_dir}: it holds other files than a previous result ({', '.join(foreign[:3])}"
+            f"{', ...' if len(foreign) > 3 else ''}); choose an empty or new folder"
+        )
+
+
+def _check_same_grid(reference: sitk.Image, *images: sitk.Image) -> None:
+    """The label and heat-map volumes must share the CT's voxel grid (a pipeline bug otherwise)."""
+    for image in images:
+        same = (
+            image.GetSize() == reference.GetSize()
+            and np.allclose(image.GetOrigin(), reference.GetOrigin(), atol=_GRID_TOLERANCE)
+            and np.allclose(image.GetSpacing(), reference.GetSpacing(), atol=_GRID_TOLERANCE)
+            and np.allclose(image.GetDirection(), reference.GetDirection(), atol=_GRID_TOLERANCE)
+        )
+        if not same:
+            raise ValueError("lung labels / Grad-CAM are not on the CT's voxel grid")
+
+
+def _sibling(out_dir: Path, tag: str) -> Path:
+    """A hidden, unique path next to `out_dir` (same file system, so renames are atomic)."""
+    return out_dir.parent / f".{out_dir.name}.{tag}-{secrets.token_hex(4)}"
+
+
+def _move_into_place(staging: Path, out_dir: Path) -> None:
+    """Rename `staging` to `out_dir`; a previous result folder is set aside first and deleted after."""
+    if not out_dir.exists():
+        staging.rename(out_dir)
+        return
+    previous = _sibling(out_dir, "previous")
+    out_dir.rename(previous)
+    try:
+        staging.rename(out_dir)
+    except BaseException:
+        previous.rename(out_dir)
+        raise
+    shutil.rmtree(previous, ignore_errors=True)
