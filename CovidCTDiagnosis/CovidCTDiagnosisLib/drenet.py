@@ -124,11 +124,12 @@ class Navigator(nn.Module):
 
 
 class DRENet(nn.Module):
-    def __init__(self, config: DRENetConfig, pretrained_backbone: bool = False):
+    def __init__(self, config: DRENetConfig, pretrained_backbone: bool = False, backbone: nn.Module | None = None):
+        """`backbone` overrides config.backbone with any module mapping (B, 3, S, S) to (B, out_channels, S/32, S/32)."""
         super().__init__()
         self.config = config
         n = len(config.classes)
-        self.backbone = build_backbone(config.backbone, pretrained_backbone)
+        self.backbone = backbone if backbone is not None else build_backbone(config.backbone, pretrained_backbone)
         c = self.backbone.out_channels
         self.navigator = Navigator(c, config.navigator_channels)
         self.dropout = nn.Dropout(config.dropout)

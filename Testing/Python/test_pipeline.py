@@ -38,8 +38,7 @@ class BrightnessBackbone(nn.Module):
 
 
 def hand_set_network() -> DRENet:
-    net = DRENet(DRENetConfig(input_size=INPUT, dropout=0.0))
-    net.backbone = BrightnessBackbone()
+    net = DRENet(DRENetConfig(input_size=INPUT, dropout=0.0), backbone=BrightnessBackbone())
     with torch.no_grad():
         for p in net.parameters():
             p.zero_()
@@ -90,11 +89,12 @@ def test_boxes_and_heat_land_on_drawn_lesions(name, hand_analyzer):
     assert result.gradcam.GetOrigin() == pytest.approx(phantom.image.GetOrigin())
     centres = np.array([l.center_lps for l in phantom.lesions])
     radii = np.array([l.radius_mm for l in phantom.lesions])
+    normal = direction[:, geometry.axial_axis(phantom.image)]  # the analysed slices' plane normal (LPS)
     hits = checked = 0
     for s in result.slices:
         top = s.boxes[0]
         # slices cutting a lesion near its middle: the brightest cell must be the lesion's
-        dz = np.abs(centres[:, 2] - top.center_lps[2])
+        dz = np.abs((centres - np.array(top.center_lps)) @ normal)
         near = dz < radii / 2
         if not near.any():
             continue

@@ -1,0 +1,140 @@
+"""The `covidct` command: results, bad input (one line, documented exit code, nothing left), batch."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from CovidCTDiagnosisLib.checkpoint import save_checkpoint
+from CovidCTDiagnosisLib.cli import main
+from CovidCTDiagnosisLib.drenet import DRENet, DRENetConfig
+from CovidCTDiagnosisLib.outputs import OUTPUT_FILES
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    """A small untrained DRENet file (64 px input), so that CLI tests run in seconds."""
+    torch.manual_seed(0)
+    net = DRENet(DRENetConfig(input_size=64))
+    return str(save_checkpoint(tmp_path_factory.mktemp("model") / "tiny.pt", net, trained=False, metadata={"name": "tiny"}))
+
+
+@pytest.fixture(scope="module")
+def ct_file(tmp_path_factory, phantom):
+    path = tmp_path_factory.mktemp("ct") / "phantom.nrrd"
+    sitk.WriteImage(phantom.image, str(path))
+    return path
+
+
+def run(argv, capsys):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_analyze_writes_every_file(tmp_path, ct_file, tiny_model, capsys):
+    before = ct_file.read_bytes()
+    out = tmp_path / "case"
+    code, _, err = run(["analyze", ct_file, "--out", out, "--model", tiny_model, "--aggregate", "noisy-or"], capsys)
+    assert code == 0, err
+    assert sorted(p.name for p in out.iterdir()) == sorted(OUTPUT_FILES)
+    report = json.loads((out / "report.json").read_text())
+    assert report["patient"]["aggregation"] == "noisy-or" and report["model"]["trained"] is False
+    assert "UNTRAINED" in err and "not a diagnosis" in err
+    assert ct_file.read_bytes() == before, "the input is never modified"
+
+
+def test_progress_lines_for_other_programs(tmp_path, ct_file, tiny_model, capsys):
+    code, out, _ = run(["analyze", ct_file, "--out", tmp_path / "o", "--model", tiny_model, "--progress", "lines", "--quiet"], capsys)
+    lines = [l.split() for l in out.splitlines() if l.startswith("PROGRESS")]
+    assert code == 0 and lines[-1][1] == "1.000" and len(lines) >= 5
+
+
+def bad_inputs(tmp_path):
+    png = tmp_path / "slice.png"
+    sitk.WriteImage(sitk.Image([32, 32], sitk.sitkUInt8), str(png))
+    constant = tmp_path / "constant.nrrd"
+    sitk.WriteImage(sitk.Image([32, 32, 16], sitk.sitkInt16), str(constant))
+    nan = tmp_path / "nan.nrrd"
+    arr = np.full((16, 32, 32), -1000, np.float32)
+    arr[3, 4, 5] = np.nan
+    sitk.WriteImage(sitk.GetImageFromArray(arr), str(nan))
+    corrupt = tmp_path / "dicom"
+    corrupt.mkdir()
+    (corrupt / "1.dcm").write_bytes(b"DICM" + bytes(range(256)) * 4)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    return {"missing": (tmp_path / "nope.nii.gz", 3), "2-D image": (png, 4), "constant": (constant, 4),
+            "NaN": (nan, 4), "corrupt DICOM": (corrupt, 3), "empty folder": (empty, 3)}
+
+
+def test_bad_inputs_one_line_and_nothing_left(tmp_path, tiny_model, capsys):
+    for name, (path, expected) in bad_inputs(tmp_path).items():
+        out = tmp_path / f"out-{name.replace(' ', '_')}"
+        code, _, err = run(["analyze", path, "--out", out, "--model", tiny_model, "--quiet"], capsys)
+        assert code == expected, f"{name}: exit {code}, stderr {err!r}"
+        assert len(err.strip().splitlines()) == 1 and err.startswith("covidct: error:"), f"{name}: {err!r}"
+        assert not out.exists(), f"{name}: output folder left behind"
+
+
+def test_model_and_output_errors(tmp_path, ct_file, tiny_model, capsys):
+    bad_model = tmp_path / "bad.pt"
+    bad_model.write_text("not a model")
+    code, _, err = run(["analyze", ct_file, "--out", tmp_path / "o", "--model", bad_model], capsys)
+    assert code == 6 and "bad.pt" in err and not (tmp_path / "o").exists()
+    as_file = tmp_path / "taken"
+    as_file.write_text("a file where the output folder should go")
+    code, _, err = run(["analyze", ct_file, "--out", as_file, "--model", tiny_model, "--quiet"], capsys)
+    assert code == 7 and as_file.read_text().startswith("a file")
+    code, _, err = run(["analyze", ct_file, "--out", tmp_path / "o2", "--model", tiny_model, "--slices", "many"], capsys)
+    assert code != 0 and "--slices" in err
+
+
+def test_no_lungs(tmp_path, tiny_model, capsys):
+    arr = np.full((20, 64, 64), -1000, np.float32)
+    arr[:, 8:56, 8:56] = 40
+    water = tmp_path / "water.nrrd"
+    sitk.WriteImage(sitk.GetImageFromArray(arr), str(water))
+    code, _, err = run(["analyze", water, "--out", tmp_path / "o", "--model", tiny_model], capsys)
+    assert code == 5 and "lung" in err
+
+
+def test_score_images_csv(tmp_path, tiny_model, capsys, phantom):
+    hu = sitk.GetArrayFromImage(phantom.image)[24]
+    png = tmp_path / "slice.png"
+    sitk.WriteImage(sitk.GetImageFromArray(np.clip((hu + 1450) / 1500 * 255, 0, 255).astype(np.uint8)), str(png))
+    out = tmp_path / "scores.csv"
+    code, _, err = run(["score-images", png, png, "--out", out, "--model", tiny_model], capsys)
+    assert code == 0, err
+    rows = list(csv.reader(out.open()))
+    assert rows[0] == ["path", "COVID-19", "Non-COVID-19"] and len(rows) == 3
+    assert float(rows[1][1]) + float(rows[1][2]) == pytest.approx(1, abs=1e-4)
+
+
+def test_batch_skips_bad_cases_and_finished_ones(tmp_path, ct_file, tiny_model, capsys):
+    cases = tmp_path / "cases"
+    cases.mkdir()
+    (cases / "good.nrrd").write_bytes(ct_file.read_bytes())
+    (cases / "broken.nii.gz").write_bytes(b"garbage")
+    out = tmp_path / "results"
+    code, _, err = run(["batch", cases, "--out", out, "--model", tiny_model], capsys)
+    assert code == 0, err
+    rows = {r["case_id"]: r for r in csv.DictReader((out / "summary.csv").open())}
+    assert rows["good"]["status"] == "done" and rows["broken"]["status"] == "failed" and rows["broken"]["error"]
+    assert (out / "good" / "report.json").is_file() and not (out / "broken").exists()
+    code, _, err = run(["batch", cases, "--out", out, "--model", tiny_model], capsys)
+    rows = {r["case_id"]: r for r in csv.DictReader((out / "summary.csv").open())}
+    assert rows["good"]["status"] == "skipped" and rows["good"]["label"]
+
+
+def test_help_explains_commands_and_exit_codes():
+    out = subprocess.run([sys.executable, "-m", "CovidCTDiagnosisLib.cli", "--help"], capture_output=True, text=True, check=True).stdout
+    for word in ("analyze", "batch", "score-images", "demo", "train", "evaluate", "exit codes", "Research use only"):
+        assert word in out
