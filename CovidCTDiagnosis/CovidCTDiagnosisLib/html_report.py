@@ -22,6 +22,7 @@ LUNG_WINDOW_LEVEL = -700  # HU
 LUNG_WINDOW_WIDTH = 1500  # HU
 HEATMAP_COLORMAP = "inferno"
 HEATMAP_ALPHA = 0.45
+HEAT_VISIBLE_FROM = 0.15  # weaker heat is left transparent: inferno's dark end would hide the lung
 FIGURE_DPI = 80
 PANEL_INCHES = 4.0
 PROBABILITY_BAR_EM = 10  # width of a probability bar at 100 %
@@ -153,7 +154,7 @@ def _top_slices_png(result: Result, ct_image: sitk.Image) -> str | None:
         cam = geometry.orient_to_lps(_axial_slab(result.gradcam, axis, s.index)[0])
         aspect = oriented.GetSpacing()[1] / oriented.GetSpacing()[0]
         ax.imshow(sitk.GetArrayFromImage(oriented)[0], cmap="gray", vmin=low, vmax=low + LUNG_WINDOW_WIDTH, aspect=aspect)
-        heat = np.ma.masked_less_equal(sitk.GetArrayFromImage(cam)[0], 0)
+        heat = np.ma.masked_less(sitk.GetArrayFromImage(cam)[0], HEAT_VISIBLE_FROM)
         ax.imshow(heat, cmap=HEATMAP_COLORMAP, vmin=0, vmax=1, alpha=HEATMAP_ALPHA, aspect=aspect)
         for box in s.boxes:
             corners = np.array(

@@ -12,6 +12,7 @@ import json
 import os
 import secrets
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from os import PathLike
 from pathlib import Path
 from typing import Any
@@ -55,10 +56,16 @@ def write_outputs(result: Result, ct_image: sitk.Image, out_dir: str | PathLike,
         staging.mkdir()  # honours the umask, unlike tempfile.mkdtemp's 0o700
         write_report_json(staging / REPORT_JSON, result)
         write_slices_csv(staging / SLICES_CSV, result)
-        write_lung_segmentation(staging / LUNGS_SEG_NRRD, result.lung_labels, result.slices)
-        write_volume_nrrd(staging / GRADCAM_NRRD, result.gradcam)
         write_lesion_markups(staging / LESIONS_MRK_JSON, result.slices, ct_image)
-        (staging / REPORT_HTML).write_text(render_html(result, ct_image), encoding="utf-8")
+        # the three slow writers mostly run in zlib and numpy, which release the GIL: overlap them
+        with ThreadPoolExecutor(max_workers=3) as pool:
+            jobs = [
+                pool.submit(write_lung_segmentation, staging / LUNGS_SEG_NRRD, result.lung_labels, result.slices),
+                pool.submit(write_volume_nrrd, staging / GRADCAM_NRRD, result.gradcam),
+                pool.submit(lambda: (staging / REPORT_HTML).write_text(render_html(result, ct_image), encoding="utf-8")),
+            ]
+            for job in jobs:
+                job.result()
         _move_into_place(staging, out_dir)
     except OSError as exc:
         raise OutputError(f"cannot write {out_dir}: {exc.strerror or exc}") from exc

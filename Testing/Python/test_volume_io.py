@@ -1,0 +1,271 @@
+"""Reading volumes (files, DICOM series, in-memory images), CT checks and 2-D slice images."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from CovidCTDiagnosisLib.errors import InputNotFoundError, NotACTError, UnreadableInputError
+from CovidCTDiagnosisLib.phantom import make_chest_phantom
+from CovidCTDiagnosisLib.volume_io import (
+    LUNG_WINDOW_LEVEL,
+    SINGLE_SLICE_MESSAGE,
+    check_ct,
+    read_image_2d,
+    read_volume,
+)
+
+SERIES_UID = "1.2.826.0.1.3680043.2.1125.1.1"
+OTHER_SERIES_UID = "1.2.826.0.1.3680043.2.1125.1.2"
+
+
+@pytest.fixture(scope="module")
+def small_ct() -> sitk.Image:
+    """A small phantom CT (64 x 56 x 12 voxels) with flipped i and j axes (right-handed, as DICOM
+    slices always are: the slice axis is row x column)."""
+    return make_chest_phantom(
+        size=(64, 56, 12), spacing=(5.0, 5.0, 10.0), origin=(160.0, 140.0, -60.0),
+        direction=(-1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0),
+    ).image
+
+
+def write_dicom_series(image, folder, uid=SERIES_UID, modality="CT", skip=(), duplicate=(), prefix="slice"):
+    """Write `image` as one int16 DICOM file per axial slice, with position/orientation tags."""
+    folder.mkdir(parents=True, exist_ok=True)
+    pixels = sitk.Cast(sitk.Round(image), sitk.sitkInt16)
+    d = image.GetDirection()
+    series_tags = {
+        "0008|0060": modality,
+        "0020|000e": uid,
+        "0020|000d": uid + ".0",
+        "0020|0037": "\\".join(f"{v:.6f}" for v in (d[0], d[3], d[6], d[1], d[4], d[7])),
+        "0008|0008": "DERIVED\\SECONDARY",
+    }
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    files = []
+    for k in range(image.GetSize()[2]):
+        if k in skip:
+            continue
+        for copy in range(2 if k in duplicate else 1):
+            plane = pixels[:, :, k]
+            for tag, value in series_tags.items():
+                plane.SetMetaData(tag, value)
+            position = image.TransformIndexToPhysicalPoint((0, 0, k))
+            plane.SetMetaData("0020|0032", "\\".join(f"{v:.4f}" for v in position))
+            plane.SetMetaData("0020|0013", str(k + 1))
+            plane.SetMetaData("0008|0018", f"{uid}.{k + 1}.{copy}")
+            name = folder / f"{prefix}{k:03d}-{copy}.dcm"
+            writer.SetFileName(str(name))
+            writer.Execute(plane)
+            files.append(name)
+    return files
+
+
+# ---- volume files and in-memory images -------------------------------------------------------
+
+
+@pytest.mark.parametrize("suffix, fmt", [(".nii.gz", "nifti"), (".nrrd", "nrrd"), (".mha", "mha")])
+def test_volume_files(tmp_path, small_ct, suffix, fmt):
+    path = tmp_path / f"ct{suffix}"
+    sitk.WriteImage(small_ct, str(path))
+    loaded = read_volume(path)
+    assert loaded.image.GetPixelID() == sitk.sitkFloat32
+    assert np.array_equal(sitk.GetArrayViewFromImage(loaded.image), sitk.GetArrayViewFromImage(small_ct))
+    assert loaded.image.GetOrigin() == pytest.approx(small_ct.GetOrigin(), abs=1e-4)
+    assert loaded.image.GetDirection() == pytest.approx(small_ct.GetDirection(), abs=1e-6)
+    info = loaded.info
+    assert (info.format, info.path, info.size) == (fmt, str(path), (64, 56, 12))
+    assert info.spacing == pytest.approx((5.0, 5.0, 10.0))
+    assert info.direction == pytest.approx(small_ct.GetDirection())
+    check_ct(loaded.image)
+
+
+def test_in_memory_image_is_not_modified(small_ct):
+    int_image = sitk.Cast(small_ct, sitk.sitkInt16)
+    before = sitk.GetArrayFromImage(int_image)
+    loaded = read_volume(int_image)
+    assert (loaded.info.format, loaded.info.path) == ("image", None)
+    assert loaded.image.GetPixelID() == sitk.sitkFloat32
+    assert int_image.GetPixelID() == sitk.sitkInt16
+    assert np.array_equal(sitk.GetArrayFromImage(int_image), before)
+
+
+def test_colour_and_4d_volumes_are_not_ct():
+    rgb = sitk.GetImageFromArray(np.zeros((10, 16, 16, 3), dtype=np.uint8), isVector=True)
+    with pytest.raises(NotACTError, match="3 values per voxel"):
+        read_volume(rgb)
+    series = sitk.Image([16, 16, 10, 3], sitk.sitkInt16)
+    with pytest.raises(NotACTError, match="4-D image"):
+        read_volume(series)
+    with pytest.raises(NotACTError, match="4-D image"):
+        check_ct(series)
+
+
+# ---- DICOM series -----------------------------------------------------------------------------
+
+
+def test_dicom_series(tmp_path, small_ct):
+    write_dicom_series(small_ct, tmp_path / "series")
+    loaded = read_volume(tmp_path / "series")
+    assert (loaded.info.format, loaded.info.series_uid, loaded.info.notes) == ("dicom", SERIES_UID, [])
+    assert loaded.image.GetSize() == small_ct.GetSize()
+    assert loaded.image.GetSpacing() == pytest.approx(small_ct.GetSpacing(), abs=1e-3)
+    assert loaded.image.GetOrigin() == pytest.approx(small_ct.GetOrigin(), abs=1e-3)
+    assert loaded.image.GetDirection() == pytest.approx(small_ct.GetDirection(), abs=1e-5)
+    expected = sitk.GetArrayFromImage(sitk.Cast(sitk.Round(small_ct), sitk.sitkInt16))
+    assert np.array_equal(sitk.GetArrayViewFromImage(loaded.image), expected)
+
+
+def test_missing_slice(tmp_path, small_ct):
+    write_dicom_series(small_ct, tmp_path / "gap", skip={5})
+    with pytest.raises(NotACTError, match="missing slices: a gap of 20.00 mm"):
+        read_volume(tmp_path / "gap")
+
+
+def test_duplicate_slice(tmp_path, small_ct):
+    write_dicom_series(small_ct, tmp_path / "dup", duplicate={4})
+    with pytest.raises(NotACTError, match="duplicate slices"):
+        read_volume(tmp_path / "dup")
+
+
+def test_mr_is_not_ct(tmp_path, small_ct):
+    write_dicom_series(small_ct, tmp_path / "mr", modality="MR")
+    with pytest.raises(NotACTError, match="not a CT: modality MR"):
+        read_volume(tmp_path / "mr")
+
+
+def test_two_series_in_one_folder(tmp_path, small_ct):
+    folder = tmp_path / "two"
+    write_dicom_series(small_ct, folder, prefix="a")
+    write_dicom_series(small_ct[:, :, :9], folder, uid=OTHER_SERIES_UID, prefix="b")
+    loaded = read_volume(folder)
+    assert loaded.info.series_uid == SERIES_UID and loaded.image.GetSize()[2] == 12
+    assert loaded.info.notes == [
+        f"2 series found; analysed {SERIES_UID} (12 slices); use --series UID for another"
+    ]
+    chosen = read_volume(folder, series_uid=OTHER_SERIES_UID)
+    assert chosen.image.GetSize()[2] == 9 and chosen.info.notes == []
+    with pytest.raises(UnreadableInputError, match=OTHER_SERIES_UID):
+        read_volume(folder, series_uid="1.2.3")
+
+
+# ---- unreadable and missing input -------------------------------------------------------------
+
+
+def one_line(error: Exception) -> bool:
+    return "\n" not in str(error) and "ITK ERROR" not in str(error)
+
+
+def test_corrupt_file_and_folders(tmp_path):
+    corrupt = tmp_path / "corrupt" / "x.dcm"
+    corrupt.parent.mkdir()
+    corrupt.write_bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
+    (tmp_path / "empty").mkdir()
+    for source in (corrupt, corrupt.parent, tmp_path / "empty"):
+        with pytest.raises(UnreadableInputError) as caught:
+            read_volume(source)
+        assert one_line(caught.value)
+    with pytest.raises(InputNotFoundError, match="input not found"):
+        read_volume(tmp_path / "nothing-here")
+
+
+# ---- check_ct ---------------------------------------------------------------------------------
+
+
+def with_values(reference: sitk.Image, values: np.ndarray) -> sitk.Image:
+    image = sitk.GetImageFromArray(values)
+    image.CopyInformation(reference)
+    return image
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda a: np.where(a > 0, np.nan, a), "NaN"),
+    (lambda a: np.full_like(a, 40.0), "constant"),
+    (lambda a: a + 1024.0, "Hounsfield"),  # raw stored values, rescale not applied
+    (lambda a: a - 2000.0, "Hounsfield"),  # nothing above 0
+])
+def test_check_ct_rejects_bad_values(small_ct, change, message):
+    bad = with_values(small_ct, change(sitk.GetArrayFromImage(small_ct)))
+    with pytest.raises(NotACTError, match=message):
+        check_ct(bad)
+
+
+def test_check_ct_rejects_bad_shapes(tmp_path, small_ct):
+    png = tmp_path / "slice.png"
+    cv2.imwrite(str(png), np.full((32, 32), 100, dtype=np.uint8))
+    with pytest.raises(NotACTError, match="3-D CT volume"):
+        check_ct(read_volume(png).image)
+    with pytest.raises(NotACTError, match="at least 8"):
+        check_ct(small_ct[:, :, :5])
+    fine = sitk.Image(small_ct)
+    fine.SetSpacing((0.05, 0.05, 1.0))
+    with pytest.raises(NotACTError, match="spacing"):
+        check_ct(fine)
+    coarse = sitk.Image(small_ct)
+    coarse.SetSpacing((1.0, 1.0, 25.0))
+    with pytest.raises(NotACTError, match="spacing"):
+        check_ct(coarse)
+
+
+# ---- 2-D images -------------------------------------------------------------------------------
+
+
+def test_read_image_2d(tmp_path):
+    gray = np.tile(np.arange(0, 256, 4, dtype=np.uint8), (48, 1))
+    cv2.imwrite(str(tmp_path / "g.png"), gray)
+    cv2.imwrite(str(tmp_path / "c.jpg"), np.dstack([gray] * 3))
+    assert np.array_equal(read_image_2d(tmp_path / "g.png"), gray)
+    colour = read_image_2d(tmp_path / "c.jpg")
+    assert colour.shape == gray.shape and colour.dtype == np.uint8
+
+
+def test_read_image_2d_windows_a_dicom_slice(tmp_path, small_ct):
+    plane = sitk.Cast(small_ct[:, :, 6], sitk.sitkInt16) * 0 + int(LUNG_WINDOW_LEVEL)
+    plane.SetMetaData("0008|0060", "CT")
+    sitk.WriteImage(plane, str(tmp_path / "one.dcm"))
+    gray = read_image_2d(tmp_path / "one.dcm")
+    assert gray.shape == (56, 64) and gray.dtype == np.uint8
+    assert np.all(np.abs(gray.astype(int) - 128) <= 1)  # the window's centre
+
+
+def test_read_image_2d_errors(tmp_path):
+    (tmp_path / "notes.txt").write_text("not an image")
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG broken")
+    for bad in ("notes.txt", "broken.png"):
+        with pytest.raises(UnreadableInputError) as caught:
+            read_image_2d(tmp_path / bad)
+        assert one_line(caught.value)
+    with pytest.raises(InputNotFoundError):
+        read_image_2d(tmp_path / "missing.png")
+
+
+# ---- real data --------------------------------------------------------------------------------
+
+
+def test_real_dicom_series(shared_data):
+    loaded = read_volume(shared_data / "ct" / "covid-ct-md" / "P001-covid")
+    assert loaded.image.GetSize() == (512, 512, 148)
+    assert loaded.image.GetSpacing() == pytest.approx((0.75, 0.75, 2.0), abs=0.01)
+    assert np.percentile(sitk.GetArrayViewFromImage(loaded.image)[::4], 1) == pytest.approx(-1000, abs=50)
+    assert loaded.info.format == "dicom" and loaded.info.series_uid
+    check_ct(loaded.image)
+
+
+def test_real_nifti(shared_data):
+    loaded = read_volume(shared_data / "ct" / "totalsegmentator-example" / "example_ct_sm.nii.gz")
+    assert loaded.info.format == "nifti" and loaded.image.GetDimension() == 3
+    check_ct(loaded.image)
+
+
+def test_real_single_slice(shared_data):
+    path = shared_data / "ct" / "lidc-slice" / "lidc_slice.dcm"
+    gray = read_image_2d(path)
+    assert gray.shape == (512, 512) and gray.dtype == np.uint8 and gray.std() > 10
+    loaded = read_volume(path)
+    assert loaded.info.format == "dicom"
+    with pytest.raises(NotACTError, match="3-D CT volume") as caught:
+        check_ct(loaded.image)
+    assert str(caught.value) == SINGLE_SLICE_MESSAGE
