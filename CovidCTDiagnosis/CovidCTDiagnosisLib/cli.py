@@ -37,7 +37,8 @@ def _exit_code_help() -> str:
 
 
 def _add_model_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", metavar="FILE", help="DRENet model file (default: the bundled reference model); "
+    p.add_argument("--model", metavar="FILE", nargs="+", help="DRENet model file (default: the bundled reference model); "
+                   "several files form an ensemble (slice probabilities averaged); "
                    "'untrained' runs an untrained network, for testing only")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where the network runs (default: auto)")
     p.add_argument("--quiet", action="store_true", help="no progress bars or summaries")
@@ -123,7 +124,14 @@ class _Progress:
 def _analyzer(args):
     from .pipeline import Analyzer
 
-    return Analyzer(args.model, args.device)
+    return Analyzer(_model_spec(args), args.device)
+
+
+def _model_spec(args):
+    """None (bundled model), one model, or a list (an ensemble)."""
+    if args.model is None or len(args.model) > 1:
+        return args.model
+    return args.model[0]
 
 
 def _slices(value: str):
@@ -207,7 +215,7 @@ def cmd_demo(args) -> int:
     from .phantom import make_demo_phantom
     from .pipeline import Analyzer
 
-    analyzer = Analyzer(args.model, args.device)
+    analyzer = Analyzer(_model_spec(args), args.device)
     out = Path(args.out)
     phantom = make_demo_phantom()
     ct_path = out / "input" / "phantom-ct.nrrd"

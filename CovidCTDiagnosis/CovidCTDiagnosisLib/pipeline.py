@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 import cv2
@@ -19,11 +20,11 @@ import SimpleITK as sitk
 
 from . import aggregation, geometry
 from .checkpoint import resolve_model
-from .errors import AnalysisCancelled
+from .errors import AnalysisCancelled, ModelFileError
 from .inference import SliceScorer
 from .lungs import extract_lungs
 from .preprocessing import CropTransform, prepare_slice
-from .result import UNTRAINED_WARNING, LesionBox, PatientResult, Result, SliceResult
+from .result import UNTRAINED_WARNING, LesionBox, ModelInfo, PatientResult, Result, SliceResult
 from .slice_selection import choose_slices, lung_fraction
 from .volume_io import check_ct, read_volume
 
@@ -34,18 +35,24 @@ ProgressCallback = Callable[[str, float], None]
 class Analyzer:
     """One loaded DRENet on one device, ready to analyse CT volumes.
 
-    model: None (the bundled reference model), a checkpoint path, or "untrained[:backbone]".
+    model: None (the bundled reference model), a checkpoint path, "untrained[:backbone]", or a
+    list of checkpoint paths: an ensemble whose slice probabilities are averaged (Ji et al.).
     """
 
     def __init__(self, model=None, device: str = "auto", expected_classes: Sequence[str] | None = None):
-        net, self.model_info = resolve_model(model, expected_classes)
-        self.scorer = SliceScorer(net, device)
+        specs = list(model) if isinstance(model, (list, tuple)) else [model]
+        loaded = [resolve_model(spec, expected_classes) for spec in specs]
+        self.scorer = SliceScorer(loaded[0][0], device)
+        self.model_info = loaded[0][1]
+        self.ensemble = [SliceScorer(net, device) for net, _ in loaded[1:]]
+        if self.ensemble:
+            self.model_info = _ensemble_info([info for _, info in loaded], [net.config for net, _ in loaded])
 
     @classmethod
     def from_network(cls, net, model_info, device: str = "auto") -> "Analyzer":
         """Wrap a DRENet already in memory (e.g. just trained, or built by hand in a test)."""
         self = cls.__new__(cls)
-        self.model_info, self.scorer = model_info, SliceScorer(net, device)
+        self.model_info, self.scorer, self.ensemble = model_info, SliceScorer(net, device), []
         return self
 
     @property
@@ -92,6 +99,9 @@ class Analyzer:
         positive = cfg.classes.index(cfg.positive_class)
         with stage("network", 0.9):
             scores = self.scorer.score(batch, explain_class=positive)
+            if self.ensemble:  # an ensemble averages its members' slice probabilities; boxes and heat are the first model's
+                members = [scores.probabilities] + [m.score(batch, positive, with_cam=False).probabilities for m in self.ensemble]
+                scores.probabilities = np.mean(members, axis=0)
         with stage("explain", 0.97):
             heat = np.zeros(hu.shape, dtype=np.float32)
             for n, k in enumerate(chosen):
@@ -133,6 +143,22 @@ class Analyzer:
             warnings=warnings,
             ct=image,
         )
+
+
+def _ensemble_info(infos: list[ModelInfo], configs: list) -> ModelInfo:
+    """One description of several models; they must agree on classes and input preparation."""
+    first = configs[0]
+    for info, cfg in zip(infos[1:], configs[1:]):
+        if (cfg.classes, cfg.positive_class, cfg.input_size, cfg.window_level, cfg.window_width) != (
+            first.classes, first.positive_class, first.input_size, first.window_level, first.window_width
+        ):
+            raise ModelFileError(f"cannot average {info.name} with {infos[0].name}: classes or input preparation differ")
+    return replace(
+        infos[0],
+        name="ensemble of " + " + ".join(i.name for i in infos),
+        trained=all(i.trained for i in infos),
+        members=[{"name": i.name, "file": i.file, "sha256": i.sha256} for i in infos],
+    )
 
 
 def analyze(source, model=None, device: str = "auto", **options) -> Result:

@@ -71,6 +71,7 @@ class ModelInfo:
     backbone: str
     input_size: int
     trained: bool
+    members: list[dict] = field(default_factory=list)  # ensemble: {name, file, sha256} of every model averaged
 
 
 @dataclass

@@ -138,3 +138,21 @@ def test_help_explains_commands_and_exit_codes():
     out = subprocess.run([sys.executable, "-m", "CovidCTDiagnosisLib.cli", "--help"], capture_output=True, text=True, check=True).stdout
     for word in ("analyze", "batch", "score-images", "demo", "train", "evaluate", "exit codes", "Research use only"):
         assert word in out
+
+
+def test_ensemble_averages_slice_probabilities(tmp_path, ct_file, tiny_model, capsys):
+    torch.manual_seed(5)
+    other = str(save_checkpoint(tmp_path / "other.pt", DRENet(DRENetConfig(input_size=64)), trained=False))
+    reports = {}
+    for name, models in {"a": [tiny_model], "b": [other], "ab": [tiny_model, other]}.items():
+        code, _, err = run(["analyze", ct_file, "--out", tmp_path / name, "--quiet", "--model", *models], capsys)
+        assert code == 0, err
+        reports[name] = json.loads((tmp_path / name / "report.json").read_text())
+    for sa, sb, sab in zip(*(reports[n]["slices"] for n in ("a", "b", "ab"))):
+        for c in sa["probabilities"]:
+            assert sab["probabilities"][c] == pytest.approx((sa["probabilities"][c] + sb["probabilities"][c]) / 2, abs=1e-5)
+        assert sab["boxes"] == sa["boxes"]
+    assert len(reports["ab"]["model"]["members"]) == 2 and reports["a"]["model"]["members"] == []
+    three = str(save_checkpoint(tmp_path / "three.pt", DRENet(DRENetConfig(input_size=64, classes=("COVID-19", "CAP", "Healthy"))), trained=False))
+    code, _, err = run(["analyze", ct_file, "--out", tmp_path / "mixed", "--model", tiny_model, three], capsys)
+    assert code == 6 and "cannot average" in err and not (tmp_path / "mixed").exists()
