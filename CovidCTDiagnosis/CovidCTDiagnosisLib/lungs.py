@@ -11,7 +11,9 @@ Arrays are LPS-oriented (`geometry.orient_to_lps`): `[k, j, i]`, `i = 0` at the 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import cv2
@@ -245,15 +247,20 @@ def extract_lungs(hu_kji: np.ndarray, spacing_ijk: Sequence[float]) -> Lungs:
     Raises NoLungsError when nothing lung-like is found.
     """
     spacing_ij = (float(spacing_ijk[0]), float(spacing_ijk[1]))
-    slices = [_air_regions(hu_slice, spacing_ij) for hu_slice in hu_kji]
     labels = np.zeros(hu_kji.shape, dtype=np.uint8)
-    for k, (regions, table) in enumerate(zip(slices, _side_tables(slices))):
-        if not table.any():
-            continue
-        sides = table[regions.labels]
-        if table.max() == _JOINED:
-            _cut_joined(sides, regions.centre[0], spacing_ij[0])
-        labels[k] = _refine_slice(sides, regions.centre, spacing_ij)
+    # slices are independent and OpenCV/numpy release the GIL: spread them over the cores
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        slices = list(pool.map(lambda hu_slice: _air_regions(hu_slice, spacing_ij), hu_kji))
+
+        def label_slice(k: int, regions: _SliceRegions, table: np.ndarray) -> None:
+            if not table.any():
+                return
+            sides = table[regions.labels]
+            if table.max() == _JOINED:
+                _cut_joined(sides, regions.centre[0], spacing_ij[0])
+            labels[k] = _refine_slice(sides, regions.centre, spacing_ij)
+
+        list(pool.map(label_slice, range(len(slices)), slices, _side_tables(slices)))
     lungs = Lungs(
         labels=labels,
         spacing_ijk=tuple(float(s) for s in spacing_ijk),
