@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from .bundled_model import DEFAULT_MODEL_FILE, MODELS_DIR, default_model_path
 from .drenet import DRENet, DRENetConfig
 from .errors import ModelFileError
 from .result import ModelInfo
@@ -21,17 +22,6 @@ from .result import ModelInfo
 CHECKPOINT_FORMAT = "covidct-drenet"
 CHECKPOINT_VERSION = 1
 UNTRAINED = "untrained"  # `--model untrained` or `untrained:resnet50`
-MODELS_DIR = Path(__file__).resolve().parents[1] / "Resources" / "Models"
-DEFAULT_MODEL_FILE = "covidct-drenet-lite0.pt"
-MODEL_DIR_ENV = "COVIDCT_MODEL_DIR"
-
-
-def default_model_path() -> Path | None:
-    """The bundled reference model ($COVIDCT_MODEL_DIR overrides the folder), or None if absent."""
-    folder = Path(os.environ.get(MODEL_DIR_ENV, MODELS_DIR))
-    path = folder / DEFAULT_MODEL_FILE
-    return path if path.is_file() else None
-
 
 def save_checkpoint(path, model: DRENet, *, trained: bool, metadata: dict | None = None, half: bool = False) -> Path:
     """Write atomically (temporary file + rename), so an interrupted save leaves the old file intact."""

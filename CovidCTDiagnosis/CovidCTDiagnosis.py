@@ -1,0 +1,670 @@
+"""COVID CT Diagnosis: the 3D Slicer module of CovidCTDiagnosis (DRENet, Song et al. 2021).
+
+A thin layer over the Slicer-free engine CovidCTDiagnosisLib, which sits next to this file. The
+widget runs `covidct analyze` in a background PythonSlicer process, so Slicer stays responsive
+and Cancel can kill it; the logic also analyses in-process (`process`), in batch
+(`processFiles`), and shows result folders (`loadResults`). What goes into the scene is computed
+by CovidCTDiagnosisLib.scene_plan; this file only applies it to MRML nodes.
+"""
+
+import enum
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+from typing import Annotated
+
+import qt
+import vtk
+
+import slicer
+from slicer import vtkMRMLScalarVolumeNode
+from slicer.i18n import tr as _
+from slicer.i18n import translate
+from slicer.parameterNodeWrapper import WithinRange, parameterNodeWrapper
+from slicer.ScriptedLoadableModule import (
+    ScriptedLoadableModule,
+    ScriptedLoadableModuleLogic,
+    ScriptedLoadableModuleTest,
+    ScriptedLoadableModuleWidget,
+)
+from slicer.util import VTKObservationMixin
+
+MODULE_DIR = os.path.dirname(os.path.abspath(__file__))
+if MODULE_DIR not in sys.path:
+    sys.path.insert(0, MODULE_DIR)
+
+from CovidCTDiagnosisLib import slicer_runtime  # noqa: E402  (standard library only: works before the dependencies)
+
+UNTRAINED_MODEL = "untrained"
+TEMP_KEY = "CovidCTDiagnosis"
+INPUT_FILE = "input.nrrd"
+RESULT_DIR = "result"
+POLL_INTERVAL_MS = 200
+PROGRESS_STEPS = 100
+DEFAULT_HEAT_OPACITY = 0.4
+JOB_TIMEOUT_S = 600  # the self-test's limit for a background analysis
+
+
+class Device(enum.Enum):
+    AUTO = "auto"
+    CPU = "cpu"
+    CUDA = "cuda"
+
+    def label(self):
+        return {"auto": _("Auto (GPU if available)"), "cpu": _("CPU"), "cuda": _("GPU (CUDA)")}[self.value]
+
+
+class SliceChoice(enum.Enum):
+    PAPER = "15"
+    ALL = "all"
+
+    def label(self):
+        return {"15": _("15 equidistant (as in the paper)"), "all": _("All lung slices")}[self.value]
+
+
+class Aggregation(enum.Enum):
+    MEAN = "mean"
+    NOISY_OR = "noisy-or"
+
+    def label(self):
+        return {"mean": _("Mean (as in the paper)"), "noisy-or": _("Noisy-OR")}[self.value]
+
+
+class CovidCTDiagnosis(ScriptedLoadableModule):
+    def __init__(self, parent):
+        ScriptedLoadableModule.__init__(self, parent)
+        self.parent.title = _("COVID CT Diagnosis")
+        self.parent.categories = [translate("qSlicerAbstractCoreModule", "Chest Imaging")]
+        self.parent.dependencies = []
+        self.parent.contributors = ["CovidCTDiagnosis developers"]
+        self.parent.helpText = _(
+            "Analyses a chest CT for COVID-19 with DRENet (Song et al. 2021): the patient-level result, the lungs and "
+            "lesion boxes as a segmentation, a Grad-CAM heat map and a table of the analysed slices. "
+            "<b>Research use only; not for diagnosis.</b> See docs/slicer.md in the extension's repository."
+        )
+        self.parent.acknowledgementText = _(
+            "Method: Song Y. et al., Deep Learning Enables Accurate Diagnosis of Novel Coronavirus (COVID-19) With CT "
+            "Images, IEEE/ACM Transactions on Computational Biology and Bioinformatics, 2021."
+        )
+
+
+@parameterNodeWrapper
+class CovidCTDiagnosisParameterNode:
+    """The user's choices, saved with the scene.
+
+    inputVolume - the chest CT to analyse.
+    model - "" for the bundled model, "untrained" (tests the pipeline only), or a model file path.
+    device, slices, aggregation - the engine's options.
+    heatOpacity - opacity of the Grad-CAM map over the CT.
+    """
+
+    inputVolume: vtkMRMLScalarVolumeNode
+    model: str = ""
+    device: Device = Device.AUTO
+    slices: SliceChoice = SliceChoice.PAPER
+    aggregation: Aggregation = Aggregation.MEAN
+    heatOpacity: Annotated[float, WithinRange(0.0, 1.0)] = DEFAULT_HEAT_OPACITY
+
+
+class ShownResults:
+    """The nodes one analysis put into the scene, with the plan they were made from."""
+
+    def __init__(self, plan, folderItem: int, segmentation: slicer.vtkMRMLSegmentationNode, heat: vtkMRMLScalarVolumeNode,
+                 table: slicer.vtkMRMLTableNode, rois: list[slicer.vtkMRMLMarkupsROINode]):
+        self.plan, self.folderItem = plan, folderItem
+        self.segmentation, self.heat, self.table, self.rois = segmentation, heat, table, rois
+
+
+class AnalysisJob:
+    """A background `covidct analyze` of one volume: polls the process, then shows its results."""
+
+    def __init__(self, logic, volumeNode: vtkMRMLScalarVolumeNode, workDir, command, onProgress, onFinished):
+        self.logic, self.volumeNode, self.workDir = logic, volumeNode, workDir
+        self.onProgress, self.onFinished = onProgress, onFinished
+        self.resultFolder = os.path.join(workDir, RESULT_DIR)
+        self.results = None
+        self.error = None
+        self.analysis = slicer_runtime.BackgroundAnalysis(command)
+        self.timer = qt.QTimer()
+        self.timer.setInterval(POLL_INTERVAL_MS)
+        self.timer.connect("timeout()", self._poll)
+        self.timer.start()
+
+    @property
+    def cancelled(self):
+        return self.analysis.cancelled
+
+    @property
+    def finished(self):
+        return not self.timer.active
+
+    def cancel(self):
+        self.analysis.cancel()
+
+    def _poll(self):
+        update = self.analysis.poll()
+        for line in update.lines:
+            logging.info(line)
+        for fraction, stage in update.progress:
+            self.onProgress(fraction, stage)
+        if not self.analysis.finished:
+            return
+        self.timer.stop()
+        os.remove(os.path.join(self.workDir, INPUT_FILE))
+        if self.cancelled or self.analysis.returncode != 0:
+            self.error = None if self.cancelled else self.analysis.error_message
+            shutil.rmtree(self.workDir, ignore_errors=True)
+        else:
+            try:
+                self.results = self.logic.loadResults(self.resultFolder, self.volumeNode)
+            except Exception as exc:
+                logging.exception("Loading the analysis results failed")
+                self.error = str(exc)
+        self.onFinished(self)
+
+
+class CovidCTDiagnosisWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    def __init__(self, parent=None):
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
+        self.logic = None
+        self._parameterNode = None
+        self._parameterNodeGuiTag = None
+        self._job = None
+        self._shown = None
+        self._topSliceButtons = []
+
+    def setup(self):
+        ScriptedLoadableModuleWidget.setup(self)
+        uiWidget = slicer.util.loadUI(self.resourcePath("UI/CovidCTDiagnosis.ui"))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+        self.ui.progressBar.maximum = PROGRESS_STEPS
+        self.logic = CovidCTDiagnosisLogic()
+
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        self.ui.modelComboBox.connect("currentIndexChanged(int)", self.onModelChosen)
+        self.ui.loadModelButton.connect("clicked(bool)", self.onLoadModel)
+        self.ui.analyzeButton.connect("clicked(bool)", self.onAnalyze)
+        self.ui.cancelButton.connect("clicked(bool)", self.onCancel)
+        self.ui.loadResultsButton.connect("clicked(bool)", self.onLoadResults)
+        self.ui.slicesTableView.connect("clicked(QModelIndex)", self.onSliceClicked)
+        self.ui.opacitySliderWidget.connect("valueChanged(double)", self.onOpacityChanged)
+        self.initializeParameterNode()
+
+    def cleanup(self):
+        if self._job:
+            self._job.cancel()
+        self.removeObservers()
+
+    def enter(self):
+        self.initializeParameterNode()
+
+    def exit(self):
+        self.setParameterNode(None)
+
+    def onSceneStartClose(self, caller, event):
+        if self._job:
+            self._job.cancel()
+        self._showResults(None)
+        self.setParameterNode(None)
+
+    def onSceneEndClose(self, caller, event):
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+
+    def initializeParameterNode(self):
+        self.setParameterNode(self.logic.getParameterNode())
+        if not self._parameterNode.inputVolume:
+            self._parameterNode.inputVolume = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+
+    def setParameterNode(self, parameterNode: CovidCTDiagnosisParameterNode | None):
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGUI)
+        self._parameterNode = parameterNode
+        if self._parameterNode:
+            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGUI)
+            self.updateGUI()
+
+    def updateGUI(self, caller=None, event=None):
+        """Model choices and which buttons can be used."""
+        if not self._parameterNode:
+            return
+        model = self._parameterNode.model
+        bundled = slicer_runtime.bundled_model_path()
+        choices = [(_("Bundled DRENet model") if bundled else _("Bundled model (not installed)"), "")]
+        if model not in ("", UNTRAINED_MODEL):
+            choices.append((os.path.basename(model), model))
+        choices.append((_("Untrained network (tests the pipeline; not a diagnosis)"), UNTRAINED_MODEL))
+        combo = self.ui.modelComboBox
+        wasBlocked = combo.blockSignals(True)
+        combo.clear()
+        for text, spec in choices:
+            combo.addItem(text, spec)
+        combo.currentIndex = [spec for _text, spec in choices].index(model)
+        combo.blockSignals(wasBlocked)
+
+        modelReady = bool(bundled) if model == "" else model == UNTRAINED_MODEL or os.path.isfile(model)
+        running = self._job is not None
+        self.ui.analyzeButton.enabled = bool(self._parameterNode.inputVolume) and modelReady and not running
+        self.ui.analyzeButton.toolTip = (
+            _("Analyse the selected CT") if modelReady else _("No model: load a model file, or choose the untrained network")
+        )
+        self.ui.cancelButton.enabled = running
+        self.ui.loadModelButton.enabled = not running
+        self.ui.loadResultsButton.enabled = not running
+
+    def onModelChosen(self, index):
+        self._parameterNode.model = self.ui.modelComboBox.itemData(index)
+
+    def onLoadModel(self):
+        path = qt.QFileDialog.getOpenFileName(
+            slicer.util.mainWindow(), _("Load model file"), "", _("DRENet model files (*.pt *.pth);;All files (*)")
+        )
+        if not path:
+            return
+        with slicer.util.tryWithErrorDisplay(_("This file cannot be used as a model."), waitCursor=True):
+            self.logic.checkModelFile(path)
+            self._parameterNode.model = path
+
+    def onAnalyze(self):
+        p = self._parameterNode
+        with slicer.util.tryWithErrorDisplay(_("Failed to start the analysis."), waitCursor=True):
+            self._job = self.logic.startAnalysis(
+                p.inputVolume, model=p.model or None, device=p.device.value, slices=p.slices.value,
+                aggregate=p.aggregation.value, onProgress=self.onProgress, onFinished=self.onFinished,
+            )
+            self.ui.progressBar.value = 0
+            self.ui.statusLabel.text = _("Analysing {volume}...").format(volume=p.inputVolume.GetName())
+        self.updateGUI()
+
+    def onProgress(self, fraction, stage):
+        self.ui.progressBar.value = round(fraction * PROGRESS_STEPS)
+        self.ui.statusLabel.text = _("Analysing: {stage} done").format(stage=stage)
+
+    def onFinished(self, job):
+        self._job = None
+        if job.cancelled:
+            self.ui.statusLabel.text = _("Analysis cancelled.")
+        elif job.error:
+            self.ui.statusLabel.text = _("Analysis failed.")
+            slicer.util.errorDisplay(_("The analysis failed:\n{error}").format(error=job.error))
+        else:
+            self.ui.statusLabel.text = _("Done. Result files: {folder}").format(folder=job.resultFolder)
+            self._showResults(job.results)
+        self.ui.progressBar.value = 0
+        self.updateGUI()
+
+    def onCancel(self):
+        if self._job:
+            self._job.cancel()
+
+    def onLoadResults(self):
+        folder = qt.QFileDialog.getExistingDirectory(slicer.util.mainWindow(), _("Select a result folder of covidct analyze"))
+        if not folder:
+            return
+        with slicer.util.tryWithErrorDisplay(_("Failed to load the results."), waitCursor=True):
+            self._showResults(self.logic.loadResults(folder, self._parameterNode.inputVolume))
+
+    def _showResults(self, results: ShownResults | None):
+        """The patient-level result, the slice table and the top-slice buttons of `results` (or none)."""
+        self._shown = results
+        for button in self._topSliceButtons:
+            button.deleteLater()
+        self._topSliceButtons = []
+        self.ui.resultsCollapsibleButton.enabled = results is not None
+        if results is None:
+            self.ui.resultLabel.text = ""
+            self.ui.slicesTableView.setMRMLTableNode(None)
+            return
+        self.ui.resultLabel.text = results.plan.result.html()
+        self.ui.slicesTableView.setMRMLTableNode(results.table)
+        for rowIndex in results.plan.top_rows:
+            row = results.plan.rows[rowIndex]
+            button = qt.QPushButton(_("Slice {index}").format(index=row.index))
+            button.toolTip = ", ".join(f"P({c}) {p:.2f}" for c, p in row.probabilities.items())
+            button.connect("clicked(bool)", lambda checked, r=rowIndex: self.logic.jumpToSlice(results, r))
+            self.ui.topSlicesWidget.layout().addWidget(button)
+            self._topSliceButtons.append(button)
+        self.ui.resultsCollapsibleButton.collapsed = False
+        self.onOpacityChanged(self.ui.opacitySliderWidget.value)
+
+    def onSliceClicked(self, index):
+        if self._shown:
+            row = self.ui.slicesTableView.sortFilterProxyModel().mapToSource(index).row()
+            self.logic.jumpToSlice(self._shown, row)
+
+    def onOpacityChanged(self, value):
+        if self._shown:
+            slicer.util.setSliceViewerLayers(foreground=self._shown.heat, foregroundOpacity=value)
+
+
+class CovidCTDiagnosisLogic(ScriptedLoadableModuleLogic):
+    """Analysis and scene building, usable without the widget (Python console, tests).
+
+    process() analyses in this process and blocks; startAnalysis() runs the engine's command line
+    in the background; processFiles() analyses many cases into folders; loadResults() shows a
+    result folder. Analysing a volume again replaces its previous results in the scene.
+    """
+
+    def __init__(self):
+        ScriptedLoadableModuleLogic.__init__(self)
+        self.shownResults = None  # the ShownResults most recently put into the scene
+
+    def getParameterNode(self):
+        return CovidCTDiagnosisParameterNode(super().getParameterNode())
+
+    def setupDependencies(self):
+        """Install PyTorch (PyTorch extension) and the engine's missing pip packages, after asking."""
+        try:
+            import PyTorchUtils
+        except ModuleNotFoundError as exc:
+            raise RuntimeError(_("This module needs the PyTorch extension: install it from the Extensions Manager.")) from exc
+        torchLogic = PyTorchUtils.PyTorchUtilsLogic()
+        if not torchLogic.torchInstalled():
+            torch = torchLogic.installTorch(
+                askConfirmation=True,
+                torchVersionRequirement=slicer_runtime.TORCH_REQUIREMENT,
+                torchvisionVersionRequirement=slicer_runtime.TORCHVISION_REQUIREMENT,
+            )
+            if torch is None:
+                raise RuntimeError(_("PyTorch is required to analyse images."))
+        missing = slicer_runtime.missing_requirements()
+        if not missing:
+            return
+        if not slicer.util.confirmOkCancelDisplay(
+            _("COVID CT Diagnosis needs these Python packages, which will now be downloaded and installed:\n{packages}").format(
+                packages="\n".join(missing)
+            )
+        ):
+            raise RuntimeError(_("The required Python packages were not installed."))
+        constraints = slicer_runtime.write_constraints(os.path.join(slicer.app.temporaryPath, TEMP_KEY))
+        slicer.util.pip_install([*missing, "--constraint", str(constraints)])
+
+    def checkModelFile(self, path):
+        """Raise the engine's one-line ModelFileError unless `path` is a usable DRENet model."""
+        self.setupDependencies()
+        from CovidCTDiagnosisLib.checkpoint import load_model
+
+        load_model(path)
+
+    def process(self, volumeNode: vtkMRMLScalarVolumeNode, model=None, device="auto", slices=15, aggregate="mean"):
+        """Analyse `volumeNode` in this process (blocks), show the result, and return the engine's Result."""
+        import sitkUtils
+
+        self.setupDependencies()
+        from CovidCTDiagnosisLib.outputs import write_outputs
+        from CovidCTDiagnosisLib.pipeline import Analyzer
+
+        image = sitkUtils.PullVolumeFromSlicer(volumeNode)
+        result = Analyzer(model, device).analyze(
+            image, slices=slices, aggregate=aggregate, progress=lambda stage, fraction: logging.info(f"{stage}: {fraction:.0%}")
+        )
+        folder = write_outputs(result, image, os.path.join(self._workDirectory(), RESULT_DIR))
+        self.loadResults(str(folder), volumeNode)
+        return result
+
+    def startAnalysis(self, volumeNode: vtkMRMLScalarVolumeNode, onProgress, onFinished, model=None, device="auto", slices=15,
+                      aggregate="mean"):
+        """Analyse `volumeNode` in a background PythonSlicer process; returns the AnalysisJob (cancel() stops it)."""
+        self.setupDependencies()
+        python = shutil.which("PythonSlicer")
+        if not python:
+            raise RuntimeError(_("PythonSlicer, Slicer's Python interpreter, was not found."))
+        workDir = self._workDirectory()
+        inputPath = os.path.join(workDir, INPUT_FILE)
+        if not slicer.util.exportNode(volumeNode, inputPath, {"useCompression": False}):
+            raise RuntimeError(_("Cannot write {volume} to {path}.").format(volume=volumeNode.GetName(), path=inputPath))
+        command = slicer_runtime.analyze_command(python, inputPath, os.path.join(workDir, RESULT_DIR), model=model, device=device,
+                                                 slices=slices, aggregate=aggregate)
+        return AnalysisJob(self, volumeNode, workDir, command, onProgress, onFinished)
+
+    def processFiles(self, pathsOrFolder, outputFolder, model=None, device="auto", slices=15, aggregate="mean"):
+        """Analyse many CTs (a folder, a CSV manifest, or a list of paths) into one result folder each and
+        summary.csv in `outputFolder`, carrying on past bad cases; the scene is not touched."""
+        self.setupDependencies()
+        from CovidCTDiagnosisLib.batch import SUMMARY_CSV, run_batch
+        from CovidCTDiagnosisLib.pipeline import Analyzer
+
+        def logOutcome(outcome):
+            level = logging.WARNING if outcome.status == "failed" else logging.INFO
+            logging.log(level, f"{outcome.case.case_id}: {outcome.status} {outcome.error}".strip())
+            slicer.app.processEvents()
+
+        source = slicer_runtime.batch_source(pathsOrFolder, os.path.join(slicer.app.temporaryPath, TEMP_KEY))
+        outcomes = run_batch(Analyzer(model, device), source, outputFolder, on_case=logOutcome, slices=slices, aggregate=aggregate)
+        logging.info(f"{len(outcomes)} cases; summary in {os.path.join(outputFolder, SUMMARY_CSV)}")
+        return outcomes
+
+    def loadResults(self, resultFolder, volumeNode: vtkMRMLScalarVolumeNode = None):
+        """Show a result folder (of `covidct analyze` or this module) in the scene: all under one folder named
+        after the volume, replacing its previous results, under the volume's parent transform."""
+        self.setupDependencies()
+        import SimpleITK as sitk
+        from CovidCTDiagnosisLib import outputs, scene_plan
+
+        report = outputs.read_report(resultFolder)
+        name = volumeNode.GetName() if volumeNode else os.path.basename(os.path.normpath(resultFolder))
+        plan = scene_plan.plan_scene(report, name)
+        if volumeNode and not self._volumeGeometry(volumeNode).matches(plan.geometry):
+            raise ValueError(_("These results were computed on another volume than {volume}: select that CT, or none.").format(
+                volume=name))
+        heatImage = sitk.ReadImage(os.path.join(resultFolder, outputs.GRADCAM_NRRD))
+        if not scene_plan.Geometry.from_image(heatImage).matches(plan.geometry):
+            raise ValueError(_("{file} does not have the grid of report.json.").format(file=outputs.GRADCAM_NRRD))
+
+        shNode = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(slicer.mrmlScene)
+        parentItem = shNode.GetItemParent(shNode.GetItemByDataNode(volumeNode)) if volumeNode else shNode.GetSceneItemID()
+        previous = shNode.GetItemChildWithName(parentItem, plan.folder_name)
+        if previous:
+            shNode.RemoveItem(previous)
+        folderItem = shNode.CreateFolderItem(parentItem, plan.folder_name)
+
+        slicer.mrmlScene.StartState(slicer.mrmlScene.BatchProcessState)
+        try:
+            segmentation = self._addSegmentation(os.path.join(resultFolder, outputs.LUNGS_SEG_NRRD), plan)
+            heat = slicer.util.addVolumeFromArray(sitk.GetArrayFromImage(heatImage), plan.geometry.ijk_to_ras(), plan.heat_name)
+            self._styleHeatVolume(heat)
+            table = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLTableNode", plan.table_name)
+            columns = plan.table_columns()
+            slicer.util.updateTableFromArray(table, [values for _title, values in columns], [title for title, _values in columns])
+            table.SetLocked(True)
+            rois = [self._addRoi(roi) for roi in plan.rois]
+        finally:
+            slicer.mrmlScene.EndState(slicer.mrmlScene.BatchProcessState)
+
+        transformID = volumeNode.GetTransformNodeID() if volumeNode else None
+        for node in [segmentation, heat, *rois]:
+            node.SetAndObserveTransformNodeID(transformID)
+        for node in [segmentation, heat, table, *rois]:
+            shNode.SetItemParent(shNode.GetItemByDataNode(node), folderItem)
+        background = volumeNode if volumeNode else "keep-current"
+        slicer.util.setSliceViewerLayers(background=background, foreground=heat, foregroundOpacity=DEFAULT_HEAT_OPACITY)
+        self.shownResults = ShownResults(plan, folderItem, segmentation, heat, table, rois)
+        return self.shownResults
+
+    def jumpToSlice(self, results: ShownResults, rowIndex: int):
+        """Centre every slice view on the analysed slice in row `rowIndex` of the results' table."""
+        world = [0.0, 0.0, 0.0]
+        results.heat.TransformPointToWorld(results.plan.rows[rowIndex].center_ras, world)
+        slicer.modules.markups.logic().JumpSlicesToLocation(world[0], world[1], world[2], True)
+
+    @staticmethod
+    def _workDirectory():
+        """A new folder in Slicer's temporary folder for one analysis (its result folder stays there)."""
+        return tempfile.mkdtemp(prefix=TEMP_KEY, dir=slicer.app.temporaryPath)
+
+    @staticmethod
+    def _volumeGeometry(volumeNode: vtkMRMLScalarVolumeNode):
+        from CovidCTDiagnosisLib.scene_plan import Geometry
+
+        ijkToRAS = vtk.vtkMatrix4x4()
+        volumeNode.GetIJKToRASMatrix(ijkToRAS)
+        return Geometry.from_ijk_to_ras(slicer.util.arrayFromVTKMatrix(ijkToRAS), volumeNode.GetImageData().GetDimensions())
+
+    @staticmethod
+    def _addSegmentation(path, plan):
+        segmentationNode = slicer.util.loadSegmentation(path)
+        segmentationNode.SetName(plan.segmentation_name)
+        segmentation = segmentationNode.GetSegmentation()
+        display = segmentationNode.GetDisplayNode()
+        for planned in plan.segments:
+            segmentId = segmentation.GetSegmentIdBySegmentName(planned.name)
+            segment = segmentation.GetSegment(segmentId)
+            if segment is None:
+                raise ValueError(_("Segment {name} is missing from {path}.").format(name=planned.name, path=path))
+            segment.SetColor(*planned.color)
+            segment.SetTag(segment.GetTerminologyEntryTagName(), planned.terminology)
+            display.SetSegmentOpacity2DFill(segmentId, planned.fill_opacity)
+        return segmentationNode
+
+    @staticmethod
+    def _styleHeatVolume(heat: vtkMRMLScalarVolumeNode):
+        """Inferno colours over [0, 1], transparent below the plan's threshold."""
+        from CovidCTDiagnosisLib import scene_plan
+
+        colorTable = slicer.util.getFirstNodeByClassByName("vtkMRMLColorTableNode", scene_plan.COLOR_TABLE_NAME)
+        if colorTable is None:
+            colorTable = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLColorTableNode", scene_plan.COLOR_TABLE_NAME)
+            colorTable.SetTypeToUser()
+            entries = scene_plan.heat_color_table()
+            colorTable.SetNumberOfColors(len(entries))
+            for index, (r, g, b, a) in enumerate(entries):
+                colorTable.SetColor(index, r, g, b, a)
+        display = heat.GetScalarVolumeDisplayNode()
+        display.SetAndObserveColorNodeID(colorTable.GetID())
+        display.SetAutoWindowLevel(False)
+        display.SetWindowLevelMinMax(0.0, 1.0)
+        display.SetAutoThreshold(False)
+        display.SetThreshold(scene_plan.HEAT_THRESHOLD, 1.0)
+        display.SetApplyThreshold(True)
+
+    @staticmethod
+    def _addRoi(planned):
+        roi = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsROINode", planned.name)
+        roi.SetAndObserveObjectToNodeMatrix(slicer.util.vtkMatrixFromArray(planned.object_to_node))
+        roi.SetSize(*planned.size_mm)
+        roi.SetLocked(True)
+        roi.CreateDefaultDisplayNodes()
+        display = roi.GetDisplayNode()
+        display.SetColor(*planned.color)
+        display.SetSelectedColor(*planned.color)
+        display.SetHandlesInteractive(False)
+        display.SetFillOpacity(0.0)
+        return roi
+
+
+class CovidCTDiagnosisTest(ScriptedLoadableModuleTest):
+    """Runs the logic on the engine's synthetic chest phantom with the untrained network (no data, no model)."""
+
+    def setUp(self):
+        slicer.mrmlScene.Clear()
+
+    def runTest(self):
+        self.setUp()
+        self.test_ProcessObliqueVolume()
+        self.setUp()
+        self.test_TransformedVolumeIsReplacedNotDuplicated()
+        self.setUp()
+        self.test_BackgroundAnalysisCancelAndLoadResults()
+
+    @staticmethod
+    def _phantomVolume(direction=(1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)):
+        import sitkUtils
+        from CovidCTDiagnosisLib.phantom import make_chest_phantom
+
+        return sitkUtils.PushVolumeToSlicer(make_chest_phantom(direction=direction).image, name="phantom")
+
+    def _checkNodes(self, volumeNode: vtkMRMLScalarVolumeNode, results: ShownResults, slices):
+        """One folder named after the volume; heat map on the CT's grid; segments, ROIs and table rows per slice and box."""
+        import numpy as np
+        from CovidCTDiagnosisLib.scene_plan import LPS_TO_RAS, folder_name
+
+        shNode = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(slicer.mrmlScene)
+        parentItem = shNode.GetItemParent(shNode.GetItemByDataNode(volumeNode))
+        self.assertEqual(shNode.GetItemChildWithName(parentItem, folder_name(volumeNode.GetName())), results.folderItem)
+        volumeMatrix, heatMatrix = vtk.vtkMatrix4x4(), vtk.vtkMatrix4x4()
+        volumeNode.GetIJKToRASMatrix(volumeMatrix)
+        results.heat.GetIJKToRASMatrix(heatMatrix)
+        np.testing.assert_allclose(slicer.util.arrayFromVTKMatrix(heatMatrix), slicer.util.arrayFromVTKMatrix(volumeMatrix), atol=1e-4)
+        self.assertEqual(results.heat.GetImageData().GetDimensions(), volumeNode.GetImageData().GetDimensions())
+        boxes = [b for s in slices for b in s.boxes]
+        segmentation = results.segmentation.GetSegmentation()
+        self.assertEqual(segmentation.GetNumberOfSegments(), 2 + len(boxes))
+        self.assertTrue(segmentation.GetSegmentIdBySegmentName("Right lung"))
+        self.assertTrue(segmentation.GetSegmentIdBySegmentName("Left lung"))
+        self.assertEqual(len(results.rois), len(boxes))
+        center = [0.0, 0.0, 0.0]
+        results.rois[0].GetCenter(center)
+        np.testing.assert_allclose(center, LPS_TO_RAS @ np.array(boxes[0].center_lps), atol=1e-3)
+        self.assertEqual(results.table.GetNumberOfRows(), len(slices))
+        self.assertEqual(list(slicer.util.arrayFromTableColumn(results.table, "Slice")), [s.index for s in slices])
+
+    def test_ProcessObliqueVolume(self):
+        """In-process analysis of an oblique volume."""
+        self.delayDisplay("Analysing an oblique phantom in-process")
+        c, s = 0.9396926, 0.3420201  # 20 degrees about S
+        volumeNode = self._phantomVolume(direction=(c, -s, 0.0, s, c, 0.0, 0.0, 0.0, 1.0))
+        logic = CovidCTDiagnosisLogic()
+        result = logic.process(volumeNode, model=UNTRAINED_MODEL, device="cpu")
+        self.assertFalse(result.model.trained)
+        self._checkNodes(volumeNode, logic.shownResults, result.slices)
+        self.delayDisplay("Test passed")
+
+    def test_TransformedVolumeIsReplacedNotDuplicated(self):
+        """Results follow the volume's parent transform, jumping lands on the transformed slice, re-analysis replaces."""
+        self.delayDisplay("Analysing a transformed phantom twice")
+        import numpy as np
+
+        volumeNode = self._phantomVolume()
+        transform = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "tilt")
+        c, s = 0.9396926, 0.3420201  # 20 degrees about R, then a shift
+        matrix = np.array([[1.0, 0.0, 0.0, 10.0], [0.0, c, -s, -20.0], [0.0, s, c, 30.0], [0.0, 0.0, 0.0, 1.0]])
+        transform.SetMatrixTransformToParent(slicer.util.vtkMatrixFromArray(matrix))
+        volumeNode.SetAndObserveTransformNodeID(transform.GetID())
+        logic = CovidCTDiagnosisLogic()
+        logic.process(volumeNode, model=UNTRAINED_MODEL, device="cpu")
+        result = logic.process(volumeNode, model=UNTRAINED_MODEL, device="cpu")
+        results = logic.shownResults
+        self._checkNodes(volumeNode, results, result.slices)
+        self.assertEqual(len(slicer.util.getNodesByClass("vtkMRMLSegmentationNode")), 1)
+        for node in [results.segmentation, results.heat, *results.rois]:
+            self.assertEqual(node.GetTransformNodeID(), transform.GetID())
+        logic.jumpToSlice(results, 0)
+        world = matrix @ np.append(results.plan.rows[0].center_ras, 1.0)
+        sliceOffset = slicer.app.layoutManager().sliceWidget("Red").sliceLogic().GetSliceOffset()
+        self.assertAlmostEqual(sliceOffset, world[2], delta=max(volumeNode.GetSpacing()))
+        self.delayDisplay("Test passed")
+
+    def test_BackgroundAnalysisCancelAndLoadResults(self):
+        """The widget's path: a background process with progress; cancel kills it; results load without a volume."""
+        self.delayDisplay("Analysing in the background")
+        logic = CovidCTDiagnosisLogic()
+        volumeNode = self._phantomVolume()
+        progress = []
+        cancelled = logic.startAnalysis(volumeNode, lambda fraction, stage: None, lambda job: None, model=UNTRAINED_MODEL, device="cpu")
+        cancelled.cancel()
+        job = logic.startAnalysis(volumeNode, lambda fraction, stage: progress.append(fraction), lambda job: None,
+                                  model=UNTRAINED_MODEL, device="cpu")
+        deadline = time.time() + JOB_TIMEOUT_S
+        while not (job.finished and cancelled.finished) and time.time() < deadline:
+            slicer.app.processEvents()
+            time.sleep(0.05)
+        self.assertTrue(cancelled.finished and cancelled.cancelled)
+        self.assertIsNone(cancelled.results)
+        self.assertFalse(os.path.exists(cancelled.workDir))
+        self.assertIsNone(job.error)
+        self.assertEqual(progress, sorted(progress))
+        self.assertEqual(progress[-1], 1.0)
+        self.assertEqual(job.results.table.GetNumberOfRows(), len(job.results.plan.rows))
+        loaded = logic.loadResults(job.resultFolder)
+        self.assertEqual(len(loaded.rois), len(job.results.rois))
+        self.assertIsNone(loaded.heat.GetTransformNodeID())
+        self.delayDisplay("Test passed")

@@ -1,0 +1,317 @@
+"""What one analysis puts into a 3D Slicer scene, computed without Slicer.
+
+The Slicer module turns a result (a `Result`, or the dict of a report.json) into a `ScenePlan`
+and only applies it to MRML nodes, so the geometry, names, colours and texts are tested here.
+Every point and matrix of the plan is in the analysed volume's own RAS frame (Slicer's scene
+before the volume's parent transform): RAS = diag(-1, -1, 1) @ LPS.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from html import escape
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+from slicerio.segmentation import terminology_entry_to_string
+
+from .html_report import AGGREGATION_TEXT
+from .result import RESEARCH_USE_ONLY, UNTRAINED_WARNING
+from .segmentation_file import (
+    LEFT_LUNG_SEGMENT,
+    LESION_TERMINOLOGY,
+    RIGHT_LUNG_SEGMENT,
+    box_segment_name,
+    lesion_colors,
+)
+
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
+GEOMETRY_TOLERANCE_MM = 1e-3  # origins, spacings and unit axes that differ less are the same grid
+
+HEAT_THRESHOLD = 0.2  # Grad-CAM values below this are transparent over the CT
+COLOR_TABLE_NAME = "CovidCT Inferno"
+COLOR_TABLE_SIZE = 256
+# matplotlib's "inferno" sampled at 0, 1/16, ..., 1 (RGB); the table interpolates linearly between them
+_INFERNO_ANCHORS = (
+    (0.001, 0.0, 0.014), (0.042, 0.028, 0.141), (0.129, 0.047, 0.291), (0.238, 0.037, 0.396),
+    (0.342, 0.062, 0.429), (0.441, 0.099, 0.432), (0.541, 0.135, 0.415), (0.64, 0.171, 0.381),
+    (0.736, 0.216, 0.33), (0.822, 0.275, 0.266), (0.894, 0.353, 0.194), (0.947, 0.449, 0.115),
+    (0.978, 0.558, 0.035), (0.988, 0.675, 0.065), (0.975, 0.798, 0.206), (0.948, 0.917, 0.411),
+    (0.988, 0.998, 0.645),
+)
+TOP_SLICE_BUTTONS = 3  # how many of the most suspicious slices get a jump button
+PROBABILITY_DECIMALS = 3
+LUNG_FILL_OPACITY = 0.25  # lungs are filled faintly in slice views; lesion boxes are outlines only
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """A voxel grid: size (i, j, k), spacing (mm), origin (LPS mm), direction (3x3 row-major, LPS)."""
+
+    size: tuple[int, int, int]
+    spacing: tuple[float, float, float]
+    origin: tuple[float, float, float]
+    direction: tuple[float, ...]
+
+    @classmethod
+    def from_image(cls, image) -> Geometry:
+        """The grid of a SimpleITK image."""
+        return cls(tuple(image.GetSize()), tuple(image.GetSpacing()), tuple(image.GetOrigin()), tuple(image.GetDirection()))
+
+    @classmethod
+    def from_report(cls, report: Mapping[str, Any]) -> Geometry:
+        """The analysed volume's grid as report.json records it."""
+        info = report["input"]
+        return cls(tuple(info["size"]), tuple(info["spacing"]), tuple(info["origin"]), tuple(info["direction"]))
+
+    @classmethod
+    def from_ijk_to_ras(cls, ijk_to_ras, size: Sequence[int]) -> Geometry:
+        """The grid of a Slicer volume node (its IJKToRAS matrix and image dimensions)."""
+        m = np.asarray(ijk_to_ras, dtype=float)
+        axes_lps = LPS_TO_RAS @ m[:3, :3]
+        spacing = np.linalg.norm(axes_lps, axis=0)
+        return cls(
+            tuple(int(n) for n in size),
+            tuple(float(s) for s in spacing),
+            tuple(float(v) for v in LPS_TO_RAS @ m[:3, 3]),
+            tuple(float(v) for v in (axes_lps / spacing).ravel()),
+        )
+
+    def ijk_to_lps(self) -> np.ndarray:
+        """4x4: LPS = origin + direction @ diag(spacing) @ ijk."""
+        m = np.eye(4)
+        m[:3, :3] = np.reshape(self.direction, (3, 3)) @ np.diag(self.spacing)
+        m[:3, 3] = self.origin
+        return m
+
+    def ijk_to_ras(self) -> np.ndarray:
+        """4x4 IJK-to-RAS matrix of a Slicer volume node on this grid."""
+        m = self.ijk_to_lps()
+        m[:3] = LPS_TO_RAS @ m[:3]
+        return m
+
+    def axes_ras(self) -> np.ndarray:
+        """Columns: the i, j, k axes in RAS as a proper rotation (k negated for a left-handed grid;
+        a box is symmetric about its centre, so this leaves it unchanged)."""
+        axes = LPS_TO_RAS @ np.reshape(self.direction, (3, 3))
+        if np.linalg.det(axes) < 0:
+            axes[:, 2] = -axes[:, 2]
+        return axes
+
+    def axial_axis(self) -> int:
+        """The voxel axis (0 = i, 1 = j, 2 = k) closest to the patient's superior direction."""
+        return int(np.argmax(np.abs(np.reshape(self.direction, (3, 3))[2])))
+
+    def slice_center_ras(self, index: int) -> tuple[float, float, float]:
+        """RAS of the centre of axial slice `index`: mid-grid along the two in-plane axes."""
+        ijk = (np.array(self.size, dtype=float) - 1) / 2
+        ijk[self.axial_axis()] = index
+        return tuple(float(v) for v in (self.ijk_to_ras() @ np.append(ijk, 1.0))[:3])
+
+    def matches(self, other: Geometry, tolerance: float = GEOMETRY_TOLERANCE_MM) -> bool:
+        """Whether both grids put the same voxels at the same places."""
+        return (
+            tuple(self.size) == tuple(other.size)
+            and np.allclose(self.spacing, other.spacing, atol=tolerance)
+            and np.allclose(self.origin, other.origin, atol=tolerance)
+            and np.allclose(self.direction, other.direction, atol=tolerance)
+        )
+
+
+@dataclass(frozen=True)
+class SegmentPlan:
+    """A segment of the lungs-and-lesions segmentation (as lungs.seg.nrrd names it)."""
+
+    name: str
+    color: tuple[float, float, float]
+    terminology: str  # Slicer's terminology entry string
+    is_lesion: bool
+
+    @property
+    def fill_opacity(self) -> float:
+        return 0.0 if self.is_lesion else LUNG_FILL_OPACITY
+
+
+@dataclass(frozen=True)
+class RoiPlan:
+    """A locked box ROI over one lesion box, labelled with its navigator score."""
+
+    name: str
+    slice_index: int
+    rank: int
+    score: float
+    center_ras: tuple[float, float, float]
+    size_mm: tuple[float, float, float]  # along the volume's i, j, k axes
+    object_to_node: np.ndarray  # 4x4: ROI axes (the volume's axes, RAS) and centre
+    color: tuple[float, float, float]
+
+
+@dataclass(frozen=True)
+class SliceRow:
+    """One analysed slice: a row of the table and a place to jump the views to."""
+
+    index: int
+    position_mm: float  # the slice centre's S coordinate
+    probabilities: dict[str, float]
+    box_count: int
+    center_ras: tuple[float, float, float]
+
+
+@dataclass(frozen=True)
+class ResultText:
+    """The patient-level result as the module shows it."""
+
+    trained: bool
+    label: str
+    probabilities: dict[str, float]
+    aggregation: str  # sentence describing the aggregation method
+    slice_count: int
+    warnings: tuple[str, ...]
+    notice: str = RESEARCH_USE_ONLY
+
+    @property
+    def headline(self) -> str:
+        return self.label if self.trained else "No result: the network is untrained"
+
+    def html(self) -> str:
+        """Rich text for a Qt label: the label in large type, probabilities, method, warnings."""
+        def text(value: str) -> str:
+            return escape(value, quote=False)
+
+        probs = "".join(f"<tr><td>{text(c)}</td><td align='right'>{p:.3f}</td></tr>" for c, p in self.probabilities.items())
+        warnings = "".join(f"<p style='color:#c00000'><b>{text(w)}</b></p>" for w in self.warnings)
+        return (
+            f"{warnings}<p style='font-size:20pt'><b>{text(self.headline)}</b></p>"
+            f"<table cellspacing='4'>{probs}</table>"
+            f"<p>{text(self.aggregation)}, over {self.slice_count} analysed slices.</p>"
+            f"<p><i>{text(self.notice)}</i></p>"
+        )
+
+
+@dataclass(frozen=True)
+class ScenePlan:
+    """Everything the module creates for one analysis, all under one subject-hierarchy folder."""
+
+    geometry: Geometry
+    folder_name: str
+    segmentation_name: str
+    heat_name: str
+    table_name: str
+    segments: tuple[SegmentPlan, ...]
+    rois: tuple[RoiPlan, ...]
+    rows: tuple[SliceRow, ...]
+    top_rows: tuple[int, ...]  # indices into `rows`, most suspicious first, at most TOP_SLICE_BUTTONS
+    classes: tuple[str, ...]
+    result: ResultText
+
+    def table_columns(self) -> list[tuple[str, np.ndarray]]:
+        """(name, values) of each column of the slice table, in order."""
+        columns = [
+            ("Slice", np.array([r.index for r in self.rows], dtype=np.int32)),
+            ("S (mm)", np.array([round(r.position_mm, 1) for r in self.rows], dtype=float)),
+        ]
+        for c in self.classes:
+            columns.append((f"P({c})", np.array([round(r.probabilities[c], PROBABILITY_DECIMALS) for r in self.rows], dtype=float)))
+        columns.append(("Boxes", np.array([r.box_count for r in self.rows], dtype=np.int32)))
+        return columns
+
+
+def folder_name(volume_name: str) -> str:
+    """The subject-hierarchy folder holding one volume's results (found again to replace them)."""
+    return f"{volume_name} COVID-CT results"
+
+
+def plan_scene(result, volume_name: str) -> ScenePlan:
+    """The scene content for a `Result` or a report.json dict of the volume named `volume_name`."""
+    report = result.to_report() if hasattr(result, "to_report") else result
+    geometry = Geometry.from_report(report)
+    slices = report["slices"]
+    boxes = [(s["index"], b) for s in slices for b in s["boxes"]]
+    colors = [tuple(c) for c in lesion_colors([b["score"] for _, b in boxes])]
+    rows = tuple(
+        SliceRow(
+            index=s["index"],
+            position_mm=float(s["z_mm"]),
+            probabilities=dict(s["probabilities"]),
+            box_count=len(s["boxes"]),
+            center_ras=geometry.slice_center_ras(s["index"]),
+        )
+        for s in slices
+    )
+    row_of_index = {r.index: n for n, r in enumerate(rows)}
+    return ScenePlan(
+        geometry=geometry,
+        folder_name=folder_name(volume_name),
+        segmentation_name=f"{volume_name} lungs and lesion boxes",
+        heat_name=f"{volume_name} Grad-CAM",
+        table_name=f"{volume_name} analysed slices",
+        segments=_segments(boxes, colors),
+        rois=tuple(_roi(geometry, index, box, color) for (index, box), color in zip(boxes, colors)),
+        rows=rows,
+        top_rows=tuple(row_of_index[i] for i in report["top_slices"][:TOP_SLICE_BUTTONS] if i in row_of_index),
+        classes=tuple(report["model"]["classes"]),
+        result=_result_text(report),
+    )
+
+
+def heat_color_table() -> list[tuple[float, float, float, float]]:
+    """RGBA entries of the heat map's colour table: Inferno, transparent below HEAT_THRESHOLD."""
+    anchors = np.array(_INFERNO_ANCHORS)
+    positions = np.linspace(0.0, 1.0, len(anchors))
+    values = np.linspace(0.0, 1.0, COLOR_TABLE_SIZE)
+    rgb = np.stack([np.interp(values, positions, anchors[:, c]) for c in range(3)], axis=1)
+    alpha = (values >= HEAT_THRESHOLD).astype(float)
+    return [(float(r), float(g), float(b), float(a)) for (r, g, b), a in zip(rgb, alpha)]
+
+
+def _segments(boxes, colors) -> tuple[SegmentPlan, ...]:
+    lungs = [
+        SegmentPlan(s["name"], tuple(s["color"]), terminology_entry_to_string(s["terminology"]), False)
+        for s in (RIGHT_LUNG_SEGMENT, LEFT_LUNG_SEGMENT)
+    ]
+    lesion_terminology = terminology_entry_to_string(LESION_TERMINOLOGY)
+    lesions = [
+        SegmentPlan(_box_name(index, box), color, lesion_terminology, True)
+        for (index, box), color in zip(boxes, colors)
+    ]
+    return tuple(lungs + lesions)
+
+
+def _box_name(slice_index: int, box: Mapping[str, Any]) -> str:
+    """The segment (and ROI) name of a report.json box, as lungs.seg.nrrd names it."""
+    return box_segment_name(slice_index, SimpleNamespace(rank=box["rank"], score=box["score"]))
+
+
+def _roi(geometry: Geometry, slice_index: int, box: Mapping[str, Any], color) -> RoiPlan:
+    center = tuple(float(v) for v in LPS_TO_RAS @ np.asarray(box["center_lps"], dtype=float))
+    object_to_node = np.eye(4)
+    object_to_node[:3, :3] = geometry.axes_ras()
+    object_to_node[:3, 3] = center
+    return RoiPlan(
+        name=_box_name(slice_index, box),
+        slice_index=slice_index,
+        rank=box["rank"],
+        score=float(box["score"]),
+        center_ras=center,
+        size_mm=tuple(float(v) for v in box["size_mm"]),
+        object_to_node=object_to_node,
+        color=color,
+    )
+
+
+def _result_text(report: Mapping[str, Any]) -> ResultText:
+    patient = report["patient"]
+    trained = bool(report["model"]["trained"])
+    warnings = list(report.get("warnings", []))
+    if not trained and UNTRAINED_WARNING not in warnings:
+        warnings.insert(0, UNTRAINED_WARNING)
+    return ResultText(
+        trained=trained,
+        label=patient["label"],
+        probabilities=dict(patient["probabilities"]),
+        aggregation=AGGREGATION_TEXT.get(patient["aggregation"], patient["aggregation"]).capitalize(),
+        slice_count=len(report["slices"]),
+        warnings=tuple(warnings),
+    )

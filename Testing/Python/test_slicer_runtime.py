@@ -1,0 +1,159 @@
+"""What the Slicer module needs from the engine without Slicer: the background `covidct analyze`
+process (progress, errors, a cancel that kills the whole process tree), the pip packages, the
+bundled model's location, and batch inputs."""
+
+from __future__ import annotations
+
+import ast
+import os
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import SimpleITK as sitk
+
+from CovidCTDiagnosisLib import bundled_model, slicer_runtime
+from CovidCTDiagnosisLib.errors import InputNotFoundError
+from CovidCTDiagnosisLib.outputs import REPORT_JSON, read_report
+from CovidCTDiagnosisLib.scene_plan import plan_scene
+from CovidCTDiagnosisLib.slicer_runtime import BackgroundAnalysis, analyze_command, parse_progress
+
+REPO = Path(__file__).resolve().parents[2]
+ENGINE = REPO / "CovidCTDiagnosis" / "CovidCTDiagnosisLib"
+# What Slicer's Python ships, and what the PyTorch extension installs
+SLICER_SHIPPED = {"numpy", "SimpleITK", "scipy", "PIL", "pydicom", "requests", "packaging", "vtk"}
+PYTORCH_EXTENSION = {"torch", "torchvision"}
+TRAINING_ONLY = {"sklearn"}  # imported by `covidct train/evaluate` only, never by the module
+QUICK_SLICES = 3  # enough to exercise every stage of a real run
+
+
+def test_parse_progress():
+    assert parse_progress("PROGRESS 0.350 prepare") == (0.35, "prepare")
+    assert parse_progress("PROGRESS 1.000 aggregate") == (1.0, "aggregate")
+    assert parse_progress("PROGRESS x read") is None
+    assert parse_progress("results in /tmp/x") is None
+
+
+def test_analyze_command():
+    command = analyze_command("PythonSlicer", "/t/in.nrrd", "/t/out", model="m.pt", device="cpu", slices="all", aggregate="noisy-or")
+    assert command[:4] == ["PythonSlicer", "-m", "CovidCTDiagnosisLib.cli", "analyze"]
+    assert command[4:] == ["/t/in.nrrd", "--out", "/t/out", "--progress", "lines", "--device", "cpu", "--slices", "all",
+                           "--aggregate", "noisy-or", "--model", "m.pt"]
+    assert "--model" not in analyze_command("py", "a", "b")
+
+
+def test_pip_requirements_cover_the_engine_imports():
+    """Every third-party module the engine imports (outside training/) is shipped by Slicer, comes with the
+    PyTorch extension, or is installed by the module; the versions agree with pyproject.toml."""
+    tomllib = pytest.importorskip("tomllib")
+    imported = set()
+    for path in ENGINE.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                imported |= {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                imported.add(node.module.split(".")[0])
+    third_party = {name for name in imported - set(sys.stdlib_module_names) if name not in ("CovidCTDiagnosisLib", "__future__")}
+    assert third_party - SLICER_SHIPPED - PYTORCH_EXTENSION - TRAINING_ONLY <= set(slicer_runtime.PIP_REQUIREMENTS)
+    declared = {req.split(">=")[0].lower(): req for req in tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]}
+    for requirement in slicer_runtime.PIP_REQUIREMENTS.values():
+        name = requirement.split(">=")[0].lower()
+        if name in declared:
+            assert declared[name] == requirement
+    assert declared["torch"] == "torch" + slicer_runtime.TORCH_REQUIREMENT
+    assert declared["torchvision"] == "torchvision" + slicer_runtime.TORCHVISION_REQUIREMENT
+
+
+def test_missing_requirements(monkeypatch):
+    monkeypatch.setattr(slicer_runtime, "PIP_REQUIREMENTS", {"numpy": "numpy", "no_such_module_xyz": "no-such>=1"})
+    assert slicer_runtime.missing_requirements() == ["no-such>=1"]
+
+
+def test_constraints_pin_what_pip_must_not_change(tmp_path):
+    lines = slicer_runtime.write_constraints(tmp_path).read_text().splitlines()
+    import numpy
+
+    assert f"numpy=={numpy.__version__}" in lines
+    assert all("==" in line for line in lines)
+
+
+def test_bundled_model_path_is_found_without_torch(tmp_path, monkeypatch):
+    monkeypatch.setenv(bundled_model.MODEL_DIR_ENV, str(tmp_path))
+    assert slicer_runtime.bundled_model_path() is None
+    (tmp_path / bundled_model.DEFAULT_MODEL_FILE).write_bytes(b"x")
+    assert slicer_runtime.bundled_model_path() == tmp_path / bundled_model.DEFAULT_MODEL_FILE
+    source = Path(bundled_model.__file__).read_text()
+    assert "import torch" not in source and "from .checkpoint" not in source
+
+
+def test_batch_source(tmp_path):
+    cases = tmp_path / "cases"
+    cases.mkdir()
+    manifest = tmp_path / "list.csv"
+    manifest.write_text("path\n")
+    assert slicer_runtime.batch_source(cases, tmp_path / "w") == cases
+    assert slicer_runtime.batch_source(str(manifest), tmp_path / "w") == manifest
+    written = slicer_runtime.batch_source([tmp_path / "a.nrrd", str(tmp_path / "b.nii.gz")], tmp_path / "w")
+    assert written.read_text().splitlines() == ["path", str(tmp_path / "a.nrrd"), str(tmp_path / "b.nii.gz")]
+    single = slicer_runtime.batch_source(tmp_path / "one.nrrd", tmp_path / "w1")
+    assert single.read_text().splitlines() == ["path", str(tmp_path / "one.nrrd")]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z" if Path(f"/proc/{pid}").exists() else True
+
+
+@pytest.mark.skipif(os.name == "nt", reason="POSIX process groups")
+def test_cancel_kills_the_whole_process_tree():
+    """Like PythonSlicer (a launcher that starts the real Python), the child starts a grandchild."""
+    script = (
+        "import subprocess, sys, time\n"
+        "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'])\n"
+        "print(f'GRANDCHILD {child.pid}', flush=True)\n"
+        "time.sleep(120)\n"
+    )
+    analysis = BackgroundAnalysis([sys.executable, "-c", script])
+    lines = []
+    deadline = time.monotonic() + 30
+    while not lines and time.monotonic() < deadline:
+        lines += analysis.poll().lines
+        time.sleep(0.05)
+    grandchild = int(lines[0].split()[1])
+    analysis.cancel()
+    analysis.wait(timeout=10)
+    assert analysis.finished and analysis.cancelled and analysis.returncode != 0
+    deadline = time.monotonic() + 10
+    while _alive(grandchild) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _alive(grandchild)
+
+
+def test_engine_error_is_one_line_with_its_exit_code(tmp_path):
+    missing = tmp_path / "missing.nrrd"
+    analysis = BackgroundAnalysis(analyze_command(sys.executable, missing, tmp_path / "out", model="untrained", device="cpu"))
+    analysis.wait(timeout=120)
+    assert analysis.returncode == InputNotFoundError.exit_code
+    assert str(missing) in analysis.error_message and "\n" not in analysis.error_message
+    assert not analysis.error_message.startswith("covidct")
+    assert not (tmp_path / "out").exists()
+
+
+def test_background_analysis_reports_progress_and_writes_the_result(tmp_path, phantom):
+    """A real `covidct analyze` with the untrained network, run the way the module runs it."""
+    ct = tmp_path / "input.nrrd"
+    sitk.WriteImage(phantom.image, str(ct))
+    out = tmp_path / "result"
+    analysis = BackgroundAnalysis(analyze_command(sys.executable, ct, out, model="untrained", device="cpu", slices=QUICK_SLICES))
+    printed = analysis.wait(timeout=300)
+    assert analysis.returncode == 0, printed.lines
+    fractions = [fraction for fraction, _ in printed.progress]
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0
+    assert [stage for _, stage in printed.progress][0] == "read"
+    assert (out / REPORT_JSON).is_file()
+    plan = plan_scene(read_report(out), "phantom")
+    assert len(plan.rows) == QUICK_SLICES and plan.rois and not plan.result.trained
