@@ -213,17 +213,7 @@ class _BoxMapper:
         corners = np.array(
             [geometry.oriented_to_original_index(self.oriented, self.original, (i, j, k)) for i in (i_lo, i_hi) for j in (j_lo, j_hi)]
         )
-        lo, hi = corners.min(0), corners.max(0)
-        centre = self.original.TransformContinuousIndexToPhysicalPoint([float(v) for v in (lo + hi) / 2])
-        size = (hi - lo + 1) * np.array(self.original.GetSpacing())
-        return LesionBox(
-            rank=rank,
-            score=score,
-            ijk_min=tuple(int(v) for v in lo),
-            ijk_max=tuple(int(v) for v in hi),
-            center_lps=tuple(float(v) for v in centre),
-            size_mm=tuple(float(v) for v in size),
-        )
+        return LesionBox.from_voxel_range(self.original, rank, score, corners.min(0), corners.max(0))
 
 
 def _pixel_range(lo: float, hi: float, n: int) -> tuple[int, int]:

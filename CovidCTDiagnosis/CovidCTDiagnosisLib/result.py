@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import numpy as np
 import SimpleITK as sitk
 
 REPORT_SCHEMA_VERSION = "1.0"
@@ -30,6 +31,20 @@ class LesionBox:
     ijk_max: tuple[int, int, int]  # inclusive; the k range spans the one analysed slice
     center_lps: tuple[float, float, float]  # box centre, LPS mm
     size_mm: tuple[float, float, float]  # extent along the volume's i, j, k axes, mm
+
+    @classmethod
+    def from_voxel_range(cls, image: sitk.Image, rank: int, score: float, ijk_min, ijk_max) -> LesionBox:
+        """A box from its inclusive voxel range in `image`; centre and size follow from its geometry."""
+        lo, hi = np.asarray(ijk_min), np.asarray(ijk_max)
+        centre = image.TransformContinuousIndexToPhysicalPoint([float(v) for v in (lo + hi) / 2])
+        return cls(
+            rank=rank,
+            score=score,
+            ijk_min=tuple(int(v) for v in lo),
+            ijk_max=tuple(int(v) for v in hi),
+            center_lps=tuple(float(v) for v in centre),
+            size_mm=tuple(float(v) for v in (hi - lo + 1) * np.array(image.GetSpacing())),
+        )
 
 
 @dataclass

@@ -43,16 +43,7 @@ def make_image(array_kji: np.ndarray, direction=IDENTITY, spacing=SPACING, origi
 
 def make_box(image: sitk.Image, rank: int, score: float, ijk_min, ijk_max) -> LesionBox:
     """A box with centre and size computed from its voxel range, as the pipeline does."""
-    lo, hi = np.array(ijk_min), np.array(ijk_max)
-    centre = image.TransformContinuousIndexToPhysicalPoint([float(v) for v in (lo + hi) / 2])
-    return LesionBox(
-        rank=rank,
-        score=score,
-        ijk_min=tuple(int(v) for v in lo),
-        ijk_max=tuple(int(v) for v in hi),
-        center_lps=tuple(float(v) for v in centre),
-        size_mm=tuple(float(v) for v in (hi - lo + 1) * np.array(image.GetSpacing())),
-    )
+    return LesionBox.from_voxel_range(image, rank, score, ijk_min, ijk_max)
 
 
 def make_result(direction=IDENTITY, trained: bool = True) -> tuple[Result, sitk.Image]:
