@@ -40,6 +40,7 @@ def save_checkpoint(path, model: DRENet, *, trained: bool, metadata: dict | None
     os.close(fd)
     try:
         torch.save(payload, tmp)
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide a shared model from other users
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

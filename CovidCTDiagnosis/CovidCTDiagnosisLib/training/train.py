@@ -1,0 +1,243 @@
+"""Training DRENet on labelled slices: patient split, cached preprocessing, the loop, best model.
+
+One run folder holds everything: `recipe.json` (the settings), `split.json` (patients per split),
+`state.pt` (weights, optimiser and schedule after the last finished epoch: `resume=True` carries
+on from it), `best.pt` (the model file with the best validation AUC, patient level first, image
+level to break ties) and `history.json` (per-epoch losses, validation AUCs, times).
+
+Recipe: the authors' losses (losses.py) and step decay; the optimiser defaults to AdamW with the
+backbone at 1/25 of the heads' learning rate, which converges in the few epochs a CPU allows
+(SGD, momentum 0.9, as in the paper, is `optimizer="sgd"`). Faster backbone rates (Adam 2e-4,
+SGD 2e-3) drove EfficientNet-Lite0's last ReLU6 layer to all zeros within an epoch. BatchNorm statistics stay frozen at
+their ImageNet (or `init` model) values: batches of 8 are too small to estimate them. Rows
+without a patient id (training-only sets) are resampled each epoch to equal class counts, so
+a set that is mostly one class (MosMed: 3/4 COVID) cannot teach "this scanner look = that class".
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..checkpoint import load_model, read_checkpoint, save_checkpoint
+from ..drenet import DRENet, DRENetConfig
+from ..inference import resolve_device
+from ..preprocessing import to_three_channels
+from .augment import augment
+from .datasets import PreparedSet, load_split, prepare_set, read_labels, save_split, split_by_patient, subset
+from .evaluate import EVAL_BATCH, predict, score_set
+from .losses import drenet_loss
+
+RECIPE_JSON = "recipe.json"
+SPLIT_JSON = "split.json"
+STATE_PT = "state.pt"
+BEST_PT = "best.pt"
+HISTORY_JSON = "history.json"
+
+
+@dataclass
+class TrainConfig:
+    """The recipe; saved in the run folder and in the model file."""
+
+    backbone: str = "efficientnet_lite0"
+    classes: tuple = ("COVID-19", "Non-COVID-19")
+    positive_class: str = "COVID-19"
+    input_size: int = 192
+    top_k: int = 3
+    proposals: int = 4  # regions scored by the part classifier for the ranking loss (>= top_k)
+    epochs: int = 12
+    batch_size: int = 8
+    lr: float = 5e-4  # heads and navigator
+    backbone_lr_factor: float = 0.04  # Adam at 2e-4 on the backbone killed every ReLU6 unit of its last layer
+    optimizer: str = "adamw"  # or "sgd" (momentum 0.9, the paper's)
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    lr_decay_at: float = 0.7  # step decay (x lr_decay) after this fraction of the epochs
+    lr_decay: float = 0.1
+    seed: int = 0
+    pretrained: bool = True  # ImageNet backbone (ignored with `init`)
+    max_minutes: float | None = None  # stop before an epoch that would end past this budget
+    threads: int = 2  # CPU threads; 1 is faster when other jobs share the cores (no spinning at barriers)
+    data: list = field(default_factory=list)  # labels CSVs (split by patient)
+    extra_train: list = field(default_factory=list)  # training-only CSVs
+
+
+@dataclass
+class TrainResult:
+    best_model: Path
+    run_dir: Path
+    history: list
+    split: dict
+
+
+def _freeze_batchnorm(model: nn.Module) -> None:
+    model.train()
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
+
+
+def _epoch_indices(train: PreparedSet, rng: np.random.Generator) -> np.ndarray:
+    """All split training images plus a class-balanced draw of the training-only ones, shuffled."""
+    extra = np.array([p is None for p in train.patients])
+    chosen = [np.flatnonzero(~extra)]
+    extra_idx = np.flatnonzero(extra)
+    if extra_idx.size:
+        groups = [extra_idx[train.labels[extra_idx] == c] for c in np.unique(train.labels[extra_idx])]
+        per_class = min(g.size for g in groups)
+        chosen += [rng.choice(g, per_class, replace=False) for g in groups]
+    return rng.permutation(np.concatenate(chosen))
+
+
+def _build_model(cfg: TrainConfig, init) -> DRENet:
+    if init is None:
+        config = DRENetConfig(cfg.backbone, tuple(cfg.classes), cfg.positive_class, cfg.input_size, cfg.top_k)
+        return DRENet(config, pretrained_backbone=cfg.pretrained)
+    model, _ = load_model(init, expected_classes=cfg.classes)
+    return model
+
+
+def _save_state(path: Path, **state) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def train(data, out_dir, config: TrainConfig | None = None, *, extra_train=(), resume: bool = False, init=None,
+          device: str = "auto", progress: bool = True) -> TrainResult:
+    """Train DRENet on labels CSVs `data` (+ training-only `extra_train`); returns the best model file.
+
+    `init`: a model file to fine-tune (its architecture and classes are kept). `resume`: carry on
+    an interrupted run in `out_dir` with its saved recipe and split.
+    """
+    from tqdm import tqdm
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    state = None
+    if resume:
+        if not (out / STATE_PT).is_file():
+            raise FileNotFoundError(f"nothing to resume: {out / STATE_PT} is missing")
+        saved = json.loads((out / RECIPE_JSON).read_text())
+        cfg = TrainConfig(**{**saved["recipe"], "classes": tuple(saved["recipe"]["classes"])})
+        init = saved["init"]
+        state = torch.load(out / STATE_PT, map_location="cpu", weights_only=True)
+    else:
+        cfg = config or TrainConfig()
+        cfg.data = [str(Path(p).resolve()) for p in data]
+        cfg.extra_train = [str(Path(p).resolve()) for p in extra_train]
+        init = str(Path(init).resolve()) if init else None
+        if init:  # the fine-tuned model keeps the architecture and classes of the model it starts from
+            base = load_model(init)[0].config
+            cfg.backbone, cfg.classes, cfg.positive_class = base.backbone, tuple(base.classes), base.positive_class
+            cfg.input_size, cfg.top_k = base.input_size, base.top_k
+        (out / RECIPE_JSON).write_text(json.dumps({"recipe": asdict(cfg), "init": init}, indent=1))
+
+    torch.set_num_threads(cfg.threads)
+    items = [it for p in cfg.data for it in read_labels(p, cfg.classes)]
+    items += [it for p in cfg.extra_train for it in read_labels(p, cfg.classes, training_only=True)]
+    if (out / SPLIT_JSON).is_file() and resume:
+        split = load_split(out / SPLIT_JSON)
+    else:
+        split = split_by_patient(items, cfg.seed)
+        save_split(split, out / SPLIT_JSON)
+    if not split["val"]:
+        raise ValueError("no validation patients: at least one labels CSV needs a patient_id column")
+    dev = resolve_device(device)
+    torch.manual_seed(cfg.seed)
+    model = _build_model(cfg, init).to(dev, memory_format=torch.channels_last)
+    window = (model.config.window_level, model.config.window_width)
+    train_set = prepare_set(subset(items, split, "train"), cfg.classes, cfg.input_size, progress, window)
+    val_set = prepare_set(subset(items, split, "val"), cfg.classes, cfg.input_size, progress, window)
+    backbone_params = list(model.backbone.parameters())
+    head_params = [p for n, p in model.named_parameters() if not n.startswith("backbone.")]
+    groups = [{"params": backbone_params, "lr": cfg.lr * cfg.backbone_lr_factor}, {"params": head_params, "lr": cfg.lr}]
+    if cfg.optimizer == "sgd":
+        opt = torch.optim.SGD(groups, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    elif cfg.optimizer == "adamw":
+        opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+    else:
+        raise ValueError(f"unknown optimizer {cfg.optimizer!r}; choose sgd or adamw")
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, [max(1, round(cfg.lr_decay_at * cfg.epochs))], cfg.lr_decay)
+    history, best_key, start = [], None, 0
+    if state is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        history, start = state["history"], state["epoch"]
+        best_key = tuple(state["best_key"]) if state["best_key"] is not None else None
+
+    pos = list(cfg.classes).index(cfg.positive_class)
+    began = time.monotonic()
+    for epoch in range(start, cfg.epochs):
+        if cfg.max_minutes and history and epoch > start:
+            per_epoch = (time.monotonic() - began) / (epoch - start)
+            if (time.monotonic() - began + per_epoch) / 60 > cfg.max_minutes:
+                break
+        t0 = time.monotonic()
+        rng = np.random.default_rng([cfg.seed, epoch])
+        torch.manual_seed(cfg.seed * 1000 + epoch)
+        _freeze_batchnorm(model)
+        order = _epoch_indices(train_set, rng)
+        batches = [order[i : i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
+        sums, bar = {}, tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress, mininterval=5)
+        for step, idx in enumerate(bar, 1):
+            x = np.stack([augment(train_set.images[i], train_set.masks[i], rng) for i in idx])
+            x = torch.from_numpy(to_three_channels(x)).to(dev).contiguous(memory_format=torch.channels_last)
+            y = torch.from_numpy(train_set.labels[idx]).to(dev)
+            loss, terms = drenet_loss(model(x, proposals=cfg.proposals), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            for k, v in {"loss": float(loss.detach()), **terms}.items():
+                sums[k] = sums.get(k, 0.0) + v
+            bar.set_postfix(loss=f"{sums['loss'] / step:.3f}", val_auc=history[-1]["val_patient_auc"] if history else None)
+        sched.step()
+
+        probs, _ = predict(model, val_set.images, dev, EVAL_BATCH)
+        scores = score_set(val_set.labels, probs, val_set.patients, list(cfg.classes), cfg.positive_class)
+        image_auc = scores["image_level"]["positive"]["auc"]
+        patient_auc = scores["patient_level"]["mean"]["positive"]["auc"]
+        record = {
+            "epoch": epoch + 1,
+            **{f"train_{k}": v / len(batches) for k, v in sums.items()},
+            "val_image_auc": image_auc,
+            "val_patient_auc": patient_auc,
+            "val_image_accuracy": scores["image_level"]["accuracy"],
+            "seconds": round(time.monotonic() - t0, 1),
+            "images": int(len(order)),
+        }
+        history.append(record)
+        key = (patient_auc or 0.0, image_auc or 0.0)
+        if best_key is None or key > best_key:
+            best_key = key
+            metadata = {
+                "name": out.name,
+                "data": cfg.data,
+                "extra_train": cfg.extra_train,
+                "split": split,
+                "recipe": {**asdict(cfg), "init": init, "epochs_trained": epoch + 1, "best_epoch": epoch + 1},
+                "validation": {"image_auc": image_auc, "patient_auc": patient_auc, "positive_class_index": pos},
+            }
+            save_checkpoint(out / BEST_PT, model, trained=True, metadata=metadata)
+        _save_state(out / STATE_PT, model=model.state_dict(), optimizer=opt.state_dict(), scheduler=sched.state_dict(),
+                    history=history, epoch=epoch + 1, best_key=list(best_key))
+        (out / HISTORY_JSON).write_text(json.dumps(history, indent=1))
+        tqdm.write(f"epoch {epoch + 1}: loss {record['train_loss']:.3f}, val AUC image {image_auc}, patient {patient_auc}, {record['seconds']} s")
+    return TrainResult(out / BEST_PT, out, history, split)
+
+
+def publish_model(best_model, dest, name: str, test_metrics: dict | None = None, max_float32_mb: float = 15.0) -> Path:
+    """Copy a run's best model to `dest` under `name`, with its test metrics; float16 if float32 would exceed `max_float32_mb`."""
+    model, _ = load_model(best_model)
+    metadata = read_checkpoint(best_model)["metadata"]
+    metadata.update(name=name, test=test_metrics or {})
+    float32_mb = sum(v.numel() * 4 for v in model.state_dict().values() if v.is_floating_point()) / 2**20
+    return save_checkpoint(dest, model, trained=True, metadata=metadata, half=float32_mb > max_float32_mb)

@@ -1,0 +1,180 @@
+"""Training package: patient split, augmentation, losses, metrics, and a tiny train/resume/evaluate run."""
+
+import csv
+import json
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from CovidCTDiagnosisLib.checkpoint import load_model, read_checkpoint
+from CovidCTDiagnosisLib.training import commands
+from CovidCTDiagnosisLib.training.augment import augment, fill_blank
+from CovidCTDiagnosisLib.phantom import make_chest_phantom
+from CovidCTDiagnosisLib.slice_selection import DEFAULT_COUNT
+from CovidCTDiagnosisLib.training.datasets import LabelledImage, load_split, prepare_set, read_labels, split_by_patient, subset
+from CovidCTDiagnosisLib.training.evaluate import binary_metrics, compute_metrics, evaluate, load_test_items, reliability
+from CovidCTDiagnosisLib.training.losses import drenet_loss, ranking_loss
+from CovidCTDiagnosisLib.training.train import BEST_PT, HISTORY_JSON, SPLIT_JSON, TrainConfig, train
+
+CLASSES = ("COVID-19", "Non-COVID-19")
+
+
+def _phantom(rng, covid: bool, size: int = 128) -> np.ndarray:
+    """An 8-bit lung-window slice: body, two dark lungs, and bright patches in the lungs if `covid`."""
+    img = np.zeros((size, size), np.uint8)
+    c = size // 2
+    cv2.ellipse(img, (c, c), (int(size * 0.45), int(size * 0.35)), 0, 0, 360, 235, -1)
+    for dx in (-1, 1):
+        cv2.ellipse(img, (c + dx * size // 5, c), (size // 7, size // 4), 0, 0, 360, 25, -1)
+        if covid:
+            cv2.circle(img, (c + dx * size // 5 + int(rng.integers(-6, 6)), c + int(rng.integers(-15, 15))), size // 16, 120, -1)
+    noise = rng.normal(0, 6, img.shape)
+    return np.clip(img + noise, 0, 255).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def synthetic_csv(tmp_path_factory):
+    """16 images from 16 patients, 8 per class, as a labels CSV with the dataset's folder labels."""
+    root = tmp_path_factory.mktemp("slices")
+    rng = np.random.default_rng(0)
+    with open(root / "labels.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["path", "label", "patient_id"])
+        for i in range(16):
+            label = "COVID" if i % 2 == 0 else "NonCOVID"
+            cv2.imwrite(str(root / f"img{i}.png"), _phantom(rng, label == "COVID"))
+            writer.writerow([f"img{i}.png", label, f"P{i}"])
+    return root / "labels.csv"
+
+
+def test_split_is_by_patient_stratified_and_seeded():
+    items = [LabelledImage(f"{p}-{s}.png", "COVID-19" if p % 2 else "Non-COVID-19", f"P{p}") for p in range(40) for s in range(3)]
+    items += [LabelledImage(f"extra{i}.png", "COVID-19", None) for i in range(5)]
+    split = split_by_patient(items, seed=1)
+    assert split == split_by_patient(items, seed=1) and split != split_by_patient(items, seed=2)
+    sets = [set(split[n]) for n in ("train", "val", "test")]
+    assert not (sets[0] & sets[1] or sets[0] & sets[2] or sets[1] & sets[2])
+    assert [len(s) for s in sets] == [24, 4, 12]
+    assert all(it.patient_id is not None for it in subset(items, split, "test"))
+    assert sum(it.patient_id is None for it in subset(items, split, "train")) == 5
+
+
+def test_binary_metrics_on_hand_made_counts():
+    truth = np.array([1, 1, 1, 1, 0, 0, 0, 0, 0, 0], bool)
+    predicted = np.array([1, 1, 1, 0, 1, 0, 0, 0, 0, 0], bool)  # tp 3, fn 1, fp 1, tn 5
+    m = binary_metrics(truth, predicted.astype(float), predicted)
+    assert (m["tp"], m["fn"], m["fp"], m["tn"]) == (3, 1, 1, 5)
+    assert m["recall"] == pytest.approx(0.75) and m["precision"] == pytest.approx(0.75)
+    assert m["specificity"] == pytest.approx(5 / 6) and m["accuracy"] == pytest.approx(0.8)
+    assert m["f1"] == pytest.approx(0.75) and m["f1_paper_eq5"] == pytest.approx(0.75)
+    m = binary_metrics(truth, truth.astype(float), np.array([1, 0, 0, 0, 0, 0, 0, 0, 0, 0], bool))  # P 1, R 0.25
+    assert m["f1"] == pytest.approx(0.4) and m["f1_paper_eq5"] == pytest.approx(0.625)
+    assert m["auc"] == pytest.approx(1.0)
+
+
+def test_three_class_metrics_are_per_class_and_macro():
+    probs = np.array([[0.8, 0.1, 0.1], [0.1, 0.8, 0.1], [0.1, 0.1, 0.8], [0.6, 0.3, 0.1]])
+    m = compute_metrics(np.array([0, 1, 2, 1]), probs, ["A", "B", "C"], "A")
+    assert m["accuracy"] == pytest.approx(0.75)
+    assert m["per_class"]["B"]["recall"] == pytest.approx(0.5) and m["positive"]["precision"] == pytest.approx(0.5)
+    assert m["macro"]["recall"] == pytest.approx((1 + 0.5 + 1) / 3)
+    assert m["confusion_matrix"] == [[1, 0, 0], [1, 1, 0], [0, 0, 1]]
+
+
+def test_reliability_of_a_calibrated_score_is_near_zero():
+    score = np.repeat([0.25, 0.75], 4)
+    truth = np.array([1, 0, 0, 0, 1, 1, 1, 0])
+    assert reliability(truth, score)["ece"] == pytest.approx(0.0)
+
+
+def test_fill_blank_keeps_the_lungs_and_fills_around_them():
+    rng = np.random.default_rng(0)
+    image = np.zeros((64, 64), np.uint8)
+    mask = np.zeros((64, 64), bool)
+    mask[10:54, 8:28] = True
+    image[mask] = rng.integers(1, 255, mask.sum())
+    filled = fill_blank(image, mask, rng)
+    assert np.array_equal(filled[mask], image[mask])
+    assert (filled[~mask] > 0).mean() > 0.3  # the blank now holds rotated lung tissue
+    out = augment(image, mask, rng)
+    assert out.shape == (64, 64) and out.dtype == np.float32 and 0 <= out.min() and out.max() <= 1
+
+
+def test_ranking_loss_follows_part_confidence():
+    targets = torch.tensor([0])
+    part_logits = torch.tensor([[[3.0, 0.0], [1.0, 0.0], [-1.0, 0.0]]])  # region 0 most confident in class 0
+    assert ranking_loss(torch.tensor([[5.0, 3.0, 1.0]]), part_logits, targets) == 0
+    assert ranking_loss(torch.tensor([[1.0, 3.0, 5.0]]), part_logits, targets) == pytest.approx(3 + 5 + 3)
+
+
+def test_drenet_loss_is_the_sum_of_the_four_terms():
+    from types import SimpleNamespace
+
+    torch.manual_seed(0)
+    scores = torch.randn(2, 4, requires_grad=True)
+    out = SimpleNamespace(logits=torch.randn(2, 2), global_logits=torch.randn(2, 2), part_logits=torch.randn(2, 4, 2),
+                          region_scores=scores)
+    total, terms = drenet_loss(out, torch.tensor([0, 1]))
+    assert set(terms) == {"global", "concat", "part", "rank"}
+    assert total.item() == pytest.approx(sum(terms.values()), rel=1e-5)
+    total.backward()
+    assert scores.grad.abs().sum() > 0  # the ranking term trains the navigator
+
+
+def test_train_resume_and_evaluate_tiny(synthetic_csv, tmp_path):
+    run = tmp_path / "run"
+    config = TrainConfig(input_size=64, epochs=2, batch_size=4, pretrained=False, max_minutes=1e-9)
+    first = train([synthetic_csv], run, config, progress=False)
+    assert len(first.history) == 1  # the time budget stopped it after one epoch
+    split = load_split(run / SPLIT_JSON)
+    assert split == first.split and len(split["val"]) == 2 and len(split["test"]) == 4
+    result = train([], run, resume=True, progress=False)
+    assert [r["epoch"] for r in result.history] == [1, 2]
+    assert len(json.loads((run / HISTORY_JSON).read_text())) == 2
+    model, info = load_model(run / BEST_PT)
+    assert info.trained and info.input_size == 64 and info.classes == list(CLASSES)
+    assert read_checkpoint(run / BEST_PT)["metadata"]["split"] == split
+
+    test_items = load_test_items(run / BEST_PT, CLASSES)
+    assert {it.patient_id.split("/")[-1] for it in test_items} == {p.split("/")[-1] for p in split["test"]}
+    metrics = evaluate([run / BEST_PT, run / BEST_PT], test_items, tmp_path / "eval")
+    assert metrics["n_images"] == 4 and metrics["image_level"]["n"] == 4
+    for name in ("metrics.json", "roc.png", "confusion.png", "reliability.png", "summary.md", "predictions.csv"):
+        assert (tmp_path / "eval" / name).is_file()
+
+
+def test_commands_parse_and_fine_tune_one_command(synthetic_csv, tmp_path):
+    import argparse
+
+    run = tmp_path / "base"
+    train([synthetic_csv], run, TrainConfig(input_size=64, epochs=1, batch_size=8, pretrained=False), progress=False)
+    parser = argparse.ArgumentParser()
+    commands.add_train_arguments(parser)
+    args = parser.parse_args(["--init", str(run / BEST_PT), "--data", str(synthetic_csv), "--out", str(tmp_path / "ft"),
+                              "--epochs", "1", "--quiet"])
+    assert commands.run_train(args) == 0
+    assert read_checkpoint(tmp_path / "ft" / BEST_PT)["config"]["input_size"] == 64  # kept from the --init model
+    parser = argparse.ArgumentParser()
+    commands.add_evaluate_arguments(parser)
+    args = parser.parse_args(["--model", str(tmp_path / "ft" / BEST_PT), "--split", str(tmp_path / "ft" / BEST_PT),
+                              "--out", str(tmp_path / "ev"), "--quiet"])
+    assert commands.run_evaluate(args) == 0
+
+
+def test_read_labels_maps_dataset_labels(synthetic_csv):
+    items = read_labels(synthetic_csv, CLASSES)
+    assert {it.label for it in items} == set(CLASSES) and all(it.path.is_file() for it in items)
+    assert all(it.patient_id is None for it in read_labels(synthetic_csv, CLASSES, training_only=True))
+
+
+def test_a_volume_row_gives_the_pipelines_chosen_slices(tmp_path):
+    import SimpleITK as sitk
+
+    sitk.WriteImage(sitk.Cast(make_chest_phantom().image, sitk.sitkInt16), str(tmp_path / "case.nii.gz"))
+    (tmp_path / "volumes.csv").write_text("path,label,patient_id\ncase.nii.gz,COVID,C1\n")
+    prepared = prepare_set(read_labels(tmp_path / "volumes.csv", CLASSES), CLASSES, 64)
+    assert 1 < len(prepared) <= DEFAULT_COUNT and set(prepared.patients) == {f"{tmp_path.name}/C1"}
+    assert prepared.images.dtype == np.uint8 and prepared.masks.any((1, 2)).all()
+    assert (prepared.images[~prepared.masks] == 0).mean() > 0.95  # outside the lungs is zeroed (up to the resampled rim)
