@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from CovidCTDiagnosisLib.checkpoint import default_model_path, untrained_model
+from CovidCTDiagnosisLib.checkpoint import default_model_path
 from CovidCTDiagnosisLib.drenet import DRENet, DRENetConfig
 from CovidCTDiagnosisLib.inference import SliceScorer, resolve_device
 from CovidCTDiagnosisLib.outputs import write_outputs
@@ -58,7 +58,6 @@ def end_to_end(device: str, repeats: int) -> None:
 
     def run():
         with tempfile.TemporaryDirectory() as tmp:
-            start = time.perf_counter()
             result = analyzer.analyze(source)
             analysed = time.perf_counter()
             write_outputs(result, result.ct, Path(tmp) / "out")

@@ -17,6 +17,8 @@ from pathlib import Path
 from .errors import EXIT_CODES, CovidCTError, OutputError
 
 PROG = "covidct"
+PROGRESS_PREFIX = "PROGRESS "  # `--progress lines`: "PROGRESS <fraction> <stage>" (read by slicer_runtime)
+ERROR_PREFIX = f"{PROG}: error: "
 DEMO_OUT = "covidct-demo"
 
 DESCRIPTION = """\
@@ -114,7 +116,7 @@ class _Progress:
             self.bar.set_postfix_str(stage)
             self.bar.update(round(fraction * 100) - self.bar.n)
         elif self.mode == "lines":
-            print(f"PROGRESS {fraction:.3f} {stage}", flush=True)
+            print(f"{PROGRESS_PREFIX}{fraction:.3f} {stage}", flush=True)
 
     def close(self) -> None:
         if self.bar is not None:
@@ -251,7 +253,7 @@ def main(argv=None) -> int:
 
         return {"train": commands.run_train, "evaluate": commands.run_evaluate}[args.command](args)
     except CovidCTError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        print(f"{ERROR_PREFIX}{exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .bundled_model import default_model_path as bundled_model_path
+from .cli import ERROR_PREFIX, PROGRESS_PREFIX
 
 # Import name -> pip requirement, for the engine's imports that Slicer lacks. torch and
 # torchvision come from the PyTorch extension (PyTorchUtils picks the CPU or CUDA build).
@@ -43,8 +44,6 @@ CONSTRAINTS_FILE = "constraints.txt"
 
 ENGINE_PARENT = Path(__file__).resolve().parents[1]  # the folder holding CovidCTDiagnosisLib
 CLI_MODULE = "CovidCTDiagnosisLib.cli"
-PROGRESS_PREFIX = "PROGRESS "
-ERROR_PREFIX = "covidct: error: "
 MANIFEST_CSV = "cases.csv"
 POLL_SECONDS = 0.1
 
