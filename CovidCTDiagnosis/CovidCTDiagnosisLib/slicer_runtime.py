@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .bundled_model import default_model_path as bundled_model_path
+from .bundled_model import default_model_path as bundled_model_path  # noqa: F401  (re-exported for the module)
 from .cli import ERROR_PREFIX, PROGRESS_PREFIX
 
 # Import name -> pip requirement, for the engine's imports that Slicer lacks. torch and

@@ -85,3 +85,17 @@ def test_scorer_outputs(net):
     assert s.probabilities.sum(1) == pytest.approx([1, 1, 1], abs=1e-5)
     assert s.box_scores.sum(1) == pytest.approx([1, 1, 1], abs=1e-5)
     assert s.cams.shape == (3, SMALL, SMALL)
+
+
+def test_training_batchnorm_statistics_come_from_whole_images_only():
+    torch.manual_seed(0)
+    net = DRENet(DRENetConfig(input_size=64))
+    reference = DRENet(DRENetConfig(input_size=64))
+    reference.load_state_dict(net.state_dict())
+    x = torch.rand(4, 3, 64, 64)
+    net.train()(x)  # global pass, parts and generated image
+    reference.train().features(x)  # the whole image alone
+    for (name, a), b in zip(net.backbone.state_dict().items(), reference.backbone.state_dict().values()):
+        if "running" in name:
+            assert torch.allclose(a, b), name
+    assert all(m.training for m in net.modules())  # the parts' pass left BatchNorm training again

@@ -16,7 +16,12 @@ from CovidCTDiagnosisLib.slice_selection import DEFAULT_COUNT
 from CovidCTDiagnosisLib.training.datasets import LabelledImage, load_split, prepare_set, read_labels, split_by_patient, subset
 from CovidCTDiagnosisLib.training.evaluate import binary_metrics, compute_metrics, evaluate, load_test_items, reliability
 from CovidCTDiagnosisLib.training.losses import drenet_loss, ranking_loss
-from CovidCTDiagnosisLib.training.train import BEST_PT, HISTORY_JSON, SPLIT_JSON, TrainConfig, train
+from CovidCTDiagnosisLib.training.train import BATCHNORM_MODES, BEST_PT, HISTORY_JSON, SPLIT_JSON, TrainConfig, _lr_factor, read_split, train
+from CovidCTDiagnosisLib.training import compare as compare_module
+from CovidCTDiagnosisLib.training.baselines import PlainClassifier, load_baseline
+from CovidCTDiagnosisLib.training.compare import COMPARISON_JSON, COMPARISON_MD
+from CovidCTDiagnosisLib.backbones import build_backbone
+from CovidCTDiagnosisLib.errors import InputNotFoundError
 
 CLASSES = ("COVID-19", "Non-COVID-19")
 
@@ -178,3 +183,82 @@ def test_a_volume_row_gives_the_pipelines_chosen_slices(tmp_path):
     assert 1 < len(prepared) <= DEFAULT_COUNT and set(prepared.patients) == {f"{tmp_path.name}/C1"}
     assert prepared.images.dtype == np.uint8 and prepared.masks.any((1, 2)).all()
     assert (prepared.images[~prepared.masks] == 0).mean() > 0.95  # outside the lungs is zeroed (up to the resampled rim)
+
+
+def test_warmup_then_step_decay():
+    factor = _lr_factor(TrainConfig(epochs=10, lr_decay_at=0.5, lr_decay=0.1, warmup_epochs=1.0), steps_per_epoch=4)
+    assert [round(factor(s), 3) for s in range(5)] == [0.25, 0.5, 0.75, 1.0, 1.0]
+    assert factor(19) == 1.0 and factor(20) == pytest.approx(0.1)  # decay from epoch 6 (step 20)
+    assert _lr_factor(TrainConfig(warmup_epochs=0.0), 4)(0) == 1.0
+
+
+@pytest.mark.parametrize("mode", BATCHNORM_MODES)
+def test_batchnorm_mode_decides_whether_statistics_move(synthetic_csv, tmp_path, mode):
+    config = TrainConfig(model="plain", input_size=64, epochs=1, batch_size=4, pretrained=False, batchnorm=mode)
+    train([synthetic_csv], tmp_path / "run", config, progress=False)
+    model, _ = load_baseline(tmp_path / "run" / BEST_PT)
+    stem_bn = model.backbone._bn0
+    moved = not torch.allclose(stem_bn.running_mean, torch.zeros_like(stem_bn.running_mean))
+    assert moved == (mode == "train")
+
+
+@pytest.mark.parametrize("name, channels", [("densenet121", 1024), ("vgg16", 512), ("resnet50", 2048)])
+def test_torchvision_backbones_give_a_stride_32_map(name, channels):
+    net = build_backbone(name)
+    assert net.out_channels == channels
+    assert net(torch.zeros(1, 3, 64, 64)).shape == (1, channels, 2, 2)
+
+
+def test_compare_trains_drenet_and_a_baseline_on_one_split_and_resumes(synthetic_csv, tmp_path, monkeypatch):
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    commands.add_compare_arguments(parser)
+    args = parser.parse_args(["--data", str(synthetic_csv), "--out", str(tmp_path / "cmp"), "--baselines", "efficientnet_lite0",
+                              "--input-size", "64", "--epochs", "1", "--batch-size", "8", "--no-pretrained", "--quiet"])
+    assert commands.run_compare(args) == 0
+    out = tmp_path / "cmp"
+    report = json.loads((out / COMPARISON_JSON).read_text())
+    assert [(r["model"], r["backbone"]) for r in report["rows"]] == [("drenet", "efficientnet_lite0"), ("plain", "efficientnet_lite0")]
+    assert load_split(out / "drenet-efficientnet_lite0" / SPLIT_JSON) == load_split(out / "plain-efficientnet_lite0" / SPLIT_JSON)
+    assert report["test_patients"] == 4 and all(0.0 <= r["image"]["auc"] <= 1.0 for r in report["rows"])
+    table = (out / COMPARISON_MD).read_text()
+    assert "| DRENet | efficientnet_lite0 | image |" in table and "| plain classifier | efficientnet_lite0 | image |" in table
+    assert isinstance(load_baseline(out / "plain-efficientnet_lite0" / BEST_PT)[0], PlainClassifier)
+
+    def no_training(*a, **k):
+        raise AssertionError("a finished run was trained again")
+
+    monkeypatch.setattr(compare_module, "train", no_training)
+    assert compare_module.compare([synthetic_csv], out, TrainConfig(input_size=64, epochs=1), baselines=["efficientnet_lite0"],
+                                  progress=False)["rows"][1]["train_minutes_this_call"] is None
+
+
+def test_evaluate_split_on_a_copy_of_the_data_and_a_clear_error_without_it(synthetic_csv, tmp_path):
+    import argparse
+    import shutil
+
+    copy = tmp_path / "elsewhere" / synthetic_csv.parent.name
+    shutil.copytree(synthetic_csv.parent, copy)
+    run = tmp_path / "run"
+    train([copy / "labels.csv"], run, TrainConfig(input_size=64, epochs=1, batch_size=8, pretrained=False), progress=False)
+    shutil.rmtree(copy)  # the training data is gone from this "machine"
+    with pytest.raises(InputNotFoundError, match="--data"):
+        load_test_items(run / BEST_PT, CLASSES)
+    test_items = load_test_items(run / BEST_PT, CLASSES, [synthetic_csv])  # the same data in another place
+    assert sorted(it.patient_id for it in test_items) == load_split(run / SPLIT_JSON)["test"]
+    parser = argparse.ArgumentParser()
+    commands.add_evaluate_arguments(parser)
+    args = parser.parse_args(["--model", str(run / BEST_PT), "--split", str(run / BEST_PT), "--data", str(synthetic_csv),
+                              "--out", str(tmp_path / "ev"), "--quiet"])
+    assert commands.run_evaluate(args) == 0
+    assert json.loads((tmp_path / "ev" / "metrics.json").read_text())["n_images"] == len(test_items)
+
+
+def test_train_can_reuse_the_split_of_a_model_file(synthetic_csv, tmp_path):
+    first = train([synthetic_csv], tmp_path / "a", TrainConfig(input_size=64, epochs=1, batch_size=8, pretrained=False, seed=0),
+                  progress=False)
+    again = train([synthetic_csv], tmp_path / "b", TrainConfig(input_size=64, epochs=1, batch_size=8, pretrained=False, seed=5),
+                  split=read_split(tmp_path / "a" / BEST_PT), progress=False)
+    assert again.split == first.split == read_split(tmp_path / "b" / SPLIT_JSON)
+    assert split_by_patient(read_labels(synthetic_csv, CLASSES), 5) != first.split  # seed 5 alone would split differently

@@ -1,4 +1,4 @@
-"""`covidct train` and `covidct evaluate`: argparse options and the functions they run.
+"""`covidct train`, `covidct evaluate` and `covidct compare`: argparse options and the functions they run.
 
 cli.py wires these in as sub-commands; each `run_*` returns the process exit code.
 """
@@ -10,21 +10,21 @@ import json
 from pathlib import Path
 
 from ..backbones import BACKBONES
-from .train import TrainConfig, train
+from ..errors import InputNotFoundError
+from .compare import COMPARISON_MD, PAPER_BASELINES
+from .train import BATCHNORM_MODES, TrainConfig, read_split, train
 
 DEFAULTS = TrainConfig()
 
 
-def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+def _add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
+    """Data, recipe and machine options shared by `train` and `compare`."""
     parser.add_argument("--data", action="append", required=True, metavar="CSV",
                         help="labels CSV (path,label,patient_id; paths relative to the CSV), repeatable; "
                              "split 60/10/30 by patient; rows without patient_id are used for training only")
     parser.add_argument("--extra-train", action="append", default=[], metavar="CSV",
                         help="training-only labels CSV (e.g. MosMed-derived slices without patient ids), repeatable")
-    parser.add_argument("--out", required=True, metavar="DIR", help="run folder: best.pt, state.pt, split.json, history.json")
-    parser.add_argument("--init", metavar="MODEL", help="fine-tune this model file (keeps its architecture and classes)")
-    parser.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
-    parser.add_argument("--backbone", choices=BACKBONES, default=DEFAULTS.backbone)
+    parser.add_argument("--backbone", choices=BACKBONES, default=DEFAULTS.backbone, help="DRENet's backbone (default %(default)s)")
     parser.add_argument("--input-size", type=int, default=DEFAULTS.input_size, help="multiple of 64 (default %(default)s)")
     parser.add_argument("--classes", nargs="+", default=list(DEFAULTS.classes), metavar="CLASS",
                         help="class names in model order (2 or 3); the first is the positive (disease) class")
@@ -34,6 +34,12 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backbone-lr-factor", type=float, default=DEFAULTS.backbone_lr_factor,
                         help="the backbone's learning rate as a fraction of --lr (default %(default)s)")
     parser.add_argument("--optimizer", choices=("adamw", "sgd"), default=DEFAULTS.optimizer)
+    parser.add_argument("--batchnorm", choices=BATCHNORM_MODES, default=DEFAULTS.batchnorm,
+                        help="frozen: keep the pretrained BatchNorm statistics; train: adapt them (default %(default)s)")
+    parser.add_argument("--warmup-epochs", type=float, default=DEFAULTS.warmup_epochs,
+                        help="linear learning-rate warm-up (default %(default)s)")
+    parser.add_argument("--lr-decay-at", type=float, default=DEFAULTS.lr_decay_at,
+                        help="step decay x0.1 after this fraction of the epochs (default %(default)s)")
     parser.add_argument("--max-minutes", type=float, help="stop before an epoch that would end after this many minutes")
     parser.add_argument("--no-pretrained", action="store_true", help="random backbone instead of ImageNet weights")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
@@ -42,8 +48,27 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
-def run_train(args) -> int:
-    config = TrainConfig(
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    _add_recipe_arguments(parser)
+    parser.add_argument("--out", required=True, metavar="DIR", help="run folder: best.pt, state.pt, split.json, history.json")
+    parser.add_argument("--init", metavar="MODEL", help="fine-tune this model file (keeps its architecture and classes)")
+    parser.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
+    parser.add_argument("--split", metavar="FILE",
+                        help="reuse the patient split of a model file or split.json (e.g. to train an ensemble member "
+                             "or a baseline on the same patients) instead of a new seeded split")
+
+
+def add_compare_arguments(parser: argparse.ArgumentParser) -> None:
+    _add_recipe_arguments(parser)
+    parser.add_argument("--out", required=True, metavar="DIR",
+                        help="folder: one run folder per model, comparison.json, comparison.md (re-run to resume)")
+    parser.add_argument("--baselines", nargs="+", choices=BACKBONES, default=list(PAPER_BASELINES), metavar="BACKBONE",
+                        help="plain classifiers to train beside DRENet (default: the paper's %(default)s; they need "
+                             "torchvision's ImageNet weights, downloaded once; efficientnet_lite0 works offline)")
+
+
+def _config(args) -> TrainConfig:
+    return TrainConfig(
         backbone=args.backbone,
         classes=tuple(args.classes),
         positive_class=args.classes[0],
@@ -53,13 +78,20 @@ def run_train(args) -> int:
         lr=args.lr,
         backbone_lr_factor=args.backbone_lr_factor,
         optimizer=args.optimizer,
+        batchnorm=args.batchnorm,
+        warmup_epochs=args.warmup_epochs,
+        lr_decay_at=args.lr_decay_at,
         seed=args.seed,
         pretrained=not args.no_pretrained,
         max_minutes=args.max_minutes,
         threads=args.threads,
     )
+
+
+def run_train(args) -> int:
+    config = _config(args)
     result = train(args.data, args.out, config, extra_train=args.extra_train, resume=args.resume, init=args.init,
-                   device=args.device, progress=not args.quiet)
+                   split=read_split(args.split) if args.split else None, device=args.device, progress=not args.quiet)
     best = max(result.history, key=lambda r: (r["val_patient_auc"] or 0.0, r["val_image_auc"] or 0.0))
     print(f"best model: {result.best_model} (epoch {best['epoch']}, validation AUC patient {best['val_patient_auc']}, "
           f"image {best['val_image_auc']})")
@@ -68,9 +100,10 @@ def run_train(args) -> int:
 
 def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", nargs="+", required=True, metavar="FILE", help="model file(s); several = ensemble")
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--data", metavar="CSV", help="labels CSV to evaluate on (all rows)")
-    source.add_argument("--split", metavar="FROM_MODEL", help="the held-out test patients recorded in this model file")
+    parser.add_argument("--data", metavar="CSV", nargs="+",
+                        help="labels CSV(s) to evaluate on: all rows, or with --split only the split's test patients")
+    parser.add_argument("--split", metavar="FROM_MODEL",
+                        help="the held-out test patients recorded in this model file (from its own data CSVs unless --data)")
     parser.add_argument("--out", required=True, metavar="DIR", help="folder for metrics.json, plots and summary.md")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--quiet", action="store_true")
@@ -80,9 +113,11 @@ def run_evaluate(args) -> int:
     from ..checkpoint import read_checkpoint
     from .evaluate import SUMMARY_MD, evaluate, load_test_items
 
+    if not (args.split or args.data):
+        raise InputNotFoundError("nothing to evaluate on: pass --data CSV and/or --split MODEL")
     if args.split:
-        classes = read_checkpoint(args.model[0])["config"]["classes"]
-        data = load_test_items(args.split, classes)
+        classes = read_checkpoint(args.split)["config"]["classes"]
+        data = load_test_items(args.split, classes, args.data)
     else:
         data = args.data
     result = evaluate(args.model, data, args.out, device=args.device, progress=not args.quiet)
@@ -91,4 +126,13 @@ def run_evaluate(args) -> int:
     else:
         print(json.dumps({"patient_auc": result["patient_level"]["mean"]["positive"]["auc"],
                           "image_auc": result["image_level"]["positive"]["auc"]}))
+    return 0
+
+
+def run_compare(args) -> int:
+    from .compare import compare
+
+    compare(args.data, args.out, _config(args), baselines=args.baselines, extra_train=args.extra_train,
+            device=args.device, progress=not args.quiet)
+    print((Path(args.out) / COMPARISON_MD).read_text())
     return 0

@@ -17,13 +17,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 from sklearn.metrics import confusion_matrix, roc_auc_score, roc_curve
 
 from ..aggregation import aggregate
 from ..checkpoint import load_model, read_checkpoint
-from ..drenet import DRENet
 from ..inference import resolve_device
 from ..preprocessing import to_three_channels
+from ..errors import InputNotFoundError
+from .baselines import is_baseline_file, load_baseline
 from .datasets import PreparedSet, prepare_set, read_labels, subset
 
 AGGREGATIONS = ("mean", "noisy-or")
@@ -116,7 +118,7 @@ def reliability(truth: np.ndarray, score: np.ndarray, bins: int = CALIBRATION_BI
 
 
 @torch.no_grad()
-def predict(model: DRENet, images: np.ndarray, device: torch.device, batch_size: int = EVAL_BATCH) -> tuple[np.ndarray, np.ndarray]:
+def predict(model: nn.Module, images: np.ndarray, device: torch.device, batch_size: int = EVAL_BATCH) -> tuple[np.ndarray, np.ndarray]:
     """(N, S, S) uint8 prepared images -> softmax of the image-level prediction and of the backbone's head, each (N, n)."""
     model = model.eval().to(device, memory_format=torch.channels_last)
     main, backbone = [], []
@@ -209,31 +211,44 @@ def _summary(result: dict) -> str:
     return "\n".join(lines)
 
 
-def load_test_items(model_path, classes):
-    """The held-out test images named by a model file: its data CSVs filtered to its test patients."""
+def _load_model_file(path) -> nn.Module:
+    return load_baseline(path)[0] if is_baseline_file(path) else load_model(path)[0]
+
+
+def load_test_items(model_path, classes, data=None):
+    """The held-out test images named by a model file: its test patients' rows of its own data
+    CSVs, or of `data` (labels CSVs: your copy of the same data, wherever it lives)."""
     meta = read_checkpoint(model_path)["metadata"]
     if "split" not in meta or "data" not in meta:
         raise ValueError(f"{model_path} does not record its training data and split")
-    items = [it for csv_path in meta["data"] for it in read_labels(csv_path, classes)]
+    csvs = list(data) if data else meta["data"]
+    if not data:
+        missing = [p for p in csvs if not Path(p).is_file()]
+        if missing:
+            raise InputNotFoundError(f"the data {model_path} was trained on is not here ({missing[0]}); "
+                                     "pass your copy with --data CSV to apply its recorded test split")
+    items = [it for csv_path in csvs for it in read_labels(csv_path, classes)]
     return subset(items, meta["split"], "test")
 
 
 def evaluate(models, data, out_dir, device: str = "auto", batch_size: int = EVAL_BATCH, progress: bool = False) -> dict:
     """Score `data` with one model or an ensemble; write metrics JSON, plots, predictions and a summary.
 
-    models: a DRENet, a model file, or a list of either (an ensemble: slice probabilities averaged).
-    data: a labels CSV, a list of LabelledImage, or a PreparedSet.
+    models: a DRENet or plain classifier, a model file of either, or a list (an ensemble: slice probabilities averaged).
+    data: labels CSV(s), a list of LabelledImage, or a PreparedSet.
     """
     models = models if isinstance(models, (list, tuple)) else [models]
-    loaded = [m if isinstance(m, DRENet) else load_model(m)[0] for m in models]
-    names = ["in-memory model" if isinstance(src, DRENet) else str(src) for src in models]
+    loaded = [m if isinstance(m, nn.Module) else _load_model_file(m) for m in models]
+    names = ["in-memory model" if isinstance(src, nn.Module) else str(src) for src in models]
     config = loaded[0].config
     for m in loaded[1:]:
         if (m.config.classes, m.config.input_size) != (config.classes, config.input_size):
             raise ValueError("ensemble members must share classes and input size")
     classes, positive = list(config.classes), config.positive_class
     if isinstance(data, (str, Path)):
-        data = read_labels(data, classes)
+        data = [data]
+    if not isinstance(data, PreparedSet) and all(isinstance(d, (str, Path)) for d in data):
+        data = [it for csv_path in data for it in read_labels(csv_path, classes)]
     prepared = data if isinstance(data, PreparedSet) else prepare_set(data, classes, config.input_size, progress, (config.window_level, config.window_width))
     if len(prepared) == 0:
         raise ValueError("no images to evaluate")

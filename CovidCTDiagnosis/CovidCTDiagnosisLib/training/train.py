@@ -17,20 +17,22 @@ a set that is mostly one class (MosMed: 3/4 COVID) cannot teach "this scanner lo
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from ..checkpoint import load_model, read_checkpoint, save_checkpoint
+from ..checkpoint import load_model, read_checkpoint, save_checkpoint, torch_save_atomic
 from ..drenet import DRENet, DRENetConfig
+from ..errors import ModelFileError
 from ..inference import resolve_device
 from ..preprocessing import to_three_channels
 from .augment import augment
+from .baselines import BaselineConfig, ClassifierOutput, PlainClassifier, save_baseline
 from .datasets import PreparedSet, load_split, prepare_set, read_labels, save_split, split_by_patient, subset
 from .evaluate import EVAL_BATCH, predict, score_set
 from .losses import drenet_loss
@@ -40,6 +42,8 @@ SPLIT_JSON = "split.json"
 STATE_PT = "state.pt"
 BEST_PT = "best.pt"
 HISTORY_JSON = "history.json"
+BATCHNORM_MODES = ("frozen", "train")
+TRAIN_BN_MOMENTUM = 0.1
 
 
 @dataclass
@@ -52,6 +56,7 @@ class TrainConfig:
     input_size: int = 192
     top_k: int = 3
     proposals: int = 4  # regions scored by the part classifier for the ranking loss (>= top_k)
+    model: str = "drenet"  # or "plain": the backbone alone as a classifier (baselines.py)
     epochs: int = 12
     batch_size: int = 8
     lr: float = 5e-4  # heads and navigator
@@ -61,6 +66,8 @@ class TrainConfig:
     weight_decay: float = 1e-4
     lr_decay_at: float = 0.7  # step decay (x lr_decay) after this fraction of the epochs
     lr_decay: float = 0.1
+    warmup_epochs: float = 0.0  # linear learning-rate ramp from 0 over this many epochs
+    batchnorm: str = "frozen"  # or "train": BatchNorm statistics and affine parameters follow the data
     seed: int = 0
     pretrained: bool = True  # ImageNet backbone (ignored with `init`)
     max_minutes: float | None = None  # stop before an epoch that would end past this budget
@@ -77,11 +84,19 @@ class TrainResult:
     split: dict
 
 
-def _freeze_batchnorm(model: nn.Module) -> None:
+def _set_train_mode(model: nn.Module, batchnorm: str) -> None:
+    """Training mode. batchnorm="frozen": BatchNorm keeps its running statistics; "train": BatchNorm
+    normalises each batch and its running statistics follow at TRAIN_BN_MOMENTUM (EfficientNet's
+    own 0.01 would lag the new data by hundreds of steps, so validation would use stale statistics)."""
+    if batchnorm not in BATCHNORM_MODES:
+        raise ValueError(f"unknown batchnorm mode {batchnorm!r}; choose {' or '.join(BATCHNORM_MODES)}")
     model.train()
     for m in model.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.eval()
+            if batchnorm == "frozen":
+                m.eval()
+            else:
+                m.momentum = TRAIN_BN_MOMENTUM
 
 
 def _epoch_indices(train: PreparedSet, rng: np.random.Generator) -> np.ndarray:
@@ -96,7 +111,14 @@ def _epoch_indices(train: PreparedSet, rng: np.random.Generator) -> np.ndarray:
     return rng.permutation(np.concatenate(chosen))
 
 
-def _build_model(cfg: TrainConfig, init) -> DRENet:
+def _build_model(cfg: TrainConfig, init) -> nn.Module:
+    if cfg.model == "plain":
+        if init is not None:
+            raise ValueError("--init fine-tunes a DRENet model file; it cannot start a plain classifier")
+        config = BaselineConfig(cfg.backbone, tuple(cfg.classes), cfg.positive_class, cfg.input_size)
+        return PlainClassifier(config, pretrained_backbone=cfg.pretrained)
+    if cfg.model != "drenet":
+        raise ValueError(f"unknown model {cfg.model!r}; choose drenet or plain")
     if init is None:
         config = DRENetConfig(cfg.backbone, tuple(cfg.classes), cfg.positive_class, cfg.input_size, cfg.top_k)
         return DRENet(config, pretrained_backbone=cfg.pretrained)
@@ -104,18 +126,42 @@ def _build_model(cfg: TrainConfig, init) -> DRENet:
     return model
 
 
-def _save_state(path: Path, **state) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+def _loss(out, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    if isinstance(out, ClassifierOutput):
+        loss = F.cross_entropy(out.logits, y)
+        return loss, {"ce": float(loss.detach())}
+    return drenet_loss(out, y)
+
+
+def _lr_factor(cfg: TrainConfig, steps_per_epoch: int):
+    """Per optimiser step: linear warm-up, then the step decay."""
+    warmup = cfg.warmup_epochs * steps_per_epoch
+    decay_step = max(1, round(cfg.lr_decay_at * cfg.epochs)) * steps_per_epoch
+
+    def factor(step: int) -> float:
+        ramp = min(1.0, (step + 1) / warmup) if warmup else 1.0
+        return ramp * (cfg.lr_decay if step >= decay_step else 1.0)
+
+    return factor
+
+
+def read_split(path) -> dict:
+    """The patient split saved in a run folder's split.json or recorded in a model file."""
+    if Path(path).suffix == ".json":
+        return load_split(path)
+    meta = read_checkpoint(path)["metadata"]
+    if "split" not in meta:
+        raise ModelFileError(f"{path} records no patient split")
+    return meta["split"]
 
 
 def train(data, out_dir, config: TrainConfig | None = None, *, extra_train=(), resume: bool = False, init=None,
-          device: str = "auto", progress: bool = True) -> TrainResult:
+          split: dict | None = None, device: str = "auto", progress: bool = True) -> TrainResult:
     """Train DRENet on labels CSVs `data` (+ training-only `extra_train`); returns the best model file.
 
     `init`: a model file to fine-tune (its architecture and classes are kept). `resume`: carry on
-    an interrupted run in `out_dir` with its saved recipe and split.
+    an interrupted run in `out_dir` with its saved recipe and split. `split`: patient ids per split
+    to use instead of a new seeded split (to compare models on the same patients).
     """
     from tqdm import tqdm
 
@@ -146,7 +192,7 @@ def train(data, out_dir, config: TrainConfig | None = None, *, extra_train=(), r
     if (out / SPLIT_JSON).is_file() and resume:
         split = load_split(out / SPLIT_JSON)
     else:
-        split = split_by_patient(items, cfg.seed)
+        split = split or split_by_patient(items, cfg.seed)
         save_split(split, out / SPLIT_JSON)
     if not split["val"]:
         raise ValueError("no validation patients: at least one labels CSV needs a patient_id column")
@@ -165,7 +211,8 @@ def train(data, out_dir, config: TrainConfig | None = None, *, extra_train=(), r
         opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
     else:
         raise ValueError(f"unknown optimizer {cfg.optimizer!r}; choose sgd or adamw")
-    sched = torch.optim.lr_scheduler.MultiStepLR(opt, [max(1, round(cfg.lr_decay_at * cfg.epochs))], cfg.lr_decay)
+    steps_per_epoch = -(-len(_epoch_indices(train_set, np.random.default_rng(0))) // cfg.batch_size)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_factor(cfg, steps_per_epoch))
     history, best_key, start = [], None, 0
     if state is not None:
         model.load_state_dict(state["model"])
@@ -184,7 +231,7 @@ def train(data, out_dir, config: TrainConfig | None = None, *, extra_train=(), r
         t0 = time.monotonic()
         rng = np.random.default_rng([cfg.seed, epoch])
         torch.manual_seed(cfg.seed * 1000 + epoch)
-        _freeze_batchnorm(model)
+        _set_train_mode(model, cfg.batchnorm)
         order = _epoch_indices(train_set, rng)
         batches = [order[i : i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
         sums, bar = {}, tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress, mininterval=5)
@@ -192,14 +239,14 @@ def train(data, out_dir, config: TrainConfig | None = None, *, extra_train=(), r
             x = np.stack([augment(train_set.images[i], train_set.masks[i], rng) for i in idx])
             x = torch.from_numpy(to_three_channels(x)).to(dev).contiguous(memory_format=torch.channels_last)
             y = torch.from_numpy(train_set.labels[idx]).to(dev)
-            loss, terms = drenet_loss(model(x, proposals=cfg.proposals), y)
+            loss, terms = _loss(model(x, proposals=cfg.proposals), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            sched.step()
             for k, v in {"loss": float(loss.detach()), **terms}.items():
                 sums[k] = sums.get(k, 0.0) + v
             bar.set_postfix(loss=f"{sums['loss'] / step:.3f}", val_auc=history[-1]["val_patient_auc"] if history else None)
-        sched.step()
 
         probs, _ = predict(model, val_set.images, dev, EVAL_BATCH)
         scores = score_set(val_set.labels, probs, val_set.patients, list(cfg.classes), cfg.positive_class)
@@ -226,9 +273,13 @@ def train(data, out_dir, config: TrainConfig | None = None, *, extra_train=(), r
                 "recipe": {**asdict(cfg), "init": init, "epochs_trained": epoch + 1, "best_epoch": epoch + 1},
                 "validation": {"image_auc": image_auc, "patient_auc": patient_auc, "positive_class_index": pos},
             }
-            save_checkpoint(out / BEST_PT, model, trained=True, metadata=metadata)
-        _save_state(out / STATE_PT, model=model.state_dict(), optimizer=opt.state_dict(), scheduler=sched.state_dict(),
-                    history=history, epoch=epoch + 1, best_key=list(best_key))
+            if isinstance(model, DRENet):
+                save_checkpoint(out / BEST_PT, model, trained=True, metadata=metadata)
+            else:
+                save_baseline(out / BEST_PT, model, metadata)
+        state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                 "history": history, "epoch": epoch + 1, "best_key": list(best_key)}
+        torch_save_atomic(state, out / STATE_PT)
         (out / HISTORY_JSON).write_text(json.dumps(history, indent=1))
         tqdm.write(f"epoch {epoch + 1}: loss {record['train_loss']:.3f}, val AUC image {image_auc}, patient {patient_auc}, {record['seconds']} s")
     return TrainResult(out / BEST_PT, out, history, split)
