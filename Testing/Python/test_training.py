@@ -262,3 +262,27 @@ def test_train_can_reuse_the_split_of_a_model_file(synthetic_csv, tmp_path):
                   split=read_split(tmp_path / "a" / BEST_PT), progress=False)
     assert again.split == first.split == read_split(tmp_path / "b" / SPLIT_JSON)
     assert split_by_patient(read_labels(synthetic_csv, CLASSES), 5) != first.split  # seed 5 alone would split differently
+
+
+def test_compare_without_torchvision_weights_stops_at_once_with_one_line(synthetic_csv, tmp_path, monkeypatch, capsys):
+    import urllib.error
+
+    import torchvision.models
+
+    from CovidCTDiagnosisLib.cli import main
+    from CovidCTDiagnosisLib.errors import ModelFileError
+
+    real = torchvision.models.densenet121
+
+    def offline(*, weights=None):
+        if weights is not None:
+            raise urllib.error.URLError("no internet")
+        return real(weights=None)
+
+    monkeypatch.setattr(torchvision.models, "densenet121", offline)
+    code = main(["compare", "--data", str(synthetic_csv), "--out", str(tmp_path / "cmp"), "--baselines", "densenet121",
+                 "--input-size", "64", "--epochs", "1", "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert code == ModelFileError.exit_code and len(err.splitlines()) == 1
+    assert "densenet121" in err and "efficientnet_lite0" in err
+    assert not (tmp_path / "cmp").exists()  # nothing was trained or written

@@ -14,6 +14,7 @@ import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
+from ..backbones import build_backbone
 from ..drenet import DRENetConfig
 from .datasets import load_split, prepare_set, read_labels, subset
 from .evaluate import evaluate
@@ -48,9 +49,12 @@ def _finished(run_dir: Path, epochs: int) -> bool:
 def compare(data, out_dir, config: TrainConfig, *, baselines=PAPER_BASELINES, extra_train=(), device="auto",
             progress=True) -> dict:
     """Train DRENet (config.backbone) and a plain classifier per name in `baselines`; test all on one split."""
+    runs = [("drenet", config.backbone)] + [("plain", b) for b in baselines]
+    if config.pretrained:  # fail before hours of training, not after: fetch (or find cached) every ImageNet start
+        for backbone in dict.fromkeys(b for _, b in runs):
+            build_backbone(backbone, pretrained=True)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    runs = [("drenet", config.backbone)] + [("plain", b) for b in baselines]
     split, rows = None, []
     for model, backbone in runs:
         run_dir = out / run_name(model, backbone)
