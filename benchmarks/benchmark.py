@@ -22,7 +22,7 @@ import torch
 
 from CovidCTDiagnosisLib.checkpoint import default_model_path
 from CovidCTDiagnosisLib.drenet import DRENet, DRENetConfig
-from CovidCTDiagnosisLib.inference import SliceScorer, resolve_device
+from CovidCTDiagnosisLib.inference import SliceScorer, full_float32, resolve_device
 from CovidCTDiagnosisLib.outputs import write_outputs
 from CovidCTDiagnosisLib.phantom import make_demo_phantom
 from CovidCTDiagnosisLib.pipeline import Analyzer
@@ -86,7 +86,7 @@ def resnet_overhead(device: str, repeats: int, slices: int) -> None:
     t_fwd, _ = best_of(repeats, lambda: scorer.score(images, explain_class=0, with_cam=False))
 
     x = torch.from_numpy(images).to(dev)[:, None].expand(-1, 3, -1, -1).contiguous(memory_format=torch.channels_last)
-    with torch.no_grad(), torch.autocast("cuda", torch.float16, enabled=dev.type == "cuda"):
+    with torch.no_grad(), full_float32(dev):
         out = scorer.model(x)
         crops = scorer.model.crop_regions(x, out.region_boxes).contiguous(memory_format=torch.channels_last)
         k = net.config.top_k
@@ -94,7 +94,7 @@ def resnet_overhead(device: str, repeats: int, slices: int) -> None:
         generated = generated.contiguous(memory_format=torch.channels_last)
 
     def bare():
-        with torch.no_grad(), torch.autocast("cuda", torch.float16, enabled=dev.type == "cuda"):
+        with torch.no_grad(), full_float32(dev):
             for chunk in range(0, slices, scorer.chunk):
                 part = slice(chunk, chunk + scorer.chunk)
                 scorer.model.features(x[part])

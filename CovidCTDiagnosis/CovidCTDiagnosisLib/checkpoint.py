@@ -41,8 +41,10 @@ def torch_save_atomic(payload, path) -> Path:
 
 
 def save_checkpoint(path, model: DRENet, *, trained: bool, metadata: dict | None = None, half: bool = False) -> Path:
-    """Write the model file atomically."""
-    state = {k: (v.half() if half and v.is_floating_point() else v).detach().cpu() for k, v in model.state_dict().items()}
+    """Write the model file atomically. `half`: convolution and linear weights in float16; vectors
+    (biases, BatchNorm statistics, whose small variances float16 would round coarsely) stay float32."""
+    state = {k: (v.half() if half and v.is_floating_point() and v.dim() >= 2 else v).detach().cpu()
+             for k, v in model.state_dict().items()}
     payload = {
         "format": CHECKPOINT_FORMAT,
         "version": CHECKPOINT_VERSION,

@@ -1,12 +1,13 @@
 """Scoring prepared slices with DRENet: probabilities, the top-K regions and Grad-CAM.
 
 Runs the whole batch in inference conditions: eval mode (deterministic), no autograd through
-the backbone, channels-last memory, fp32 on CPU (bf16 is much slower on AVX2 CPUs) and
-autocast to fp16 on CUDA. Grad-CAM differentiates only the MLP head (see DRENet.gradcam).
+the backbone, channels-last memory, and true float32 on every device (`full_float32`: the
+same probabilities on CPU and CUDA). Grad-CAM differentiates only the MLP head (see DRENet.gradcam).
 """
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import numpy as np
@@ -39,6 +40,20 @@ class SliceScores:
     cams: np.ndarray  # (N, S, S) Grad-CAM of the explained class in [0, 1], model-input pixels
 
 
+def full_float32(device: torch.device):
+    """A context in which CUDA convolutions compute in true float32, as on the CPU.
+
+    Neither float16 autocast nor cuDNN's default TF32 (both keep a 10-bit mantissa): rounding
+    the reference model's weights to float16 moved its probabilities by up to 0.08, because
+    layers whose BatchNorm variance became small on CT amplify rounding. Results must not depend
+    on the device. The previous cuDNN settings come back on exit.
+    """
+    if device.type != "cuda":
+        return nullcontext()
+    cudnn = torch.backends.cudnn
+    return cudnn.flags(enabled=cudnn.enabled, benchmark=cudnn.benchmark, deterministic=cudnn.deterministic, allow_tf32=False)
+
+
 class SliceScorer:
     """Holds a model on a device; reusable across cases."""
 
@@ -60,7 +75,7 @@ class SliceScorer:
         size = images.shape[-1]
         x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)).to(self.device)
         x = x[:, None].expand(-1, 3, -1, -1).contiguous(memory_format=torch.channels_last)  # (B, 3, S, S)
-        with torch.no_grad(), torch.autocast("cuda", torch.float16, enabled=self.device.type == "cuda"):
+        with torch.no_grad(), full_float32(self.device):
             out = self.model(x)
         probs = torch.softmax(out.logits.float(), 1)
         k = self.config.top_k

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from CovidCTDiagnosisLib.checkpoint import load_model, resolve_model, save_checkpoint, untrained_model
+from CovidCTDiagnosisLib.checkpoint import load_model, read_checkpoint, resolve_model, save_checkpoint, untrained_model
 from CovidCTDiagnosisLib.drenet import DRENet, DRENetConfig
 from CovidCTDiagnosisLib.errors import ModelFileError
 
@@ -30,6 +30,9 @@ def test_half_precision_file_loads_close(tmp_path, small_model):
     path = save_checkpoint(tmp_path / "h.pt", small_model, trained=True, half=True)
     model, _ = load_model(path)
     assert next(model.parameters()).dtype == torch.float32
+    stored = read_checkpoint(path)["state_dict"]
+    assert stored["global_head.weight"].dtype == torch.float16
+    assert stored["backbone._bn1.running_var"].dtype == torch.float32  # statistics keep full precision
     x = torch.rand(1, 3, 64, 64)
     with torch.no_grad():
         assert torch.allclose(torch.softmax(model(x).logits, 1), torch.softmax(small_model(x).logits, 1), atol=2e-2)

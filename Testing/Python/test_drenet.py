@@ -99,3 +99,15 @@ def test_training_batchnorm_statistics_come_from_whole_images_only():
         if "running" in name:
             assert torch.allclose(a, b), name
     assert all(m.training for m in net.modules())  # the parts' pass left BatchNorm training again
+
+
+def test_cuda_inference_turns_tf32_off_and_restores_it():
+    from CovidCTDiagnosisLib.inference import full_float32
+
+    before, enabled = torch.backends.cudnn.allow_tf32, torch.backends.cudnn.enabled
+    with full_float32(torch.device("cuda")):
+        assert torch.backends.cudnn.allow_tf32 is False
+        assert torch.backends.cudnn.enabled == enabled  # cuDNN stays on; only its precision changes
+    assert torch.backends.cudnn.allow_tf32 == before
+    with full_float32(torch.device("cpu")):
+        assert torch.backends.cudnn.allow_tf32 == before
