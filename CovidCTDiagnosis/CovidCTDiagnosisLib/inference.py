@@ -44,7 +44,7 @@ def full_float32(device: torch.device):
     """A context in which CUDA convolutions compute in true float32, as on the CPU.
 
     Neither float16 autocast nor cuDNN's default TF32 (both keep a 10-bit mantissa): rounding
-    the reference model's weights to float16 moved its probabilities by up to 0.08, because
+    the reference model's weights to float16 moved its probabilities by up to about 0.1, because
     layers whose BatchNorm variance became small on CT amplify rounding. Results must not depend
     on the device. The previous cuDNN settings come back on exit.
     """
