@@ -286,3 +286,21 @@ def test_compare_without_torchvision_weights_stops_at_once_with_one_line(synthet
     assert code == ModelFileError.exit_code and len(err.splitlines()) == 1
     assert "densenet121" in err and "efficientnet_lite0" in err
     assert not (tmp_path / "cmp").exists()  # nothing was trained or written
+
+
+def test_bad_training_data_gives_one_line_and_leaves_no_run_folder(synthetic_csv, tmp_path, capsys):
+    from CovidCTDiagnosisLib.cli import main
+    from CovidCTDiagnosisLib.errors import UnreadableInputError
+
+    code = main(["train", "--data", str(tmp_path / "missing.csv"), "--out", str(tmp_path / "run1"), "--quiet"])
+    assert code == InputNotFoundError.exit_code and len(capsys.readouterr().err.strip().splitlines()) == 1
+    no_ids = tmp_path / "no_ids.csv"
+    rows = [f"{synthetic_csv.parent / f'img{i}.png'},{'COVID' if i % 2 else 'NonCOVID'}" for i in range(8)]
+    no_ids.write_text("\n".join(["path,label", *rows]) + "\n")
+    code = main(["train", "--data", str(no_ids), "--out", str(tmp_path / "run2"), "--input-size", "64", "--no-pretrained", "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert code == UnreadableInputError.exit_code and "patient_id" in err and len(err.splitlines()) == 1
+    code = main(["compare", "--data", str(no_ids), "--out", str(tmp_path / "cmp"), "--baselines", "efficientnet_lite0",
+                 "--input-size", "64", "--no-pretrained", "--quiet"])
+    assert code == UnreadableInputError.exit_code
+    assert not any((tmp_path / name).exists() for name in ("run1", "run2", "cmp"))

@@ -53,8 +53,7 @@ def compare(data, out_dir, config: TrainConfig, *, baselines=PAPER_BASELINES, ex
     if config.pretrained:  # fail before hours of training, not after: fetch (or find cached) every ImageNet start
         for backbone in dict.fromkeys(b for _, b in runs):
             build_backbone(backbone, pretrained=True)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = Path(out_dir)  # created by the first training run: bad data leaves nothing behind
     split, rows = None, []
     for model, backbone in runs:
         run_dir = out / run_name(model, backbone)

@@ -28,7 +28,7 @@ from torch import nn
 
 from ..checkpoint import load_model, read_checkpoint, save_checkpoint, torch_save_atomic
 from ..drenet import DRENet, DRENetConfig
-from ..errors import ModelFileError
+from ..errors import InputNotFoundError, ModelFileError, UnreadableInputError
 from ..inference import resolve_device
 from ..preprocessing import to_three_channels
 from .augment import augment
@@ -166,11 +166,10 @@ def train(data, out_dir, config: TrainConfig | None = None, *, extra_train=(), r
     from tqdm import tqdm
 
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     state = None
     if resume:
         if not (out / STATE_PT).is_file():
-            raise FileNotFoundError(f"nothing to resume: {out / STATE_PT} is missing")
+            raise InputNotFoundError(f"nothing to resume: {out / STATE_PT} is missing")
         saved = json.loads((out / RECIPE_JSON).read_text())
         cfg = TrainConfig(**{**saved["recipe"], "classes": tuple(saved["recipe"]["classes"])})
         init = saved["init"]
@@ -184,7 +183,6 @@ def train(data, out_dir, config: TrainConfig | None = None, *, extra_train=(), r
             base = load_model(init)[0].config
             cfg.backbone, cfg.classes, cfg.positive_class = base.backbone, tuple(base.classes), base.positive_class
             cfg.input_size, cfg.top_k = base.input_size, base.top_k
-        (out / RECIPE_JSON).write_text(json.dumps({"recipe": asdict(cfg), "init": init}, indent=1))
 
     torch.set_num_threads(cfg.threads)
     items = [it for p in cfg.data for it in read_labels(p, cfg.classes)]
@@ -193,9 +191,8 @@ def train(data, out_dir, config: TrainConfig | None = None, *, extra_train=(), r
         split = load_split(out / SPLIT_JSON)
     else:
         split = split or split_by_patient(items, cfg.seed)
-        save_split(split, out / SPLIT_JSON)
     if not split["val"]:
-        raise ValueError("no validation patients: at least one labels CSV needs a patient_id column")
+        raise UnreadableInputError("no validation patients: at least one labels CSV needs a patient_id column")
     dev = resolve_device(device)
     torch.manual_seed(cfg.seed)
     model = _build_model(cfg, init).to(dev, memory_format=torch.channels_last)
@@ -213,6 +210,10 @@ def train(data, out_dir, config: TrainConfig | None = None, *, extra_train=(), r
         raise ValueError(f"unknown optimizer {cfg.optimizer!r}; choose sgd or adamw")
     steps_per_epoch = -(-len(_epoch_indices(train_set, np.random.default_rng(0))) // cfg.batch_size)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_factor(cfg, steps_per_epoch))
+    out.mkdir(parents=True, exist_ok=True)  # only now: bad data or options leave no run folder behind
+    if not resume:
+        (out / RECIPE_JSON).write_text(json.dumps({"recipe": asdict(cfg), "init": init}, indent=1))
+        save_split(split, out / SPLIT_JSON)
     history, best_key, start = [], None, 0
     if state is not None:
         model.load_state_dict(state["model"])
