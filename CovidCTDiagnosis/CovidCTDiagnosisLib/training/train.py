@@ -1,4 +1,4 @@
-"""Training DRENet on labelled slices: patient split, cached preprocessing, the loop, best model.
+"""Training DRENet (and the plain baselines) on labelled slices: patient split, cached preprocessing, the loop, best model.
 
 One run folder holds everything: `recipe.json` (the settings), `split.json` (patients per split),
 `state.pt` (weights, optimiser and schedule after the last finished epoch: `resume=True` carries
@@ -157,7 +157,8 @@ def read_split(path) -> dict:
 
 def train(data, out_dir, config: TrainConfig | None = None, *, extra_train=(), resume: bool = False, init=None,
           split: dict | None = None, device: str = "auto", progress: bool = True) -> TrainResult:
-    """Train DRENet on labels CSVs `data` (+ training-only `extra_train`); returns the best model file.
+    """Train DRENet (or, with config.model="plain", a plain classifier) on labels CSVs `data`
+    (+ training-only `extra_train`); returns the best model file.
 
     `init`: a model file to fine-tune (its architecture and classes are kept). `resume`: carry on
     an interrupted run in `out_dir` with its saved recipe and split. `split`: patient ids per split
