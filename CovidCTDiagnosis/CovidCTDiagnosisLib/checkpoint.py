@@ -57,6 +57,17 @@ def save_checkpoint(path, model: DRENet, *, trained: bool, metadata: dict | None
     return path
 
 
+def check_ensemble(configs, names) -> None:
+    """ModelFileError unless the models agree on classes and input preparation: an ensemble
+    feeds every member the same prepared slices and averages their probabilities class by class."""
+    def signature(c):
+        return tuple(c.classes), c.positive_class, c.input_size, c.window_level, c.window_width
+
+    for name, config in zip(names[1:], configs[1:]):
+        if signature(config) != signature(configs[0]):
+            raise ModelFileError(f"cannot average {name} with {names[0]}: classes or input preparation differ")
+
+
 def read_checkpoint(path) -> dict:
     """The checkpoint dict, checked for format and version; ModelFileError with one line otherwise."""
     path = Path(path)

@@ -19,8 +19,8 @@ import numpy as np
 import SimpleITK as sitk
 
 from . import aggregation, geometry
-from .checkpoint import resolve_model
-from .errors import AnalysisCancelled, ModelFileError
+from .checkpoint import check_ensemble, resolve_model
+from .errors import AnalysisCancelled
 from .inference import SliceScorer
 from .lungs import extract_lungs
 from .preprocessing import CropTransform, prepare_slice
@@ -147,12 +147,7 @@ class Analyzer:
 
 def _ensemble_info(infos: list[ModelInfo], configs: list) -> ModelInfo:
     """One description of several models; they must agree on classes and input preparation."""
-    first = configs[0]
-    for info, cfg in zip(infos[1:], configs[1:]):
-        if (cfg.classes, cfg.positive_class, cfg.input_size, cfg.window_level, cfg.window_width) != (
-            first.classes, first.positive_class, first.input_size, first.window_level, first.window_width
-        ):
-            raise ModelFileError(f"cannot average {info.name} with {infos[0].name}: classes or input preparation differ")
+    check_ensemble(configs, [info.name for info in infos])
     return replace(
         infos[0],
         name="ensemble of " + " + ".join(i.name for i in infos),

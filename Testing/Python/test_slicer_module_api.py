@@ -103,6 +103,12 @@ class ApiChecker:
         self.util = set(self.python["slicer.util"])
         self.base_methods = {name: set(info["class"]) for name, info in self.python["slicer.ScriptedLoadableModule"].items()}
         self.mixin_methods = set(self.python["slicer.util"]["VTKObservationMixin"]["class"])
+        # Python namespaces of `slicer` and the names each defines
+        self.namespaces = {
+            "util": self.util,
+            "parameterNodeWrapper": set(self.python["slicer.parameterNodeWrapper"]),
+            "ScriptedLoadableModule": set(self.base_methods),
+        }
         self.errors: list[str] = []
         self.checked: dict[str, int] = {}
 
@@ -449,18 +455,10 @@ class ApiChecker:
             self.count("slicer classes")
             if rest and rest[0] not in (self.members(first) or set()):
                 self.fail(node, f"slicer.{first}.{rest[0]} is not in the Slicer API listing")
-        elif first == "util":
-            self.count("slicer.util")
-            if rest and rest[0] not in self.util:
-                self.fail(node, f"slicer.util.{rest[0]} is not in the Slicer API listing")
-        elif first == "parameterNodeWrapper":
-            self.count("slicer.parameterNodeWrapper")
-            if rest and rest[0] not in self.python["slicer.parameterNodeWrapper"]:
-                self.fail(node, f"slicer.parameterNodeWrapper.{rest[0]} is not in the Slicer API listing")
-        elif first == "ScriptedLoadableModule":
-            self.count("slicer.ScriptedLoadableModule")
-            if rest and rest[0] not in self.base_methods:
-                self.fail(node, f"slicer.ScriptedLoadableModule.{rest[0]} is not in the Slicer API listing")
+        elif first in self.namespaces:
+            self.count(f"slicer.{first}")
+            if rest and rest[0] not in self.namespaces[first]:
+                self.fail(node, f"slicer.{first}.{rest[0]} is not in the Slicer API listing")
         elif first == "mrmlScene":
             if rest:
                 self._check_member(node, "vtkMRMLScene", rest[0])

@@ -304,3 +304,13 @@ def test_bad_training_data_gives_one_line_and_leaves_no_run_folder(synthetic_csv
                  "--input-size", "64", "--no-pretrained", "--quiet"])
     assert code == UnreadableInputError.exit_code
     assert not any((tmp_path / name).exists() for name in ("run1", "run2", "cmp"))
+
+
+def test_evaluate_refuses_an_ensemble_whose_members_read_different_inputs(synthetic_csv, tmp_path):
+    from CovidCTDiagnosisLib.drenet import DRENet, DRENetConfig
+    from CovidCTDiagnosisLib.errors import ModelFileError
+
+    members = [DRENet(DRENetConfig(input_size=64)), DRENet(DRENetConfig(input_size=128))]
+    with pytest.raises(ModelFileError, match="cannot average"):
+        evaluate(members, synthetic_csv, tmp_path / "ev")
+    assert not (tmp_path / "ev").exists()

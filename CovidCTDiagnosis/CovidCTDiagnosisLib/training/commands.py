@@ -12,7 +12,7 @@ from pathlib import Path
 from ..backbones import BACKBONES
 from ..errors import InputNotFoundError
 from .compare import COMPARISON_MD, PAPER_BASELINES
-from .train import BATCHNORM_MODES, TrainConfig, read_split, train
+from .train import BATCHNORM_MODES, TrainConfig, best_record, read_split, train
 
 DEFAULTS = TrainConfig()
 
@@ -92,7 +92,7 @@ def run_train(args) -> int:
     config = _config(args)
     result = train(args.data, args.out, config, extra_train=args.extra_train, resume=args.resume, init=args.init,
                    split=read_split(args.split) if args.split else None, device=args.device, progress=not args.quiet)
-    best = max(result.history, key=lambda r: (r["val_patient_auc"] or 0.0, r["val_image_auc"] or 0.0))
+    best = best_record(result.history)
     print(f"best model: {result.best_model} (epoch {best['epoch']}, validation AUC patient {best['val_patient_auc']}, "
           f"image {best['val_image_auc']})")
     return 0

@@ -18,7 +18,7 @@ from ..backbones import build_backbone
 from ..drenet import DRENetConfig
 from .datasets import load_split, prepare_set, read_labels, subset
 from .evaluate import evaluate
-from .train import BEST_PT, HISTORY_JSON, SPLIT_JSON, STATE_PT, TrainConfig, train
+from .train import BEST_PT, HISTORY_JSON, SPLIT_JSON, STATE_PT, TrainConfig, best_record, train
 
 COMPARISON_JSON = "comparison.json"
 COMPARISON_MD = "comparison.md"
@@ -68,7 +68,7 @@ def compare(data, out_dir, config: TrainConfig, *, baselines=PAPER_BASELINES, ex
         split = split or load_split(run_dir / SPLIT_JSON)
         history = json.loads((run_dir / HISTORY_JSON).read_text())
         rows.append({"run": run_dir.name, "model": model, "backbone": backbone, "epochs_trained": len(history),
-                     "best_epoch": max(history, key=lambda r: (r["val_patient_auc"] or 0, r["val_image_auc"] or 0))["epoch"],
+                     "best_epoch": best_record(history)["epoch"],
                      "train_minutes_this_call": minutes,
                      "train_seconds": round(sum(r["seconds"] for r in history), 1)})
 

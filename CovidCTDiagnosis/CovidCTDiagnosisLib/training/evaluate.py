@@ -21,7 +21,7 @@ from torch import nn
 from sklearn.metrics import confusion_matrix, roc_auc_score, roc_curve
 
 from ..aggregation import aggregate
-from ..checkpoint import load_model, read_checkpoint
+from ..checkpoint import check_ensemble, load_model, read_checkpoint
 from ..inference import resolve_device
 from ..preprocessing import to_three_channels
 from ..errors import InputNotFoundError
@@ -240,10 +240,8 @@ def evaluate(models, data, out_dir, device: str = "auto", batch_size: int = EVAL
     models = models if isinstance(models, (list, tuple)) else [models]
     loaded = [m if isinstance(m, nn.Module) else _load_model_file(m) for m in models]
     names = ["in-memory model" if isinstance(src, nn.Module) else str(src) for src in models]
+    check_ensemble([m.config for m in loaded], names)
     config = loaded[0].config
-    for m in loaded[1:]:
-        if (m.config.classes, m.config.input_size) != (config.classes, config.input_size):
-            raise ValueError("ensemble members must share classes and input size")
     classes, positive = list(config.classes), config.positive_class
     if isinstance(data, (str, Path)):
         data = [data]

@@ -145,6 +145,16 @@ def _lr_factor(cfg: TrainConfig, steps_per_epoch: int):
     return factor
 
 
+def selection_key(record: dict) -> tuple[float, float]:
+    """How a run's best epoch is chosen: validation AUC at patient level, then at image level."""
+    return (record["val_patient_auc"] or 0.0, record["val_image_auc"] or 0.0)
+
+
+def best_record(history: list[dict]) -> dict:
+    """The history record of the best epoch (the earliest of equals: a later tie does not replace it)."""
+    return max(history, key=selection_key)
+
+
 def read_split(path) -> dict:
     """The patient split saved in a run folder's split.json or recorded in a model file."""
     if Path(path).suffix == ".json":
@@ -215,13 +225,12 @@ def train(data, out_dir, config: TrainConfig | None = None, *, extra_train=(), r
     if not resume:
         (out / RECIPE_JSON).write_text(json.dumps({"recipe": asdict(cfg), "init": init}, indent=1))
         save_split(split, out / SPLIT_JSON)
-    history, best_key, start = [], None, 0
+    history, start = [], 0
     if state is not None:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         history, start = state["history"], state["epoch"]
-        best_key = tuple(state["best_key"]) if state["best_key"] is not None else None
 
     pos = list(cfg.classes).index(cfg.positive_class)
     began = time.monotonic()
@@ -264,9 +273,7 @@ def train(data, out_dir, config: TrainConfig | None = None, *, extra_train=(), r
             "images": int(len(order)),
         }
         history.append(record)
-        key = (patient_auc or 0.0, image_auc or 0.0)
-        if best_key is None or key > best_key:
-            best_key = key
+        if best_record(history) is record:
             metadata = {
                 "name": out.name,
                 "data": cfg.data,
@@ -280,7 +287,7 @@ def train(data, out_dir, config: TrainConfig | None = None, *, extra_train=(), r
             else:
                 save_baseline(out / BEST_PT, model, metadata)
         state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                 "history": history, "epoch": epoch + 1, "best_key": list(best_key)}
+                 "history": history, "epoch": epoch + 1}
         torch_save_atomic(state, out / STATE_PT)
         (out / HISTORY_JSON).write_text(json.dumps(history, indent=1))
         tqdm.write(f"epoch {epoch + 1}: loss {record['train_loss']:.3f}, val AUC image {image_auc}, patient {patient_auc}, {record['seconds']} s")
