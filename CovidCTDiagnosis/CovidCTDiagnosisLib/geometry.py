@@ -120,3 +120,15 @@ def ijk_to_lps_matrix(image: sitk.Image) -> np.ndarray:
     affine[:3, :3] = _direction(image) @ np.diag(image.GetSpacing())
     affine[:3, 3] = image.GetOrigin()
     return affine
+
+
+def midline_column(oriented: sitk.Image) -> float:
+    """The column i of an LPS-oriented image where LPS x is 0 at the grid's centre row and slice.
+
+    Scanners put the patient on the table centre (x = 0); where a field of view holds one side
+    only, this column, not the image's middle, separates the patient's right (x < 0) from left.
+    """
+    size = oriented.GetSize()
+    centre = [(n - 1) / 2 for n in size]
+    x_at = [oriented.TransformContinuousIndexToPhysicalPoint([i, centre[1], centre[2]])[0] for i in (0.0, 1.0)]
+    return float(-x_at[0] / (x_at[1] - x_at[0]))

@@ -1,10 +1,16 @@
-"""Lung extraction with OpenCV, slice by slice, in Hounsfield units.
+"""Lung extraction, slice by slice, in Hounsfield units: the lung inside the pleura, lesions included.
 
-Per axial slice: threshold air, drop the air connected to the image border (outside the body and
-the gap to the table), drop small pockets and the trachea; across slices keep the lungs' 3-D
-components and tell right from left; per slice and side, close the mask, fill bites that dense
-lesions make at the pleura and fill holes, so that consolidation stays inside the lung (COVID
-lungs are dense: a mask that cuts the lesions out hides the disease).
+Air-like lung is precise by threshold, but ground-glass opacity, consolidation and juxta-pleural
+lesions are as dense as the chest wall and the heart: a threshold cuts out exactly the disease.
+So per axial slice the lung network (`lung_net`, trained on lungs with painted lesions) gives a
+lung probability; the candidates are the air regions the network calls lung plus what the
+network calls lung (lesions). Small pockets and the trachea are dropped; across slices the
+lungs' 3-D components are kept and right told from left; per slice and side the mask is closed,
+bites at the pleura and holes are filled. Voxels below NO_DATA_BELOW_HU (padding outside the
+reconstruction circle) are no data, never air.
+
+`extract_aerated_lungs` is the threshold-only method (air regions not connected to the image
+border): the labels the lung network was trained from, on healthy lungs.
 
 Arrays are LPS-oriented (`geometry.orient_to_lps`): `[k, j, i]`, `i = 0` at the patient's right.
 """
@@ -14,14 +20,16 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import cv2
 import numpy as np
 
 from .errors import NoLungsError
+from .lung_net import LUNG_PROBABILITY_THRESHOLD, hu_to_u8, lung_probability
 
 AIR_THRESHOLD_HU = -600.0  # lung parenchyma and air lie below
+NO_DATA_BELOW_HU = -1100.0  # below air: padding outside the field of view (-2000, -3024 HU), never tissue
 PSEUDO_HU_SCALE = 3.0  # 8-bit windowed images: pseudo-HU = 3 * pixel - 1000 (as the DRENet authors)
 PSEUDO_HU_OFFSET = -1000.0
 MIN_REGION_AREA_MM2 = 100.0  # air pockets smaller than this on a slice are ignored
@@ -36,6 +44,7 @@ LUNG_MIN_FRACTION = 0.15  # further 3-D components are lung if this large relati
 JOINED_MIN_SIDE_FRACTION = 0.2  # a component this much on each side of the midline holds both lungs
 JUNCTION_SEARCH_MM = 40.0  # the cut between joined lungs is sought this far around the midline
 MIN_LUNG_VOLUME_ML = 20.0
+FOV_MIN_SLICES = 3  # lungs at the image or field-of-view edge on this many slices: the field of view clips them
 MAX_REGIONS_PER_SLICE = 255  # candidates per slice beyond the largest 255 are ignored
 NOMINAL_FOV_MM = 350.0  # 2-D images have no spacing: assume this field of view across the width
 RIGHT, LEFT = 1, 2
@@ -50,6 +59,7 @@ class Lungs:
     labels: np.ndarray  # uint8 [k, j, i]
     spacing_ijk: tuple[float, float, float]
     area_mm2: np.ndarray  # lung area of each axial slice
+    notes: list[str] = field(default_factory=list)  # what the extraction had to assume (field of view)
 
     @property
     def mask(self) -> np.ndarray:
@@ -77,12 +87,21 @@ class _SliceRegions:
     areas: np.ndarray  # pixels of each candidate (index 0 unused)
     right: np.ndarray  # pixels of each candidate on the patient's right of the body's centre column
     hu_sums: np.ndarray  # sum of each candidate's HU
-    centre: np.ndarray  # the body's centre (column, row)
+    centre: np.ndarray  # the body's centre (column, row); its column is the midline when one is given
+    at_edge: np.ndarray  # pixels of each candidate on the image border or next to no-data (field of view)
 
 
-def _air_regions(hu_slice: np.ndarray, spacing_ij: Sequence[float]) -> _SliceRegions:
-    """The lung candidates of one slice."""
-    air = (hu_slice < AIR_THRESHOLD_HU).astype(np.uint8)
+def _air_regions(
+    hu_slice: np.ndarray, spacing_ij: Sequence[float], prob: np.ndarray | None = None, midline_col: float | None = None
+) -> _SliceRegions:
+    """The lung candidates of one slice; right and left of the body's centre, or of `midline_col`.
+
+    prob None: air regions not connected to the image border. prob given (the lung network's
+    probability, same shape): air regions the network mostly calls lung, plus every pixel it
+    calls lung; the image border is not used (tight crops and clipped fields of view).
+    """
+    valid = hu_slice >= NO_DATA_BELOW_HU
+    air = ((hu_slice < AIR_THRESHOLD_HU) & valid).astype(np.uint8)
     count, labels, stats, centroids = cv2.connectedComponentsWithStats(air, connectivity=8)
     outside = np.zeros(count, dtype=bool)
     for edge in (labels[0], labels[-1], labels[:, 0], labels[:, -1]):
@@ -97,6 +116,17 @@ def _air_regions(hu_slice: np.ndarray, spacing_ij: Sequence[float]) -> _SliceReg
         centre = (air.size * image_centre - outside_area @ centroids[1:][outside[1:]]) / body_area
     else:
         centre = image_centre
+    if midline_col is not None:
+        centre = np.array([midline_col, centre[1]])
+    edge_zone = cv2.dilate((~valid).astype(np.uint8), np.ones((3, 3), np.uint8)) > 0
+    edge_zone[[0, -1], :] = edge_zone[:, [0, -1]] = True
+    if prob is not None:
+        lungish = prob >= LUNG_PROBABILITY_THRESHOLD
+        mean_prob = np.bincount(labels.ravel(), prob.ravel(), count) / np.maximum(stats[:, cv2.CC_STAT_AREA], 1)
+        candidate = ((mean_prob[labels] >= LUNG_PROBABILITY_THRESHOLD) & (labels > 0)) | (lungish & valid)
+        count, labels, stats, centroids = cv2.connectedComponentsWithStats(candidate.astype(np.uint8), connectivity=8)
+        outside = np.zeros(count, dtype=bool)
+        outside[0] = True
     area_mm2 = stats[:, cv2.CC_STAT_AREA] * spacing_ij[0] * spacing_ij[1]
     airway = (area_mm2 < AIRWAY_MAX_AREA_MM2) & (
         np.abs(centroids[:, 0] - centre[0]) * spacing_ij[0] < AIRWAY_MAX_OFFSET_MM
@@ -108,13 +138,15 @@ def _air_regions(hu_slice: np.ndarray, spacing_ij: Sequence[float]) -> _SliceReg
     split = int(round(centre[0]))
     right = np.zeros(len(kept) + 1, dtype=np.int64)
     hu_sums = np.zeros(len(kept) + 1)
+    at_edge = np.zeros(len(kept) + 1, dtype=np.int64)
     for n, label in enumerate(kept, start=1):
         x, y, w, h = stats[label, :4]
         member = labels[y:y + h, x:x + w] == label
         hu_sums[n] = hu_slice[y:y + h, x:x + w][member].sum(dtype=np.float64)
         right[n] = np.count_nonzero(member[:, : max(split - x, 0)])
+        at_edge[n] = np.count_nonzero(member & edge_zone[y:y + h, x:x + w])
     areas = np.r_[0, stats[kept, cv2.CC_STAT_AREA]]
-    return _SliceRegions(np.take(lut, labels), areas, right, hu_sums, centre)
+    return _SliceRegions(np.take(lut, labels), areas, right, hu_sums, centre, at_edge)
 
 
 def _components_3d(slices: list[_SliceRegions]) -> tuple[np.ndarray, np.ndarray]:
@@ -241,16 +273,49 @@ def _refine_slice(sides: np.ndarray, centre: np.ndarray, spacing_ij: Sequence[fl
     return labels
 
 
-def extract_lungs(hu_kji: np.ndarray, spacing_ijk: Sequence[float]) -> Lungs:
-    """Right and left lung labels of an LPS-oriented CT volume in HU.
+def extract_lungs(hu_kji: np.ndarray, spacing_ijk: Sequence[float], midline_col: float | None = None) -> Lungs:
+    """Right and left lung, lesions included, of an LPS-oriented CT volume in HU.
 
+    hu_kji: (K, J, I) HU on the LPS-oriented grid (`geometry.orient_to_lps`); spacing_ijk in mm.
+    midline_col: the column i where the patient's LPS x is 0, if known. Where the field of view
+    clips the lungs (they touch the image border or padding on FOV_MIN_SLICES slices or more)
+    the body's centre is not the patient's midline: right and left are then told by LPS x
+    (left of x = 0 is the patient's right, x < 0), and `Lungs.notes` says so.
     Raises NoLungsError when nothing lung-like is found.
     """
+    prob = lung_probability(hu_to_u8(hu_kji))
+    return _extract(hu_kji, spacing_ijk, prob, midline_col)
+
+
+def extract_aerated_lungs(hu_kji: np.ndarray, spacing_ijk: Sequence[float]) -> Lungs:
+    """The threshold-only lungs (air-like lung inside the body): right on healthy lungs, short of
+    dense lesions. The lung network's training labels; `extract_lungs` for analysis."""
+    return _extract(hu_kji, spacing_ijk, None, None)
+
+
+def _regions_and_sides(hu_kji, spacing_ij, prob, midline_col, pool) -> tuple[list[_SliceRegions], list[np.ndarray]]:
+    slices = list(pool.map(
+        lambda k: _air_regions(hu_kji[k], spacing_ij, None if prob is None else prob[k], midline_col), range(len(hu_kji))
+    ))
+    return slices, _side_tables(slices)
+
+
+def _extract(hu_kji: np.ndarray, spacing_ijk: Sequence[float], prob: np.ndarray | None, midline_col: float | None) -> Lungs:
     spacing_ij = (float(spacing_ijk[0]), float(spacing_ijk[1]))
     labels = np.zeros(hu_kji.shape, dtype=np.uint8)
+    notes = []
     # slices are independent and OpenCV/numpy release the GIL: spread them over the cores
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        slices = list(pool.map(lambda hu_slice: _air_regions(hu_slice, spacing_ij), hu_kji))
+        slices, tables = _regions_and_sides(hu_kji, spacing_ij, prob, None, pool)
+        clipped = sum(bool((s.at_edge * (t > 0)).any()) for s, t in zip(slices, tables))
+        if clipped >= FOV_MIN_SLICES:
+            if midline_col is not None:
+                slices, tables = _regions_and_sides(hu_kji, spacing_ij, prob, midline_col, pool)
+            notes.append(
+                f"field of view: the lungs reach the edge of the image or of the reconstructed field of view on "
+                f"{clipped} slices; lung outside it is missing"
+                + ("; right and left told by patient coordinates (LPS x)" if midline_col is not None else "")
+            )
 
         def label_slice(k: int, regions: _SliceRegions, table: np.ndarray) -> None:
             if not table.any():
@@ -260,34 +325,60 @@ def extract_lungs(hu_kji: np.ndarray, spacing_ijk: Sequence[float]) -> Lungs:
                 _cut_joined(sides, regions.centre[0], spacing_ij[0])
             labels[k] = _refine_slice(sides, regions.centre, spacing_ij)
 
-        list(pool.map(label_slice, range(len(slices)), slices, _side_tables(slices)))
+        list(pool.map(label_slice, range(len(slices)), slices, tables))
     lungs = Lungs(
         labels=labels,
         spacing_ijk=tuple(float(s) for s in spacing_ijk),
         area_mm2=np.count_nonzero(labels, axis=(1, 2)) * spacing_ij[0] * spacing_ij[1],
+        notes=notes,
     )
     if lungs.volume_ml() < MIN_LUNG_VOLUME_ML:
         raise NoLungsError(
-            f"no lungs found: {lungs.volume_ml():.0f} ml of lung-like tissue below {AIR_THRESHOLD_HU:.0f} HU "
-            f"inside the body, at least {MIN_LUNG_VOLUME_ML:.0f} ml needed; is this a chest CT?"
+            f"no lungs found: {lungs.volume_ml():.0f} ml of lung inside the body, "
+            f"at least {MIN_LUNG_VOLUME_ML:.0f} ml needed; is this a chest CT?"
         )
     return lungs
 
 
-def lung_mask_2d(gray_u8: np.ndarray) -> np.ndarray:
-    """Lung mask (bool) of one windowed 8-bit axial slice, by the same steps on pseudo-HU.
+def _pseudo_hu(gray_u8: np.ndarray) -> np.ndarray:
+    return gray_u8.astype(np.float32) * PSEUDO_HU_SCALE + PSEUDO_HU_OFFSET
 
-    The image has no spacing: its width is taken as NOMINAL_FOV_MM. Both lungs are candidates
-    larger than a fraction of the largest; the left and right halves are refined separately.
+
+def _as_gray(image: np.ndarray) -> np.ndarray:
+    """(H, W) uint8, or (H, W, 3|4) colour (a screenshot, a figure) converted to grey."""
+    if image.ndim == 3:
+        code = cv2.COLOR_BGRA2GRAY if image.shape[2] == 4 else cv2.COLOR_BGR2GRAY
+        image = cv2.cvtColor(image, code)
+    return image.astype(np.uint8)
+
+
+def lung_mask_2d(gray_u8: np.ndarray) -> np.ndarray:
+    """Lung mask (bool, H x W), lesions included, of one axial slice image in a lung window.
+
+    gray_u8: (H, W) uint8 (`volume_io.read_image_2d`), or (H, W, 3) colour. Any orientation,
+    flip or crop: the lung network reads the image as it is. The image has no spacing: its width
+    is taken as NOMINAL_FOV_MM. Lungs are candidates at least a fraction of the largest, each
+    closed and filled on its own.
     """
-    hu = gray_u8.astype(np.float32) * PSEUDO_HU_SCALE + PSEUDO_HU_OFFSET
-    pixel_mm = NOMINAL_FOV_MM / gray_u8.shape[1]
+    gray = _as_gray(gray_u8)
+    prob = lung_probability(gray[None])[0]
+    return _mask_2d(gray, prob)
+
+
+def threshold_lung_mask_2d(gray_u8: np.ndarray) -> np.ndarray:
+    """Aerated-lung mask (bool) of one lung-window 8-bit slice by threshold only (air regions not
+    connected to the image border): the lung network's training labels on healthy slices."""
+    return _mask_2d(_as_gray(gray_u8), None)
+
+
+def _mask_2d(gray: np.ndarray, prob: np.ndarray | None) -> np.ndarray:
+    pixel_mm = NOMINAL_FOV_MM / gray.shape[1]
     spacing_ij = (pixel_mm, pixel_mm)
-    regions = _air_regions(hu, spacing_ij)
+    regions = _air_regions(_pseudo_hu(gray), spacing_ij, prob)
+    mask = np.zeros(gray.shape, dtype=bool)
     if len(regions.areas) < 2:
-        return np.zeros(gray_u8.shape, dtype=bool)
-    is_lung = regions.areas >= LUNG_MIN_FRACTION * regions.areas[1]
-    is_lung[0] = False
-    sides = np.where(is_lung, _JOINED, 0).astype(np.uint8)[regions.labels]
-    _cut_joined(sides, regions.centre[0], pixel_mm)
-    return _refine_slice(sides, regions.centre, spacing_ij) > 0
+        return mask
+    for n in np.flatnonzero(regions.areas >= LUNG_MIN_FRACTION * regions.areas[1]):
+        if n > 0:
+            mask |= _refine_side((regions.labels == n).astype(np.uint8), regions.centre, spacing_ij) > 0
+    return mask

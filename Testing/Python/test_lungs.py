@@ -128,3 +128,113 @@ def test_real_ct_lungs(shared_data, name):
 def test_real_single_slice_mask(shared_data):
     gray = read_image_2d(shared_data / "ct" / "lidc-slice" / "lidc_slice.dcm")
     assert lung_mask_2d(gray).sum() > 0.05 * gray.size
+
+
+# ---- lesions kept, field of view, slice images (issue: lung extraction that keeps the disease) ----
+
+INFNET_MEAN_COVERAGE = 0.95  # mean share of the radiologists' infection inside the 2-D mask
+INFNET_MIN_COVERAGE = 0.60  # every slice
+
+
+def _p001(shared_data, every: int = 1):
+    image = read_volume(shared_data / "ct" / "covid-ct-md" / "P001-covid").image
+    return geometry.orient_to_lps(image[:, :, ::every])
+
+
+def test_infnet_infection_inside_2d_mask(shared_data):
+    """On the 98 Inf-Net slices (tight crops, rotated), the radiologists' infection lies inside the mask."""
+    import cv2
+
+    folder = shared_data / "slices" / "infnet-lung-infection"
+    coverage = []
+    for path in sorted(folder.glob("*/Imgs/*")):
+        infection = cv2.imread(str(path.parent.parent / "GT" / (path.stem + ".png")), cv2.IMREAD_GRAYSCALE) > 127
+        mask = lung_mask_2d(read_image_2d(path))
+        coverage.append(np.count_nonzero(mask & infection) / max(np.count_nonzero(infection), 1))
+    assert len(coverage) == 98
+    assert np.mean(coverage) >= INFNET_MEAN_COVERAGE, f"mean coverage {np.mean(coverage):.3f}"
+    assert min(coverage) >= INFNET_MIN_COVERAGE, f"worst slice {min(coverage):.3f}"
+
+
+@pytest.mark.parametrize("fraction", [0.2, 0.4])
+def test_dense_posterior_consolidation_stays_inside(shared_data, fraction):
+    """The posterior 20 % / 40 % of each lung of P001 made dense (35 HU) stays >= 80 % inside the mask."""
+    oriented = _p001(shared_data, every=3)
+    hu = sitk.GetArrayFromImage(oriented)
+    clean = extract_lungs(hu, oriented.GetSpacing())
+    dense = np.zeros(hu.shape, bool)
+    rows = np.arange(hu.shape[1])[:, None]
+    for side in (RIGHT, LEFT):
+        for k in range(hu.shape[0]):
+            lung = clean.labels[k] == side
+            if lung.any():
+                j = np.flatnonzero(lung.any(1))
+                dense[k] |= lung & (rows >= j[0] + (1 - fraction) * (j[-1] - j[0] + 1))
+    hu[dense] = 35.0 + np.random.default_rng(0).normal(0, 10, np.count_nonzero(dense))
+    lungs = extract_lungs(hu, oriented.GetSpacing())
+    assert np.count_nonzero(lungs.mask & dense) / np.count_nonzero(dense) >= 0.8
+
+
+@pytest.mark.parametrize("name", ["P001-covid", "normal001-normal"])
+def test_clean_lung_volume_as_aerated(shared_data, name):
+    """On these lungs the whole-lung mask adds little to the air-like lung (no heart, wall, airways)."""
+    from CovidCTDiagnosisLib.lungs import extract_aerated_lungs
+
+    image = geometry.orient_to_lps(read_volume(shared_data / "ct" / "covid-ct-md" / name).image[:, :, ::3])
+    hu = sitk.GetArrayViewFromImage(image)
+    lungs, aerated = extract_lungs(hu, image.GetSpacing()), extract_aerated_lungs(hu, image.GetSpacing())
+    assert abs(lungs.volume_ml() / aerated.volume_ml() - 1) < 0.06
+
+
+@pytest.mark.parametrize("name", ["P001-covid", "normal001-normal"])
+def test_2d_mask_agrees_with_3d(shared_data, name):
+    """Lung-window 8-bit renderings of the CT's slices: the 2-D mask agrees with the 3-D one (Dice >= 0.9)."""
+    from CovidCTDiagnosisLib.lung_net import hu_to_u8
+
+    image = geometry.orient_to_lps(read_volume(shared_data / "ct" / "covid-ct-md" / name).image)
+    hu = sitk.GetArrayViewFromImage(image)
+    lungs = extract_lungs(hu, image.GetSpacing())
+    chosen = np.flatnonzero(lungs.area_mm2 >= 0.5 * lungs.area_mm2.max())[::8]
+    scores = [dice(lung_mask_2d(hu_to_u8(hu[k])), lungs.mask[k]) for k in chosen]
+    assert min(scores) >= 0.9, scores
+
+
+@pytest.mark.parametrize("padding", [-3024.0, -2000.0])
+def test_padding_outside_a_field_of_view_that_cuts_the_chest(shared_data, padding):
+    """Padding outside a reconstruction circle through the chest wall is no data, not air joined to the lungs."""
+    oriented = _p001(shared_data, every=4)
+    hu = sitk.GetArrayFromImage(oriented)
+    full = extract_lungs(hu, oriented.GetSpacing())
+    _, rows, cols = hu.shape
+    jj, ii = np.mgrid[:rows, :cols]
+    radius = 0.39 * cols  # cuts the lateral chest wall and the lungs of P001
+    hu[:, (jj - rows / 2) ** 2 + (ii - cols / 2) ** 2 > radius**2] = padding
+    lungs = extract_lungs(hu, oriented.GetSpacing(), geometry.midline_column(oriented))
+    assert lungs.volume_ml() > 0.8 * full.volume_ml()
+    assert lungs.volume_ml(RIGHT) > 0.35 * lungs.volume_ml() and lungs.volume_ml(LEFT) > 0.35 * lungs.volume_ml()
+    assert any("field of view" in note for note in lungs.notes)
+
+
+def test_field_of_view_of_one_side(shared_data):
+    """A targeted reconstruction of the patient's right half: all of it is the right lung (by LPS x)."""
+    oriented = _p001(shared_data, every=4)
+    full = extract_lungs(sitk.GetArrayViewFromImage(oriented), oriented.GetSpacing(), geometry.midline_column(oriented))
+    half = oriented[: oriented.GetSize()[0] // 2 + 20]  # columns i = 0 .. : the patient's right (LPS)
+    lungs = extract_lungs(sitk.GetArrayViewFromImage(half), half.GetSpacing(), geometry.midline_column(half))
+    assert lungs.volume_ml(LEFT) < 0.05 * lungs.volume_ml()
+    assert abs(lungs.volume_ml(RIGHT) / full.volume_ml(RIGHT) - 1) < 0.1
+    assert any("field of view" in note for note in lungs.notes)
+
+
+@pytest.mark.parametrize("kind", ["black", "noise", "text"])
+def test_no_lungs_in_a_non_ct_image(kind):
+    """Blank, noise and text images hold no lung."""
+    import cv2
+
+    rng = np.random.default_rng(0)
+    image = {"black": np.zeros((256, 256), np.uint8), "noise": rng.integers(0, 256, (256, 256)).astype(np.uint8)}.get(kind)
+    if image is None:
+        image = np.full((256, 384), 255, np.uint8)
+        for row in range(20, 256, 24):
+            cv2.putText(image, "Deep Learning Enables Accurate Diagnosis", (4, row), cv2.FONT_HERSHEY_SIMPLEX, 0.5, 0, 1)
+    assert lung_mask_2d(image).mean() < 0.02

@@ -1,0 +1,117 @@
+"""A small U-Net that outlines the lungs on a lung-window axial slice, lesions included.
+
+Threshold-based lung extraction finds air-like lung; ground-glass opacity, consolidation and
+juxta-pleural lesions are as dense as the chest wall and the heart, so a threshold cuts them out
+exactly where the disease is. This network was trained (training/lung_model.py) to output the
+whole lung inside the pleura on slices where synthetic lesions of those kinds were painted into
+healthy lungs, with tight crops, rotations, flips and field-of-view circles, so it also serves
+8-bit slice images. It ships with the package (Resources/Models/lung-unet.pt, about 1 MB).
+
+Input: lung-window 8-bit slices (`hu_to_u8`), any size; output: lung
+probability per pixel at the input's size.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+import cv2
+import numpy as np
+import torch
+from torch import nn
+
+from .bundled_model import MODELS_DIR
+from .volume_io import LUNG_WINDOW_LEVEL, LUNG_WINDOW_WIDTH
+
+LUNG_NET_SIZE = 96  # slices are resized to this square for the network
+LUNG_NET_CHANNELS = (16, 32, 64, 128)
+LUNG_NET_FILE = MODELS_DIR / "lung-unet.pt"
+LUNG_NET_FORMAT = "covidct-lung-unet"
+LUNG_PROBABILITY_THRESHOLD = 0.5
+_BATCH = 64
+
+
+class _DoubleConv(nn.Sequential):
+    def __init__(self, cin: int, cout: int):
+        super().__init__(
+            nn.Conv2d(cin, cout, 3, padding=1, bias=False),
+            nn.BatchNorm2d(cout),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(cout, cout, 3, padding=1, bias=False),
+            nn.BatchNorm2d(cout),
+            nn.ReLU(inplace=True),
+        )
+
+
+class LungUNet(nn.Module):
+    """U-Net (Ronneberger et al. 2015) behind a stride-2 stem, one logit per pixel: (N, 1, S, S) -> (N, 1, S, S).
+
+    The stem halves the resolution first, so the U-Net's levels run at S/2 ... S/16: a quarter
+    of the cost of a full-resolution U-Net, which the CPU budget of a whole volume needs.
+    """
+
+    def __init__(self, channels=LUNG_NET_CHANNELS):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, channels[0], 5, stride=2, padding=2, bias=False), nn.BatchNorm2d(channels[0]), nn.ReLU(inplace=True))
+        self.down = nn.ModuleList()
+        cin = channels[0]
+        for c in channels:
+            self.down.append(_DoubleConv(cin, c))
+            cin = c
+        self.up = nn.ModuleList()
+        self.merge = nn.ModuleList()
+        for c in reversed(channels[:-1]):
+            self.up.append(nn.ConvTranspose2d(cin, c, 2, stride=2))
+            self.merge.append(_DoubleConv(2 * c, c))
+            cin = c
+        self.head = nn.Sequential(nn.ConvTranspose2d(cin, cin, 2, stride=2), nn.ReLU(inplace=True), nn.Conv2d(cin, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)  # (N, C0, S/2, S/2)
+        skips = []
+        for n, block in enumerate(self.down):
+            x = block(x if n == 0 else nn.functional.max_pool2d(x, 2))
+            skips.append(x)
+        for up, merge, skip in zip(self.up, self.merge, reversed(skips[:-1])):
+            x = merge(torch.cat([up(x), skip], dim=1))
+        return self.head(x)  # (N, 1, S, S)
+
+
+def hu_to_u8(hu: np.ndarray) -> np.ndarray:
+    """HU -> uint8 in the lung window (level LUNG_WINDOW_LEVEL, width LUNG_WINDOW_WIDTH), as slice images are."""
+    low = LUNG_WINDOW_LEVEL - LUNG_WINDOW_WIDTH / 2
+    scaled = (np.asarray(hu, np.float32) - low) * (255.0 / LUNG_WINDOW_WIDTH)
+    return np.clip(np.round(scaled), 0, 255).astype(np.uint8)
+
+
+def to_network_input(gray_u8: np.ndarray) -> np.ndarray:
+    """(H, W) uint8 lung-window slice -> (S, S) float32 in [0, 1] (area resampling)."""
+    return cv2.resize(gray_u8, (LUNG_NET_SIZE, LUNG_NET_SIZE), interpolation=cv2.INTER_AREA).astype(np.float32) / 255.0
+
+
+@lru_cache(maxsize=1)
+def load_lung_net(path: str = str(LUNG_NET_FILE)) -> LungUNet:
+    """The shipped lung network in eval mode on the CPU (loaded once per process)."""
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    if payload.get("format") != LUNG_NET_FORMAT:
+        raise ValueError(f"{path} is not a {LUNG_NET_FORMAT} file")
+    net = LungUNet(tuple(payload["channels"]))
+    net.load_state_dict(payload["state_dict"])
+    return net.eval()
+
+
+def lung_probability(slices_u8: np.ndarray) -> np.ndarray:
+    """Lung probability of lung-window slices: (N, H, W) uint8 -> (N, H, W) float32 in [0, 1].
+
+    Runs on the CPU in batches; the network sees each slice at LUNG_NET_SIZE and its output is
+    resized back (bilinear) to H x W.
+    """
+    n, h, w = slices_u8.shape
+    out = np.empty((n, h, w), np.float32)
+    net = load_lung_net()
+    with torch.inference_mode():
+        for start in range(0, n, _BATCH):
+            chunk = np.stack([to_network_input(s) for s in slices_u8[start:start + _BATCH]])
+            prob = torch.sigmoid(net(torch.from_numpy(chunk)[:, None]))[:, 0].numpy()
+            for m, p in enumerate(prob):
+                out[start + m] = cv2.resize(p, (w, h), interpolation=cv2.INTER_LINEAR)
+    return out

@@ -1,0 +1,301 @@
+"""Training the lung network (`lung_net.LungUNet`): whole lungs, lesions included, from healthy lungs.
+
+No lung masks drawn by radiologists on diseased lungs can ship here, so the labels are the
+threshold-based lungs (`lungs.extract_aerated_lungs`, on CT volumes; `lungs.threshold_lung_mask_2d` on
+slice images of normal lungs), which are right where the lung is aerated. Lesions are then painted
+into those lungs (ground-glass opacity, crazy paving, consolidation as blobs at the pleura and as
+a dependent posterior band, as COVID-19 presents: Pan et al., Radiology 2020; Shi et al., Lancet
+Infect Dis 2020) while the label keeps the whole lung, so the network learns the lung as the
+region inside the pleura. Slices are then rotated by multiples of 90 degrees, flipped, cropped
+tightly (cutting the chest wall and lungs), cut by field-of-view circles, and their intensity,
+blur, noise and JPEG quality varied, as published figures and other scanners show them.
+
+Run: `python -m CovidCTDiagnosisLib.training.lung_model --data ../shared/data --out lung-unet.pt`
+(resumable: it continues from `--out`'s checkpoint while it has iterations left).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from ..geometry import orient_to_lps
+from ..lung_net import LUNG_NET_CHANNELS, LUNG_NET_FORMAT, LUNG_NET_SIZE, LungUNet, hu_to_u8
+from ..lungs import extract_aerated_lungs, threshold_lung_mask_2d
+from ..phantom import make_demo_phantom
+from ..volume_io import read_image_2d, read_volume
+
+BASE_SIZE = 256  # base slices are stored at this size; crops are resized to LUNG_NET_SIZE
+CT_VOLUMES = ("ct/covid-ct-md/P001-covid", "ct/covid-ct-md/normal001-normal", "ct/totalsegmentator-example/example_ct_sm.nii.gz")
+NORMAL_SLICE_SET = "slices/mosmed-derived"  # its NonCOVID slices: healthy lungs from many scanners
+MASK_FRACTION_RANGE = (0.08, 0.55)  # threshold masks of slice images outside this are not trusted as labels
+LESION_PROBABILITY = 0.75
+PHANTOM_SEEDS = (0, 1)
+NEGATIVE_PROBABILITY = 0.05  # blank, noise or text images: no lung at all
+
+
+def hu_u8(value_hu: float) -> float:
+    """An HU value in the 8-bit lung window the network reads."""
+    return float(hu_to_u8(np.array([value_hu]))[0])
+
+
+def _base_from_volume(path: Path) -> list[tuple[np.ndarray, np.ndarray]]:
+    image = orient_to_lps(read_volume(path).image)
+    hu = sitk.GetArrayViewFromImage(image)
+    lungs = extract_aerated_lungs(hu, image.GetSpacing())
+    out = []
+    for k in range(hu.shape[0]):
+        gray = cv2.resize(hu_to_u8(hu[k]), (BASE_SIZE, BASE_SIZE), interpolation=cv2.INTER_AREA)
+        mask = cv2.resize(lungs.mask[k].astype(np.uint8), (BASE_SIZE, BASE_SIZE), interpolation=cv2.INTER_NEAREST)
+        out.append((gray, mask))
+    return out
+
+
+def _base_from_slices(folder: Path) -> list[tuple[np.ndarray, np.ndarray]]:
+    with open(folder / "labels.csv", newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r["label"].lower().startswith("non")]
+    out = []
+    for row in rows:
+        gray = read_image_2d(folder / row["path"])
+        mask = threshold_lung_mask_2d(gray)
+        if MASK_FRACTION_RANGE[0] <= mask.mean() <= MASK_FRACTION_RANGE[1]:
+            out.append((cv2.resize(gray, (BASE_SIZE, BASE_SIZE), interpolation=cv2.INTER_AREA),
+                        cv2.resize(mask.astype(np.uint8), (BASE_SIZE, BASE_SIZE), interpolation=cv2.INTER_NEAREST)))
+    return out
+
+
+def _base_from_phantoms() -> list[tuple[np.ndarray, np.ndarray]]:
+    """Slices of our synthetic chest phantoms with their drawn lungs (lesions included)."""
+    out = []
+    for seed in PHANTOM_SEEDS:
+        phantom = make_demo_phantom(seed)
+        hu = sitk.GetArrayViewFromImage(orient_to_lps(phantom.image))
+        truth = sitk.GetArrayViewFromImage(orient_to_lps(phantom.lung_labels))
+        for k in range(0, hu.shape[0], 2):
+            out.append((cv2.resize(hu_to_u8(hu[k]), (BASE_SIZE, BASE_SIZE), interpolation=cv2.INTER_AREA),
+                        cv2.resize((truth[k] > 0).astype(np.uint8), (BASE_SIZE, BASE_SIZE), interpolation=cv2.INTER_NEAREST)))
+    return out
+
+
+def load_real(data: Path) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(image uint8, lung mask uint8) pairs at BASE_SIZE from the real data folder."""
+    base = []
+    for rel in CT_VOLUMES:
+        if (data / rel).exists():
+            base += _base_from_volume(data / rel)
+    if (data / NORMAL_SLICE_SET / "labels.csv").exists():
+        base += _base_from_slices(data / NORMAL_SLICE_SET)
+    return base
+
+
+# ---- lesions ------------------------------------------------------------------------------------
+
+def _smooth_field(rng, shape, sigma: float) -> np.ndarray:
+    field = cv2.GaussianBlur(rng.standard_normal(shape).astype(np.float32), (0, 0), sigma)
+    return field / (field.std() + 1e-6)
+
+
+def _blobs(rng, mask: np.ndarray) -> np.ndarray:
+    """Lesion regions inside the lung, mostly at the pleura (peripheral, as in COVID-19)."""
+    shape = mask.shape
+    field = _smooth_field(rng, shape, rng.uniform(4, 14))
+    dist = cv2.distanceTransform(mask, cv2.DIST_L2, 5)
+    periphery = np.exp(-dist / rng.uniform(6, 30))
+    score = field + rng.uniform(1.0, 3.0) * periphery
+    inside = score[mask > 0]
+    if inside.size == 0:
+        return np.zeros(shape, bool)
+    level = np.quantile(inside, 1 - rng.uniform(0.03, 0.45))
+    return (score >= level) & (mask > 0)
+
+
+def _posterior_band(rng, mask: np.ndarray) -> np.ndarray:
+    """The dependent (posterior, bottom rows on the LPS-oriented slice) part of each lung."""
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
+    band = np.zeros(mask.shape, bool)
+    rows = np.arange(mask.shape[0])[:, None]
+    for n in range(1, count):
+        top, height = stats[n, cv2.CC_STAT_TOP], stats[n, cv2.CC_STAT_HEIGHT]
+        cut = top + height * (1 - rng.uniform(0.1, 0.5))
+        edge = cut + 4 * _smooth_field(rng, (1, mask.shape[1]), 6)
+        band |= (labels == n) & (rows >= edge)
+    return band
+
+
+def paint_lesions(rng, gray: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Ground-glass, crazy paving or consolidation painted into the lung of a uint8 slice."""
+    out = gray.astype(np.float32)
+    for _ in range(rng.integers(1, 4)):
+        region = _posterior_band(rng, mask) if rng.random() < 0.3 else _blobs(rng, mask)
+        alpha = cv2.GaussianBlur(region.astype(np.float32), (0, 0), rng.uniform(0.5, 2.0))
+        kind = rng.choice(["ggo", "paving", "consolidation"], p=[0.4, 0.15, 0.45])
+        texture = _smooth_field(rng, gray.shape, rng.uniform(0.7, 2.0))
+        if kind == "consolidation":
+            lesion = hu_u8(rng.uniform(-120, 60)) + rng.uniform(2, 8) * texture
+            out = out * (1 - alpha) + lesion * alpha
+        else:
+            lesion = hu_u8(rng.uniform(-780, -350)) + rng.uniform(3, 12) * texture
+            if kind == "paving":  # interlobular septal thickening over the ground glass
+                lines = cv2.Canny((128 + 40 * _smooth_field(rng, gray.shape, 3)).clip(0, 255).astype(np.uint8), 30, 60)
+                lesion = np.maximum(lesion, cv2.GaussianBlur(lines.astype(np.float32), (0, 0), 0.7) * 0.25 + lesion)
+            out = np.maximum(out, out * (1 - alpha) + lesion * alpha)
+    return np.clip(out, 0, 255).astype(np.uint8)
+
+
+# ---- geometry and intensity -----------------------------------------------------------------------
+
+def _crop_box(rng, mask: np.ndarray) -> tuple[float, float, float, float]:
+    """x0, y0, x1, y1 of a crop around the lungs: tight (cutting them) to loose."""
+    ys, xs = np.nonzero(mask)
+    h, w = mask.shape
+    if len(xs) == 0:
+        x0, y0, x1, y1 = 0.0, 0.0, float(w), float(h)
+    else:
+        x0, x1, y0, y1 = xs.min(), xs.max() + 1.0, ys.min(), ys.max() + 1.0
+    bw, bh = x1 - x0, y1 - y0
+    lo, hi = (-0.1, 0.35) if rng.random() < 0.6 else (0.2, 0.8)
+    return (x0 - bw * rng.uniform(lo, hi), y0 - bh * rng.uniform(lo, hi),
+            x1 + bw * rng.uniform(lo, hi), y1 + bh * rng.uniform(lo, hi))
+
+
+def _warp(rng, gray: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    x0, y0, x1, y1 = _crop_box(rng, mask)
+    size = LUNG_NET_SIZE
+    src = np.float32([[x0, y0], [x1, y0], [x0, y1]])
+    dst = np.float32([[0, 0], [size, 0], [0, size]])
+    matrix = cv2.getAffineTransform(src, dst)
+    centre = (size / 2, size / 2)
+    rotation = cv2.getRotationMatrix2D(centre, 90 * int(rng.integers(4)) + rng.uniform(-12, 12), 1.0)
+    matrix = rotation @ np.vstack([matrix, [0, 0, 1]])
+    image = cv2.warpAffine(gray, matrix, (size, size), flags=cv2.INTER_AREA, borderValue=0)
+    label = cv2.warpAffine(mask.astype(np.float32), matrix, (size, size), flags=cv2.INTER_LINEAR, borderValue=0) > 0.5
+    if rng.random() < 0.5:
+        image, label = image[:, ::-1], label[:, ::-1]
+    return np.ascontiguousarray(image), np.ascontiguousarray(label)
+
+
+def _field_of_view(rng, image: np.ndarray, label: np.ndarray) -> None:
+    """Black outside a reconstruction circle that may cut the chest (in place)."""
+    size = image.shape[0]
+    yy, xx = np.mgrid[:size, :size]
+    cx, cy = size / 2 + rng.uniform(-0.15, 0.15, 2) * size
+    outside = (xx - cx) ** 2 + (yy - cy) ** 2 > (rng.uniform(0.35, 0.6) * size) ** 2
+    image[outside] = 0
+    label[outside] = False
+
+
+def _intensity(rng, image: np.ndarray) -> np.ndarray:
+    x = image.astype(np.float32) / 255.0
+    x = np.clip(x * rng.uniform(0.75, 1.2) + rng.uniform(-0.12, 0.12), 0, 1) ** rng.uniform(0.6, 1.6)
+    if rng.random() < 0.3:
+        x = cv2.GaussianBlur(x, (0, 0), rng.uniform(0.3, 1.2))
+    x = np.clip(x + rng.normal(0, rng.uniform(0, 0.04), x.shape).astype(np.float32), 0, 1)
+    if rng.random() < 0.4:
+        ok, buf = cv2.imencode(".jpg", (x * 255).astype(np.uint8), [cv2.IMWRITE_JPEG_QUALITY, int(rng.integers(30, 95))])
+        x = cv2.imdecode(buf, cv2.IMREAD_GRAYSCALE).astype(np.float32) / 255.0
+    return x
+
+
+def _negative(rng) -> np.ndarray:
+    size = LUNG_NET_SIZE
+    kind = rng.integers(3)
+    if kind == 0:
+        return np.full((size, size), rng.integers(0, 256), np.uint8)
+    if kind == 1:
+        return rng.integers(0, 256, (size, size)).astype(np.uint8)
+    page = np.full((size, size), 255, np.uint8)
+    for row in range(8, size, 12):
+        cv2.putText(page, "".join(rng.choice(list("abcdefghij COVID lung 0123")) for _ in range(20)), (2, row),
+                    cv2.FONT_HERSHEY_SIMPLEX, 0.3, 0, 1)
+    return page if rng.random() < 0.5 else 255 - page
+
+
+def sample(rng, base) -> tuple[np.ndarray, np.ndarray]:
+    """One augmented training pair: (S, S) float32 image in [0, 1], (S, S) bool lung label."""
+    if rng.random() < NEGATIVE_PROBABILITY:
+        return _negative(rng).astype(np.float32) / 255.0, np.zeros((LUNG_NET_SIZE,) * 2, bool)
+    gray, mask = base[rng.integers(len(base))]
+    if mask.any() and rng.random() < LESION_PROBABILITY:
+        gray = paint_lesions(rng, gray, mask)
+    image, label = _warp(rng, gray, mask)
+    if rng.random() < 0.15:
+        _field_of_view(rng, image, label)
+    return _intensity(rng, image), label
+
+
+# ---- training -----------------------------------------------------------------------------------
+
+def _loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, target)
+    prob = torch.sigmoid(logits)
+    dice = 1 - (2 * (prob * target).sum() + 1) / (prob.sum() + target.sum() + 1)
+    return bce + dice
+
+
+def train(base, out: Path, iterations: int, batch: int = 16, seed: int = 0, log=print) -> Path:
+    """Train the lung network and save it to `out`; an interrupted run of the same length continues
+    from `out`'s .state file (written every 50 steps)."""
+    torch.manual_seed(seed)
+    net = LungUNet(LUNG_NET_CHANNELS)
+    optimiser = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=1e-4)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=2e-3, total_steps=iterations, pct_start=0.1)
+    step = 0
+    state_file = out.with_suffix(".state")
+    if state_file.exists():
+        state = torch.load(state_file, weights_only=False)
+        if state["iterations"] != iterations:
+            raise ValueError(f"{state_file} is a run of {state['iterations']} iterations, not {iterations}; resume it with those")
+        net.load_state_dict(state["net"])
+        optimiser.load_state_dict(state["optimiser"])
+        scheduler.load_state_dict(state["scheduler"])
+        step = state["step"]
+    rng = np.random.default_rng(seed + step)
+    net.train()
+    start = time.time()
+    while step < iterations:
+        pairs = [sample(rng, base) for _ in range(batch)]
+        x = torch.from_numpy(np.stack([p[0] for p in pairs]))[:, None]
+        y = torch.from_numpy(np.stack([p[1] for p in pairs]).astype(np.float32))[:, None]
+        loss = _loss(net(x), y)
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+        scheduler.step()
+        step += 1
+        if step % 50 == 0 or step == iterations:
+            log(f"step {step}/{iterations} loss {loss.item():.4f} ({time.time() - start:.0f} s)")
+            torch.save({"net": net.state_dict(), "optimiser": optimiser.state_dict(),
+                        "scheduler": scheduler.state_dict(), "step": step, "iterations": iterations}, state_file)
+    net.eval()
+    torch.save({"format": LUNG_NET_FORMAT, "channels": list(LUNG_NET_CHANNELS),
+                "state_dict": net.state_dict(), "iterations": iterations, "seed": seed}, out)
+    return out
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, required=True, help="the real data folder (shared/data)")
+    parser.add_argument("--out", type=Path, required=True, help="model file to write")
+    parser.add_argument("--iterations", type=int, default=2000)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    real = load_real(args.data)
+    if not real:
+        print(f"error: no CT volumes or normal slices found under {args.data}", file=sys.stderr)
+        return 3
+    base = _base_from_phantoms() + real
+    print(f"{len(base)} base slices", flush=True)
+    train(base, args.out, args.iterations, seed=args.seed, log=lambda m: print(m, flush=True))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,76 @@
+"""The lung network: shapes, the shipped file, lesion painting and a resumable training run."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from CovidCTDiagnosisLib import lung_net
+from CovidCTDiagnosisLib.training import lung_model
+
+
+def test_unet_shapes():
+    net = lung_net.LungUNet((4, 8, 16, 32)).eval()
+    with torch.no_grad():
+        out = net(torch.zeros(2, 1, lung_net.LUNG_NET_SIZE, lung_net.LUNG_NET_SIZE))
+    assert out.shape == (2, 1, lung_net.LUNG_NET_SIZE, lung_net.LUNG_NET_SIZE)
+
+
+def test_probability_keeps_the_slice_size():
+    slices = np.zeros((3, 70, 90), np.uint8)
+    prob = lung_net.lung_probability(slices)
+    assert prob.shape == (3, 70, 90) and prob.dtype == np.float32
+    assert 0.0 <= prob.min() and prob.max() <= 1.0
+
+
+def test_hu_window():
+    assert list(lung_net.hu_to_u8(np.array([-1450.0, -700.0, 50.0, 3000.0]))) == [0, 128, 255, 255]
+
+
+def test_painted_lesions_stay_in_the_lung():
+    rng = np.random.default_rng(0)
+    gray = np.full((64, 64), 40, np.uint8)
+    mask = np.zeros((64, 64), np.uint8)
+    mask[10:54, 8:28] = mask[10:54, 36:56] = 1
+    changed = False
+    for _ in range(5):
+        painted = lung_model.paint_lesions(rng, gray, mask)
+        outside = (mask == 0) & (cv2_dilate(mask) == 0)
+        assert np.array_equal(painted[outside], gray[outside])
+        changed |= bool((painted[mask > 0] != 40).any())
+    assert changed
+
+
+def cv2_dilate(mask):
+    import cv2
+
+    return cv2.dilate(mask, np.ones((9, 9), np.uint8))
+
+
+def test_training_writes_a_loadable_model_and_resumes(tmp_path):
+    rng = np.random.default_rng(0)
+    base = []
+    for _ in range(4):
+        gray = rng.integers(0, 60, (lung_model.BASE_SIZE,) * 2).astype(np.uint8) + 180
+        mask = np.zeros_like(gray)
+        mask[60:200, 30:120] = mask[60:200, 136:226] = 1
+        gray[mask > 0] = 20
+        base.append((gray, mask))
+    out = tmp_path / "lungs.pt"
+    lung_model.train(base, out, iterations=2, batch=2, log=lambda m: None)
+    state = torch.load(out.with_suffix(".state"), weights_only=False)
+    assert state["step"] == 2
+    net = lung_net.load_lung_net(str(out))
+    assert isinstance(net, lung_net.LungUNet) and not net.training
+    lung_model.train(base, out, iterations=2, batch=2, log=lambda m: None)  # finished: nothing left to train
+    assert torch.load(out.with_suffix(".state"), weights_only=False)["step"] == 2
+    with pytest.raises(ValueError, match="run of 2 iterations"):
+        lung_model.train(base, out, iterations=5, batch=2, log=lambda m: None)
+
+
+def test_not_a_lung_model_file(tmp_path):
+    path = tmp_path / "other.pt"
+    torch.save({"format": "something-else"}, path)
+    with pytest.raises(ValueError, match="not a covidct-lung-unet"):
+        lung_net.load_lung_net(str(path))
