@@ -14,7 +14,7 @@ import shutil
 import sys
 import tempfile
 import time
-from typing import Annotated
+from typing import Annotated, Optional
 
 import qt
 import vtk
@@ -223,7 +223,7 @@ class CovidCTDiagnosisWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if not self._parameterNode.inputVolume:
             self._parameterNode.inputVolume = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
 
-    def setParameterNode(self, parameterNode: CovidCTDiagnosisParameterNode | None):
+    def setParameterNode(self, parameterNode: Optional[CovidCTDiagnosisParameterNode]):
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGUI)
@@ -313,7 +313,7 @@ class CovidCTDiagnosisWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         with slicer.util.tryWithErrorDisplay(_("Failed to load the results."), waitCursor=True):
             self._showResults(self.logic.loadResults(folder, self._parameterNode.inputVolume))
 
-    def _showResults(self, results: ShownResults | None):
+    def _showResults(self, results: Optional[ShownResults]):
         """The patient-level result, the slice table and the top-slice buttons of `results` (or none)."""
         self._shown = results
         for button in self._topSliceButtons:
@@ -376,7 +376,15 @@ class CovidCTDiagnosisLogic(ScriptedLoadableModuleLogic):
             )
             if torch is None:
                 raise RuntimeError(_("PyTorch is required to analyse images."))
-        missing = slicer_runtime.missing_requirements()
+        self._pipInstall(slicer_runtime.missing_requirements())
+
+    def setupFileReaders(self):
+        """Install the pip packages that reading result folders needs (not PyTorch), after asking."""
+        self._pipInstall(slicer_runtime.missing_requirements(slicer_runtime.READER_REQUIREMENTS))
+
+    @staticmethod
+    def _pipInstall(missing):
+        """Ask, then install the pip requirements `missing` without changing Slicer's own packages."""
         if not missing:
             return
         if not slicer.util.confirmOkCancelDisplay(
@@ -445,20 +453,30 @@ class CovidCTDiagnosisLogic(ScriptedLoadableModuleLogic):
 
     def loadResults(self, resultFolder, volumeNode: vtkMRMLScalarVolumeNode = None):
         """Show a result folder (of `covidct analyze` or this module) in the scene: all under one folder named
-        after the volume, replacing its previous results, under the volume's parent transform."""
-        self.setupDependencies()
+        after the volume, replacing its previous results, under the volume's parent transform.
+
+        Needs only the file readers, not PyTorch. Over a volume, the results must hold its voxels at their
+        places, on any grid of them (Slicer makes left-handed files right-handed): slice numbers and box
+        names are then those of the volume's grid. Raises ValueError for results of another volume.
+        Returns the ShownResults.
+        """
+        self.setupFileReaders()
+        import numpy as np
         import SimpleITK as sitk
         from CovidCTDiagnosisLib import outputs, scene_plan
 
         report = outputs.read_report(resultFolder)
         name = volumeNode.GetName() if volumeNode else os.path.basename(os.path.normpath(resultFolder))
-        plan = scene_plan.plan_scene(report, name)
-        if volumeNode and not self._volumeGeometry(volumeNode).matches(plan.geometry):
+        volumeGeometry = self._volumeGeometry(volumeNode) if volumeNode else None
+        if volumeGeometry is not None and not scene_plan.Geometry.from_report(report).matches(volumeGeometry):
             raise ValueError(_("These results were computed on another volume than {volume}: select that CT, or none.").format(
                 volume=name))
+        plan = scene_plan.plan_scene(report, name, volumeGeometry)
         heatImage = sitk.ReadImage(os.path.join(resultFolder, outputs.GRADCAM_NRRD))
-        if not scene_plan.Geometry.from_image(heatImage).matches(plan.geometry):
+        heatToScene = scene_plan.Geometry.from_image(heatImage).voxel_map(plan.geometry)
+        if heatToScene is None:
             raise ValueError(_("{file} does not have the grid of report.json.").format(file=outputs.GRADCAM_NRRD))
+        heatArray = np.ascontiguousarray(heatToScene.array(sitk.GetArrayViewFromImage(heatImage)))
 
         shNode = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(slicer.mrmlScene)
         parentItem = shNode.GetItemParent(shNode.GetItemByDataNode(volumeNode)) if volumeNode else shNode.GetSceneItemID()
@@ -470,7 +488,7 @@ class CovidCTDiagnosisLogic(ScriptedLoadableModuleLogic):
         slicer.mrmlScene.StartState(slicer.mrmlScene.BatchProcessState)
         try:
             segmentation = self._addSegmentation(os.path.join(resultFolder, outputs.LUNGS_SEG_NRRD), plan)
-            heat = slicer.util.addVolumeFromArray(sitk.GetArrayFromImage(heatImage), plan.geometry.ijk_to_ras(), plan.heat_name)
+            heat = slicer.util.addVolumeFromArray(heatArray, plan.geometry.ijk_to_ras(), plan.heat_name)
             self._styleHeatVolume(heat)
             table = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLTableNode", plan.table_name)
             columns = plan.table_columns()
@@ -516,13 +534,13 @@ class CovidCTDiagnosisLogic(ScriptedLoadableModuleLogic):
         segmentation = segmentationNode.GetSegmentation()
         display = segmentationNode.GetDisplayNode()
         for planned in plan.segments:
-            segmentId = segmentation.GetSegmentIdBySegmentName(planned.name)
-            segment = segmentation.GetSegment(segmentId)
+            segment = segmentation.GetSegment(planned.segment_id)
             if segment is None:
-                raise ValueError(_("Segment {name} is missing from {path}.").format(name=planned.name, path=path))
+                raise ValueError(_("Segment {name} is missing from {path}.").format(name=planned.segment_id, path=path))
+            segment.SetName(planned.name)
             segment.SetColor(*planned.color)
             segment.SetTag(segment.GetTerminologyEntryTagName(), planned.terminology)
-            display.SetSegmentOpacity2DFill(segmentId, planned.fill_opacity)
+            display.SetSegmentOpacity2DFill(planned.segment_id, planned.fill_opacity)
         return segmentationNode
 
     @staticmethod
@@ -549,6 +567,7 @@ class CovidCTDiagnosisLogic(ScriptedLoadableModuleLogic):
     @staticmethod
     def _addRoi(planned):
         roi = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsROINode", planned.name)
+        roi.SetDescription(planned.description)
         roi.SetAndObserveObjectToNodeMatrix(slicer.util.vtkMatrixFromArray(planned.object_to_node))
         roi.SetSize(*planned.size_mm)
         roi.SetLocked(True)

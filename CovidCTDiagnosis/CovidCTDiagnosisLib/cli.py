@@ -1,7 +1,9 @@
 """`covidct`: the command line of the CovidCT engine.
 
 Errors in the input, model or output folder print one line on stderr and exit with the code
-listed by `covidct --help`; nothing is left half-written.
+listed by `covidct --help`; nothing is left half-written. Each command imports what it needs
+when it runs: building the parser loads neither torch nor the training package, which only
+`train`, `evaluate` and `compare` import (it needs scikit-learn, which Slicer's Python lacks).
 """
 
 from __future__ import annotations
@@ -20,6 +22,13 @@ PROG = "covidct"
 PROGRESS_PREFIX = "PROGRESS "  # `--progress lines`: "PROGRESS <fraction> <stage>" (read by slicer_runtime)
 ERROR_PREFIX = f"{PROG}: error: "
 DEMO_OUT = "covidct-demo"
+# sub-command -> (help, its argument builder and runner in training/commands.py)
+TRAINING_COMMANDS = {
+    "train": ("train or fine-tune a DRENet model on labelled slices", "add_train_arguments", "run_train"),
+    "evaluate": ("evaluate model(s) on a labelled set or a saved test split", "add_evaluate_arguments", "run_evaluate"),
+    "compare": ("the paper's Table 1: DRENet against plain classifiers on one patient split", "add_compare_arguments",
+                "run_compare"),
+}
 
 DESCRIPTION = """\
 COVID-19 diagnosis assistant for chest CT (DRENet, Song et al. 2021). Research use only.
@@ -57,10 +66,27 @@ def _add_analysis_options(p: argparse.ArgumentParser) -> None:
                    help="progress on stderr as a bar, or 'lines' on stdout as 'PROGRESS <fraction> <stage>' (for other programs)")
 
 
+class _CommandParser(argparse.ArgumentParser):
+    """A sub-command's parser; with `add_arguments` (a name in training/commands.py), its options are
+    added, and the training package imported, only when that sub-command is parsed."""
+
+    def __init__(self, *args, add_arguments: str | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._add_arguments = add_arguments
+
+    def parse_known_args(self, args=None, namespace=None):
+        if self._add_arguments:
+            from .training import commands
+
+            getattr(commands, self._add_arguments)(self)
+            self._add_arguments = None
+        return super().parse_known_args(args, namespace)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, description=DESCRIPTION, epilog=_exit_code_help(),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_CommandParser)
 
     p = sub.add_parser("analyze", help="analyse one chest CT volume", formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Analyse one chest CT: a DICOM series folder, or a .nii/.nii.gz/.nrrd/.mha file.",
@@ -93,11 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=DEMO_OUT, metavar="DIR", help=f"demo folder (default: ./{DEMO_OUT})")
     _add_model_options(p)
 
-    from .training.commands import add_compare_arguments, add_evaluate_arguments, add_train_arguments
-
-    add_train_arguments(sub.add_parser("train", help="train or fine-tune a DRENet model on labelled slices"))
-    add_evaluate_arguments(sub.add_parser("evaluate", help="evaluate model(s) on a labelled set or a saved test split"))
-    add_compare_arguments(sub.add_parser("compare", help="the paper's Table 1: DRENet against plain classifiers on one patient split"))
+    for name, (text, add_arguments, _run) in TRAINING_COMMANDS.items():
+        sub.add_parser(name, help=text, add_arguments=add_arguments)
     return parser
 
 
@@ -252,7 +275,7 @@ def main(argv=None) -> int:
             return COMMANDS[args.command](args)
         from .training import commands
 
-        return {"train": commands.run_train, "evaluate": commands.run_evaluate, "compare": commands.run_compare}[args.command](args)
+        return getattr(commands, TRAINING_COMMANDS[args.command][2])(args)
     except CovidCTError as exc:
         print(f"{ERROR_PREFIX}{exc}", file=sys.stderr)
         return exc.exit_code

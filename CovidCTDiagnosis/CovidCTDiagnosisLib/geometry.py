@@ -4,19 +4,22 @@ The pipeline works on the input volume reoriented to LPS by a pure permutation/f
 grid (no resampling), so that its numpy array `[k, j, i]` has `k` inferior->superior, `j = 0`
 anterior and `i = 0` at the patient's right: `array[k]` is an axial slice in radiological
 display. Results computed on that grid go back to the input's own grid with `to_original_grid`,
-voxel for voxel.
+voxel for voxel. `voxel_map` says whether two grids hold the same voxels at the same places (as a
+left-handed file and the right-handed volume Slicer makes of it do) and maps indices and arrays.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import SimpleITK as sitk
 
 LPS = "LPS"
 AXIS_S = 2  # index of the superior component in an LPS vector
-_ROUNDING_TOLERANCE = 1e-3  # |entry - round(entry)| allowed in the axis-mapping matrix
+SAME_PLACE_TOLERANCE = 0.01  # voxel centres closer than this fraction of the smallest spacing are at the same place
 
 
 def orient_to_lps(image: sitk.Image) -> sitk.Image:
@@ -29,25 +32,71 @@ def _direction(image: sitk.Image) -> np.ndarray:
     return np.array(image.GetDirection(), dtype=float).reshape(3, 3)
 
 
-def _axis_map(oriented: sitk.Image, original: sitk.Image) -> tuple[np.ndarray, np.ndarray]:
-    """For each oriented axis a: the original axis it runs along, and +1/-1 if it runs forward/back.
+@dataclass(frozen=True)
+class VoxelMap:
+    """Two grids holding the same voxels at the same places: voxel axis a of the first runs along
+    axis `axes[a]` of the second, forwards (+1) or backwards (-1); `size` is the second's (i, j, k)."""
 
-    Derived from the direction matrices, so it holds for any pair of grids that differ by a
-    permutation/flip of the same voxels (as `orient_to_lps` makes).
-    """
-    mapping = _direction(original).T @ _direction(oriented)  # [original axis, oriented axis]
-    rounded = np.round(mapping)
-    perm = np.argmax(np.abs(rounded), axis=0)
-    signs = rounded[perm, np.arange(3)]
-    is_signed_permutation = (
-        np.abs(mapping - rounded).max() < _ROUNDING_TOLERANCE
-        and sorted(perm.tolist()) == [0, 1, 2]
-        and np.all(np.abs(signs) == 1)
-    )
-    sizes_match = [original.GetSize()[p] for p in perm] == list(oriented.GetSize())
-    if not (is_signed_permutation and sizes_match):
+    axes: tuple[int, int, int]
+    signs: tuple[int, int, int]
+    size: tuple[int, int, int]
+
+    def index(self, ijk: Sequence[int]) -> tuple[int, int, int]:
+        """The second grid's (i, j, k) of the voxel at `ijk` on the first."""
+        out = [0, 0, 0]
+        for a, (b, sign) in enumerate(zip(self.axes, self.signs)):
+            out[b] = int(ijk[a]) if sign > 0 else self.size[b] - 1 - int(ijk[a])
+        return tuple(out)
+
+    def inverse_index(self, ijk: Sequence[int]) -> tuple[int, int, int]:
+        """The first grid's (i, j, k) of the voxel at `ijk` on the second."""
+        return tuple(
+            int(ijk[b]) if sign > 0 else self.size[b] - 1 - int(ijk[b]) for b, sign in zip(self.axes, self.signs)
+        )
+
+    def slice_index(self, axis: int, index: int) -> int:
+        """The second grid's index (along its axis `axes[axis]`) of slice `index` along the first grid's `axis`."""
+        return int(index) if self.signs[axis] > 0 else self.size[self.axes[axis]] - 1 - int(index)
+
+    def array(self, array_kji: np.ndarray) -> np.ndarray:
+        """An array on the first grid ([k, j, i]) as the same voxels on the second grid: a numpy view, exact."""
+        flipped = array_kji
+        for a in np.flatnonzero(np.array(self.signs) < 0):
+            flipped = np.flip(flipped, axis=2 - a)
+        first_axis_of = np.argsort(self.axes)  # second grid's axis b -> first grid's axis
+        # numpy axis m of the output is second-grid axis 2 - m, found on numpy axis 2 - a of the input
+        return np.transpose(flipped, [2 - first_axis_of[2 - m] for m in range(3)])
+
+
+def voxel_map(ijk_to_lps, size: Sequence[int], other_ijk_to_lps, other_size: Sequence[int]) -> VoxelMap | None:
+    """The VoxelMap from one grid (4x4 IJK-to-LPS affine, size i, j, k) to another, or None unless both
+    put the same voxels at the same places (voxel axes permuted or reversed, e.g. a left-handed grid
+    made right-handed): every voxel centre within SAME_PLACE_TOLERANCE voxel of its counterpart."""
+    first, second = np.asarray(ijk_to_lps, dtype=float), np.asarray(other_ijk_to_lps, dtype=float)
+    mapping = np.round(np.linalg.solve(second, first)[:3, :3])  # [second axis, first axis]
+    axes = np.argmax(np.abs(mapping), axis=0)
+    signs = mapping[axes, np.arange(3)]
+    if np.count_nonzero(mapping) != 3 or sorted(axes.tolist()) != [0, 1, 2] or not np.all(np.abs(signs) == 1):
+        return None
+    if [int(other_size[b]) for b in axes] != [int(n) for n in size]:
+        return None
+    result = VoxelMap(tuple(int(b) for b in axes), tuple(int(s) for s in signs), tuple(int(n) for n in other_size))
+    tolerance = SAME_PLACE_TOLERANCE * np.linalg.norm(first[:3, :3], axis=0).min()
+    # both affine: if the corner voxels are in place, every voxel between them is
+    for corner in itertools.product(*((0, int(n) - 1) for n in size)):
+        here = first @ np.append(corner, 1.0)
+        there = second @ np.append(result.index(corner), 1.0)
+        if np.linalg.norm(here - there) > tolerance:
+            return None
+    return result
+
+
+def _axis_map(oriented: sitk.Image, original: sitk.Image) -> VoxelMap:
+    """The VoxelMap from `oriented` to `original`, which must hold the same voxels (as `orient_to_lps` makes)."""
+    mapping = voxel_map(ijk_to_lps_matrix(oriented), oriented.GetSize(), ijk_to_lps_matrix(original), original.GetSize())
+    if mapping is None:
         raise ValueError("the two images are not a permutation/flip of the same voxel grid")
-    return perm, signs.astype(int)
+    return mapping
 
 
 def to_original_grid(array_kji: np.ndarray, oriented: sitk.Image, original: sitk.Image) -> sitk.Image:
@@ -56,18 +105,12 @@ def to_original_grid(array_kji: np.ndarray, oriented: sitk.Image, original: sitk
     Exact (numpy flips and a transpose, no interpolation). The dtype is kept, except bool which
     becomes uint8 (SimpleITK has no bool pixels).
     """
-    perm, signs = _axis_map(oriented, original)
+    mapping = _axis_map(oriented, original)
     expected_shape = tuple(reversed(oriented.GetSize()))
     if array_kji.shape != expected_shape:
         raise ValueError(f"array shape {array_kji.shape} does not match the oriented grid {expected_shape}")
-    flipped = array_kji
-    for axis in np.flatnonzero(signs < 0):
-        flipped = np.flip(flipped, axis=2 - axis)
-    oriented_axis_of = np.argsort(perm)  # original axis b -> oriented axis
-    # numpy axis m of the output is original axis 2 - m, found on numpy axis 2 - a of the input
-    order = [2 - oriented_axis_of[2 - m] for m in range(3)]
     # one explicit numpy copy: much faster than GetImageFromArray's own copy of a strided view
-    out = np.ascontiguousarray(np.transpose(flipped, order))
+    out = np.ascontiguousarray(mapping.array(array_kji))
     if out.dtype == bool:
         out = out.view(np.uint8)
     image = sitk.GetImageFromArray(out)
@@ -79,24 +122,14 @@ def oriented_to_original_index(
     oriented: sitk.Image, original: sitk.Image, ijk: Sequence[int]
 ) -> tuple[int, int, int]:
     """The original grid's (i, j, k) of the voxel at `ijk` on the oriented grid."""
-    perm, signs = _axis_map(oriented, original)
-    size = original.GetSize()
-    out = [0, 0, 0]
-    for a in range(3):
-        b = perm[a]
-        out[b] = int(ijk[a]) if signs[a] > 0 else size[b] - 1 - int(ijk[a])
-    return tuple(out)
+    return _axis_map(oriented, original).index(ijk)
 
 
 def original_to_oriented_index(
     oriented: sitk.Image, original: sitk.Image, ijk: Sequence[int]
 ) -> tuple[int, int, int]:
     """The oriented grid's (i, j, k) of the voxel at `ijk` on the original grid."""
-    perm, signs = _axis_map(oriented, original)
-    size = original.GetSize()
-    return tuple(
-        int(ijk[perm[a]]) if signs[a] > 0 else size[perm[a]] - 1 - int(ijk[perm[a]]) for a in range(3)
-    )
+    return _axis_map(oriented, original).inverse_index(ijk)
 
 
 def axial_axis(image: sitk.Image) -> int:

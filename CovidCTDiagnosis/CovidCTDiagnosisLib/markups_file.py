@@ -19,7 +19,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .result import SliceResult
-from .segmentation_file import lesion_colors
+from .segmentation_file import box_description, box_name, lesion_colors
 
 MARKUPS_SCHEMA = (
     "https://raw.githubusercontent.com/slicer/slicer/master/Modules/Loadable/Markups/Resources/Schema/"
@@ -52,11 +52,6 @@ class LesionMarkup:
     orientation: tuple[float, ...]  # 3x3 row-major; columns are the ROI axes in LPS
 
 
-def box_markup_name(slice_index: int, rank: int) -> str:
-    """The ROI's name, e.g. "slice 82 box 1"."""
-    return f"slice {slice_index} box {rank}"
-
-
 def roi_orientation(reference_image: sitk.Image) -> list[float]:
     """The volume's i, j, k axes as ROI axes (row-major, columns = axes in LPS), as a rotation.
 
@@ -80,7 +75,7 @@ def write_lesion_markups(path: str | PathLike, slices: Sequence[SliceResult], re
         markups.append(
             {
                 "type": "ROI",
-                "name": box_markup_name(slice_index, box.rank),
+                "name": box_name(slice_index, box.rank),
                 "coordinateSystem": COORDINATE_SYSTEM,
                 "coordinateUnits": "mm",
                 "locked": True,
@@ -96,7 +91,7 @@ def write_lesion_markups(path: str | PathLike, slices: Sequence[SliceResult], re
                     {
                         "id": "1",
                         "label": f"box {box.rank}",
-                        "description": f"navigator score {box.score:.4f} (rank {box.rank} on slice {slice_index})",
+                        "description": box_description(box.score),
                         "associatedNodeID": "",
                         "position": center,
                         "selected": True,

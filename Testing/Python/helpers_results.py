@@ -23,6 +23,21 @@ ORIGIN = (-20.0, -15.0, -140.0)
 IDENTITY = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
 FLIPPED = (-1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0)  # i runs L->R, j runs P->A (as from RAS files)
 MIRRORED = (-1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)  # left-handed grid: i runs L->R only
+LAS = (1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0)  # left-handed: i to the left, j anterior (an LAS NIfTI)
+
+
+def left_handed_oblique_direction() -> tuple[float, ...]:
+    """The oblique grid with its k axis reversed: left-handed and oblique."""
+    return tuple((np.reshape(oblique_direction(), (3, 3)) @ np.diag([1.0, 1.0, -1.0])).ravel())
+
+
+def slicer_right_handed(ijk_to_ras, size) -> np.ndarray:
+    """The IJK-to-RAS matrix Slicer's volume reader gives a left-handed grid
+    (ForceRightHandedIJKCoordinateSystem): the same voxels, the k axis reversed, the origin at the last slice."""
+    m = np.array(ijk_to_ras, dtype=float)
+    m[:3, 3] += m[:3, 2] * (size[2] - 1)
+    m[:3, 2] *= -1
+    return m
 
 
 def oblique_direction(degrees: float = 20.0) -> tuple[float, ...]:

@@ -13,9 +13,10 @@ import SimpleITK as sitk
 import torch
 
 from CovidCTDiagnosisLib.checkpoint import save_checkpoint
-from CovidCTDiagnosisLib.cli import main
+from CovidCTDiagnosisLib.cli import build_parser, main
 from CovidCTDiagnosisLib.drenet import DRENet, DRENetConfig
 from CovidCTDiagnosisLib.outputs import OUTPUT_FILES
+from CovidCTDiagnosisLib.training.train import TrainConfig
 
 
 @pytest.fixture(scope="module")
@@ -134,10 +135,49 @@ def test_batch_skips_bad_cases_and_finished_ones(tmp_path, ct_file, tiny_model, 
     assert rows["good"]["status"] == "skipped" and rows["good"]["label"]
 
 
+def _help(*command) -> str:
+    return subprocess.run([sys.executable, "-m", "CovidCTDiagnosisLib.cli", *command, "--help"], capture_output=True,
+                          text=True, check=True).stdout
+
+
 def test_help_explains_commands_and_exit_codes():
-    out = subprocess.run([sys.executable, "-m", "CovidCTDiagnosisLib.cli", "--help"], capture_output=True, text=True, check=True).stdout
-    for word in ("analyze", "batch", "score-images", "demo", "train", "evaluate", "exit codes", "Research use only"):
+    out = _help()
+    for word in ("analyze", "batch", "score-images", "demo", "train", "evaluate", "compare", "exit codes", "Research use only"):
         assert word in out
+    # the training commands' options, added when one of them is chosen
+    train_help = _help("train")
+    assert "--backbone" in train_help and "--resume" in train_help
+    evaluate = build_parser().parse_args(["evaluate", "--model", "m.pt", "--split", "m.pt", "--out", "o"])
+    compare = build_parser().parse_args(["compare", "--data", "l.csv", "--out", "o", "--baselines", "vgg16"])
+    assert (evaluate.split, compare.baselines, compare.epochs) == ("m.pt", ["vgg16"], TrainConfig().epochs)
+
+
+def test_analyze_imports_no_training_code(tmp_path):
+    """Slicer's Python (PythonSlicer) has no scikit-learn: building the parser, `analyze --help` and an
+    analysis import neither the training package nor scikit-learn or matplotlib (nor torch before the analysis)."""
+    missing, out = str(tmp_path / "missing.nrrd"), str(tmp_path / "out")
+    script = f"""
+import contextlib, io, json, sys
+from CovidCTDiagnosisLib import cli
+loaded = {{}}
+cli.build_parser()
+loaded["parser"] = sorted(sys.modules)
+with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):
+    cli.main(["analyze", "--help"])
+loaded["analyze --help"] = sorted(sys.modules)
+code = cli.main(["analyze", {missing!r}, "--out", {out!r}, "--model", "untrained", "--device", "cpu", "--quiet"])
+loaded["analyze"] = sorted(sys.modules)
+print(json.dumps({{"code": code, "loaded": loaded}}))
+"""
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    report = json.loads(run.stdout.splitlines()[-1])
+    assert report["code"] == 3 and "missing.nrrd" in run.stderr  # got as far as reading the input
+    for stage, modules in report["loaded"].items():
+        top = {m.split(".")[0] for m in modules}
+        assert not top & {"sklearn", "matplotlib"}, stage
+        assert not any(m.startswith("CovidCTDiagnosisLib.training") for m in modules), stage
+    assert "torch" not in {m.split(".")[0] for m in report["loaded"]["analyze --help"]}
+    assert "CovidCTDiagnosisLib.pipeline" in report["loaded"]["analyze"]
 
 
 def test_ensemble_averages_slice_probabilities(tmp_path, ct_file, tiny_model, capsys):

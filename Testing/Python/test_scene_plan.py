@@ -5,15 +5,28 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import SimpleITK as sitk
 import slicerio
 from slicerio.segmentation import terminology_entry_from_string
 
 from CovidCTDiagnosisLib import markups_file, outputs, scene_plan
 from CovidCTDiagnosisLib.result import RESEARCH_USE_ONLY, UNTRAINED_WARNING
 from CovidCTDiagnosisLib.scene_plan import LPS_TO_RAS, Geometry, plan_scene
-from helpers_results import FLIPPED, IDENTITY, MIRRORED, make_result, oblique_direction
+from helpers_results import (
+    FLIPPED,
+    IDENTITY,
+    LAS,
+    MIRRORED,
+    SIZE,
+    left_handed_oblique_direction,
+    make_image,
+    make_result,
+    oblique_direction,
+    slicer_right_handed,
+)
 
 GRIDS = {"identity": IDENTITY, "flipped": FLIPPED, "mirrored": MIRRORED, "oblique": oblique_direction()}
+LPS_TO_RAS_4 = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 
 def _ras(point_lps) -> np.ndarray:
@@ -93,8 +106,13 @@ def test_plan_matches_the_engine_files(tmp_path):
         np.testing.assert_allclose(planned.color, on_file["color"], atol=1e-3)
         assert terminology_entry_from_string(planned.terminology) == on_file["terminology"]
         assert planned.is_lesion == (planned.name not in ("Right lung", "Left lung"))
+    assert [s.segment_id for s in plan.segments] == [s["id"] for s in segmentation["segments"]]
     markups = markups_file.read_lesion_markups(folder / outputs.LESIONS_MRK_JSON)
     assert len(markups) == len(plan.rois)
+    # one name per region in both files and the scene; the score in its description
+    assert [m.name for m in markups] == [s["name"] for s in segmentation["segments"][2:]] == [r.name for r in plan.rois]
+    assert [s["tags"]["Description"] for s in segmentation["segments"][2:]] == [r.description for r in plan.rois]
+    assert all(r.name == f"slice {r.slice_index} box {r.rank}" for r in plan.rois)
     for roi, markup in zip(plan.rois, markups):
         np.testing.assert_allclose(roi.center_ras, _ras(markup.center_lps), atol=1e-6)
         np.testing.assert_allclose(roi.size_mm, markup.size_mm, atol=1e-6)
@@ -152,3 +170,90 @@ def test_known_lps_box_on_a_flipped_grid_lands_at_its_ras_point():
     # the volume's i axis is RAS +R and j is +A: the ROI axes are the identity in RAS
     np.testing.assert_allclose(roi.object_to_node[:3, :3], np.eye(3), atol=1e-12)
     assert roi.size_mm == (8.0, 6.0, 2.5)
+
+
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nrrd"])
+@pytest.mark.parametrize("direction", [LAS, left_handed_oblique_direction()], ids=["LAS", "oblique left-handed"])
+def test_left_handed_file_and_the_grid_slicer_reads_it_on_hold_the_same_voxels(tmp_path, suffix, direction):
+    """SimpleITK (covidct) keeps a left-handed file's grid; Slicer reverses k. Every voxel is at the same
+    place on both, so the grids match, and slice indices and arrays map between them."""
+    path = tmp_path / f"ct{suffix}"
+    array = np.arange(np.prod(SIZE), dtype=np.int16).reshape(SIZE[::-1])
+    sitk.WriteImage(make_image(array, direction), str(path))
+    on_file = sitk.ReadImage(str(path))
+    file_grid = Geometry.from_image(on_file)
+    assert np.linalg.det(np.reshape(file_grid.direction, (3, 3))) < 0
+    slicer_grid = Geometry.from_ijk_to_ras(slicer_right_handed(file_grid.ijk_to_ras(), file_grid.size), file_grid.size)
+    mapping = file_grid.voxel_map(slicer_grid)
+    assert file_grid.matches(slicer_grid) and slicer_grid.matches(file_grid)
+    assert (mapping.axes, mapping.signs) == ((0, 1, 2), (1, 1, -1))
+    on_slicer = mapping.array(sitk.GetArrayViewFromImage(on_file))
+    for ijk in [(0, 0, 0), (5, 7, 2), (SIZE[0] - 1, SIZE[1] - 1, SIZE[2] - 1)]:
+        there = mapping.index(ijk)
+        assert there[2] == mapping.slice_index(2, ijk[2]) == SIZE[2] - 1 - ijk[2]
+        assert on_slicer[there[::-1]] == array[ijk[::-1]]
+        np.testing.assert_allclose(slicer_grid.ijk_to_lps() @ np.append(there, 1.0),
+                                   np.append(on_file.TransformIndexToPhysicalPoint(ijk), 1.0), atol=1e-6)
+        assert mapping.inverse_index(there) == ijk
+
+
+def test_grids_of_other_voxels_do_not_match():
+    grid = Geometry.from_report(make_result(direction=left_handed_oblique_direction())[0].to_report())
+    m = grid.ijk_to_ras()
+    size = grid.size
+    spacing = min(grid.spacing)
+    shifted = m.copy()
+    shifted[:3, 3] += m[:3, 2] * 0.5  # half a slice along k
+    nudged = m.copy()
+    nudged[:3, 3] += [0.0, 0.0, 0.02 * spacing]  # more than SAME_PLACE_TOLERANCE of a voxel
+    finer = m @ np.diag([1.0, 1.0, 0.5, 1.0])
+    turned = m.copy()
+    turned[:3, :3] = np.reshape(oblique_direction(21.0), (3, 3)) @ m[:3, :3]
+    for other in (shifted, nudged, finer, turned, slicer_right_handed(shifted, size)):
+        assert not grid.matches(Geometry.from_ijk_to_ras(other, size))
+    assert not grid.matches(Geometry.from_ijk_to_ras(slicer_right_handed(m, size), (size[0], size[1], size[2] + 1)))
+    within = m.copy()
+    within[:3, 3] += [0.0, 0.0, 0.005 * spacing]
+    assert grid.matches(Geometry.from_ijk_to_ras(slicer_right_handed(within, size), size))
+
+
+def test_permuted_axes_hold_the_same_voxels():
+    """Any permutation/flip of the voxel axes that keeps every voxel in place is the same grid."""
+    grid = Geometry.from_report(make_result(direction=oblique_direction())[0].to_report())
+    m, size = grid.ijk_to_lps(), grid.size
+    # new i = old k reversed, new j = old i, new k = old j
+    permuted = np.eye(4)
+    permuted[:3, 0], permuted[:3, 1], permuted[:3, 2] = -m[:3, 2], m[:3, 0], m[:3, 1]
+    permuted[:3, 3] = m[:3, 3] + m[:3, 2] * (size[2] - 1)
+    other = Geometry.from_ijk_to_ras(LPS_TO_RAS_4 @ permuted, (size[2], size[0], size[1]))
+    mapping = grid.voxel_map(other)
+    assert (mapping.axes, mapping.signs) == ((1, 2, 0), (1, 1, -1))
+    values = np.arange(np.prod(size)).reshape(size[::-1])
+    moved = mapping.array(values)
+    assert moved.shape == tuple(reversed(other.size))
+    for ijk in [(0, 0, 0), (3, 5, 7), (size[0] - 1, 0, 4)]:
+        there = mapping.index(ijk)
+        assert moved[there[::-1]] == values[ijk[::-1]]
+        np.testing.assert_allclose(other.ijk_to_lps() @ np.append(there, 1.0), m @ np.append(ijk, 1.0), atol=1e-9)
+
+
+def test_plan_on_the_slicer_grid_numbers_slices_and_boxes_there():
+    result, _ = make_result(direction=LAS)
+    on_file = plan_scene(result, "CT")
+    grid = on_file.geometry
+    slicer_grid = Geometry.from_ijk_to_ras(slicer_right_handed(grid.ijk_to_ras(), grid.size), grid.size)
+    plan = plan_scene(result, "CT", slicer_grid)
+    nk = grid.size[2]
+    assert plan.geometry == slicer_grid
+    assert [r.index for r in plan.rows] == [nk - 1 - s.index for s in result.slices]
+    assert [plan.rows[i].index for i in plan.top_rows] == [nk - 1 - k for k in result.top_slices]
+    assert [r.name for r in plan.rois] == [f"slice {nk - 1 - s.index} box {b.rank}" for s in result.slices for b in s.boxes]
+    assert [s.name for s in plan.segments[2:]] == [r.name for r in plan.rois]
+    assert [s.segment_id for s in plan.segments] == [s.segment_id for s in on_file.segments]
+    for ours, theirs in zip(plan.rois, on_file.rois):
+        np.testing.assert_allclose(ours.object_to_node, theirs.object_to_node)
+        assert ours.description == theirs.description == f"navigator score {ours.score:.4f}"
+    for ours, theirs in zip(plan.rows, on_file.rows):
+        assert ours.center_ras == theirs.center_ras
+    with pytest.raises(ValueError, match="another grid"):
+        plan_scene(result, "CT", Geometry.from_ijk_to_ras(grid.ijk_to_ras() @ np.diag([1.0, 1.0, 2.0, 1.0]), grid.size))

@@ -44,7 +44,9 @@ def test_segments_names_terminology_and_colours(written):
     seg = slicerio.read_segmentation(str(path), skip_voxels=True)
     names = slicerio.segment_names(seg)
     assert names[:2] == ["Right lung", "Left lung"]
-    assert names[2:] == [f"slice {s.index} box {b.rank} ({b.score:.2f})" for s in result.slices for b in s.boxes]
+    assert names[2:] == [f"slice {s.index} box {b.rank}" for s in result.slices for b in s.boxes]
+    assert [s["tags"]["Description"] for s in seg["segments"][2:]] == [
+        f"navigator score {b.score:.4f}" for s in result.slices for b in s.boxes]
     right, left = seg["segments"][:2]
     assert right["terminology"]["category"] == ["SCT", "123037004", "Anatomical Structure"]
     assert right["terminology"]["type"] == ["SCT", "3341006", "Right lung"]
@@ -56,7 +58,7 @@ def test_segments_names_terminology_and_colours(written):
         assert box["terminology"]["type"] == ["SCT", "52988006", "Lesion"]
         red, green, blue = box["color"]
         assert red >= 0.9 and blue <= 0.2  # warm
-    by_score = sorted(boxes, key=lambda b: float(b["name"].split("(")[1].rstrip(")")))
+    by_score = sorted(boxes, key=lambda b: float(b["tags"]["Description"].split()[-1]))
     assert by_score[-1]["color"] == [0.9, 0.1, 0.1]  # the top box is the reddest
     assert by_score[0]["color"][1] > by_score[-1]["color"][1]
 

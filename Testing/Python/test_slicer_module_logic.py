@@ -1,66 +1,36 @@
 """The module's logic run without Slicer: `slicer`, `qt` and PyTorchUtils are replaced by mocks that
-accept any call, so these tests check the module's own Python (what it computes and hands to
+accept any call (slicer_stand_ins.py), so these tests check the module's own Python (what it computes and hands to
 Slicer), not Slicer's behaviour; test_slicer_module_api checks the names it calls, and the
 module's self-test runs it in Slicer."""
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 import time
-import types
 from unittest import mock
 
 import numpy as np
 import pytest
+import SimpleITK as sitk
 
 from CovidCTDiagnosisLib import outputs, slicer_runtime
 from CovidCTDiagnosisLib.scene_plan import plan_scene
-from helpers_results import make_result, oblique_direction
+from helpers_results import LAS, left_handed_oblique_direction, make_result, oblique_direction, slicer_right_handed
+from slicer_stand_ins import fake_slicer_modules, load_module_file
 from test_slicer_module_files import MODULE_FILE
 
 TRANSFORM_ID = "vtkMRMLLinearTransformNode1"
 
 
-class _Node:
-    """Stands for the MRML classes the module imports by name (usable in annotations)."""
-
-
-def _fake_slicer_modules(temporary_path) -> dict[str, types.ModuleType]:
-    slicer = mock.MagicMock(name="slicer")
-    slicer.vtkMRMLScalarVolumeNode = _Node
-    slicer.app.temporaryPath = str(temporary_path)
-    slicer.util.VTKObservationMixin = type("VTKObservationMixin", (), {"__init__": lambda self: None})
-    slicer.util.confirmOkCancelDisplay.return_value = True
-    slicer.util.arrayFromVTKMatrix.side_effect = lambda m: np.array([[m.GetElement(r, c) for c in range(4)] for r in range(4)])
-    wrapper = types.ModuleType("slicer.parameterNodeWrapper")
-    wrapper.parameterNodeWrapper = lambda cls: cls
-    wrapper.WithinRange = lambda low, high: (low, high)
-    slm = types.ModuleType("slicer.ScriptedLoadableModule")
-    for name in ("ScriptedLoadableModule", "ScriptedLoadableModuleWidget", "ScriptedLoadableModuleTest"):
-        setattr(slm, name, type(name, (), {"__init__": lambda self, *args: None}))
-    slm.ScriptedLoadableModuleLogic = type("ScriptedLoadableModuleLogic", (), {
-        "__init__": lambda self: None, "getParameterNode": lambda self: mock.MagicMock()})
-    i18n = types.ModuleType("slicer.i18n")
-    i18n.tr = lambda text: text
-    i18n.translate = lambda context, text: text
-    pytorch = types.ModuleType("PyTorchUtils")
-    pytorch.PyTorchUtilsLogic = lambda: mock.MagicMock(**{"torchInstalled.return_value": True})
-    return {"slicer": slicer, "slicer.util": slicer.util, "slicer.parameterNodeWrapper": wrapper,
-            "slicer.ScriptedLoadableModule": slm, "slicer.i18n": i18n, "qt": mock.MagicMock(name="qt"),
-            "PyTorchUtils": pytorch, "sitkUtils": mock.MagicMock(name="sitkUtils")}
-
-
 @pytest.fixture
 def module(tmp_path, monkeypatch):
-    """The module file imported against the mocks; `fakeSlicer` is its `slicer`."""
+    """The module file imported against the stand-ins; `fakeSlicer` is its `slicer`."""
     (tmp_path / "slicer-temp").mkdir()
-    fakes = _fake_slicer_modules(tmp_path / "slicer-temp")
+    fakes = fake_slicer_modules(tmp_path / "slicer-temp")
     for name, fake in fakes.items():
         monkeypatch.setitem(sys.modules, name, fake)
-    spec = importlib.util.spec_from_file_location("CovidCTDiagnosisUnderTest", MODULE_FILE)
-    loaded = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(loaded)
+    monkeypatch.setitem(sys.modules, "CovidCTDiagnosisUnderTest", None)  # removed again after the test
+    loaded = load_module_file(MODULE_FILE, "CovidCTDiagnosisUnderTest")
     loaded.fakeSlicer = fakes["slicer"]
     return loaded
 
@@ -101,8 +71,10 @@ def test_load_results_builds_the_planned_nodes_under_the_volume_transform(module
     for node in [shown.segmentation, shown.heat, *shown.rois]:
         node.SetAndObserveTransformNodeID.assert_called_with(TRANSFORM_ID)
     assert slicer.util.setSliceViewerLayers.call_args.kwargs["background"] is volume
-    names = [c.args[0] for c in segmentation.GetSegmentation.return_value.GetSegmentIdBySegmentName.call_args_list]
-    assert names == [s.name for s in plan.segments]
+    ids = [c.args[0] for c in segmentation.GetSegmentation.return_value.GetSegment.call_args_list]
+    assert ids == [s.segment_id for s in plan.segments]
+    segment = segmentation.GetSegmentation.return_value.GetSegment.return_value
+    assert [c.args[0] for c in segment.SetName.call_args_list] == [s.name for s in plan.segments]
 
 
 def test_load_results_refuses_a_volume_of_another_grid(module, result_folder):
@@ -112,6 +84,59 @@ def test_load_results_refuses_a_volume_of_another_grid(module, result_folder):
     moved[2, 3] += 10.0
     with pytest.raises(ValueError, match="another volume"):
         module.CovidCTDiagnosisLogic().loadResults(str(folder), _volume(moved, plan.geometry.size))
+
+
+@pytest.mark.parametrize("direction", [LAS, left_handed_oblique_direction()], ids=["LAS", "oblique left-handed"])
+def test_load_results_over_the_right_handed_volume_slicer_reads_from_a_left_handed_file(module, tmp_path, direction):
+    """Same voxels, k reversed: accepted, with the heat map, slice numbers and box names on Slicer's grid."""
+    result, ct = make_result(direction=direction)
+    folder = outputs.write_outputs(result, ct, tmp_path / "case")
+    on_file = plan_scene(result, "CT").geometry
+    nk = on_file.size[2]
+    slicer_matrix = slicer_right_handed(on_file.ijk_to_ras(), on_file.size)
+    assert np.linalg.det(slicer_matrix[:3, :3]) > 0 > np.linalg.det(on_file.ijk_to_ras()[:3, :3])
+    slicer = module.fakeSlicer
+    segment = slicer.util.loadSegmentation.return_value.GetSegmentation.return_value.GetSegment.return_value
+    shown = module.CovidCTDiagnosisLogic().loadResults(str(folder), _volume(slicer_matrix, on_file.size))
+
+    array, matrix, _ = slicer.util.addVolumeFromArray.call_args.args
+    np.testing.assert_allclose(matrix, slicer_matrix, atol=1e-9)
+    np.testing.assert_array_equal(array, np.flip(sitk.GetArrayFromImage(result.gradcam), axis=0))
+    slice_column = slicer.util.updateTableFromArray.call_args.args[1][0]
+    assert slice_column.tolist() == [nk - 1 - s.index for s in result.slices]
+    boxes = [(s.index, b) for s in result.slices for b in s.boxes]
+    lesion_names = [c.args[0] for c in segment.SetName.call_args_list][2:]
+    assert lesion_names == [f"slice {nk - 1 - k} box {b.rank}" for k, b in boxes]
+    assert [roi.name for roi in shown.plan.rois] == lesion_names
+    for roi, (_, box) in zip(shown.plan.rois, boxes):
+        np.testing.assert_allclose(roi.center_ras, np.diag([-1.0, -1.0, 1.0]) @ box.center_lps, atol=1e-9)
+    descriptions = [c.args[0] for c in slicer.mrmlScene.AddNewNodeByClass.return_value.SetDescription.call_args_list]
+    assert descriptions == [f"navigator score {b.score:.4f}" for _, b in boxes]
+    for row in shown.plan.rows:  # each row's slice, numbered on Slicer's grid, is where its centre is
+        ijk = np.linalg.solve(slicer_matrix, np.append(row.center_ras, 1.0))[:3]
+        assert ijk[2] == pytest.approx(row.index)
+    half_a_slice = slicer_matrix.copy()
+    half_a_slice[:3, 3] += slicer_matrix[:3, 2] / 2
+    with pytest.raises(ValueError, match="another volume"):
+        module.CovidCTDiagnosisLogic().loadResults(str(folder), _volume(half_a_slice, on_file.size))
+
+
+def test_load_results_needs_only_the_file_readers(module, result_folder, monkeypatch):
+    """No PyTorch extension and no torch asked for; a missing reader package is the only one offered."""
+    folder, _ = result_folder
+    slicer = module.fakeSlicer
+    monkeypatch.setitem(sys.modules, "PyTorchUtils", None)  # `import PyTorchUtils` fails
+    with pytest.raises(RuntimeError, match="PyTorch extension"):
+        module.CovidCTDiagnosisLogic().setupDependencies()
+    module.CovidCTDiagnosisLogic().loadResults(str(folder))
+    slicer.util.confirmOkCancelDisplay.assert_not_called()
+    monkeypatch.setattr(slicer_runtime, "missing_requirements",
+                        lambda names=None: [slicer_runtime.PIP_REQUIREMENTS[n] for n in names or slicer_runtime.PIP_REQUIREMENTS])
+    slicer.util.confirmOkCancelDisplay.return_value = False
+    with pytest.raises(RuntimeError, match="not installed"):
+        module.CovidCTDiagnosisLogic().loadResults(str(folder))
+    offered = slicer.util.confirmOkCancelDisplay.call_args.args[0]
+    assert "slicerio" in offered and "pynrrd" in offered and "torch" not in offered and "opencv" not in offered
 
 
 def test_load_results_without_a_volume_and_jump_to_slice(module, result_folder):

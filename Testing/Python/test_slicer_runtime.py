@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ast
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -63,6 +64,17 @@ def test_pip_requirements_cover_the_engine_imports():
             assert declared[name] == requirement
     assert declared["torch"] == "torch" + slicer_runtime.TORCH_REQUIREMENT
     assert declared["torchvision"] == "torchvision" + slicer_runtime.TORCHVISION_REQUIREMENT
+
+
+def test_reading_result_folders_needs_only_the_reader_packages():
+    """What the module's loadResults imports (outputs, scene_plan) loads no torch: of the packages the module
+    installs, exactly READER_REQUIREMENTS."""
+    code = ("import sys, CovidCTDiagnosisLib.outputs, CovidCTDiagnosisLib.scene_plan; "
+            "print(' '.join({m.split('.')[0] for m in sys.modules}))")
+    loaded = set(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split())
+    assert not loaded & (PYTORCH_EXTENSION | TRAINING_ONLY | {"cv2", "matplotlib"})
+    assert {name for name in slicer_runtime.PIP_REQUIREMENTS if name in loaded} == set(slicer_runtime.READER_REQUIREMENTS)
+    assert slicer_runtime.missing_requirements(slicer_runtime.READER_REQUIREMENTS) == []
 
 
 def test_missing_requirements(monkeypatch):
