@@ -177,6 +177,7 @@ def _summary_line(report: dict) -> str:
 
 def cmd_analyze(args) -> int:
     from .outputs import write_outputs
+    from .result import UNTRAINED_WARNING
 
     slices = _slices(args.slices)
     analyzer = _analyzer(args)
@@ -188,6 +189,9 @@ def cmd_analyze(args) -> int:
     out = write_outputs(result, result.ct, args.out)
     if not args.quiet:
         print(f"{Path(args.input).name}: {_summary_line(result.to_report())}\nresults in {out}", file=sys.stderr)
+        for warning in result.warnings:
+            if warning != UNTRAINED_WARNING:  # the summary line says so already
+                print(f"warning: {warning}", file=sys.stderr)
     return 0
 
 

@@ -30,7 +30,7 @@ class NotACTError(CovidCTError):
 
 
 class NoLungsError(CovidCTError):
-    """No lungs were found in the image."""
+    """No lungs, or too little lung to analyse, were found in the image (a CT volume or a slice image)."""
 
     exit_code = 5
 
@@ -59,7 +59,7 @@ EXIT_CODES = {
     2: "command-line usage error",
     InputNotFoundError.exit_code: "input not found or unreadable (missing path, corrupt or empty DICOM, unknown format)",
     NotACTError.exit_code: "input is not a usable chest CT (not CT, 2-D, constant, NaNs, bad spacing, missing slices)",
-    NoLungsError.exit_code: "no lungs found in the image",
+    NoLungsError.exit_code: "no lungs, or too little lung to analyse, in the image",
     ModelFileError.exit_code: "model file missing, corrupt, or not a compatible DRENet checkpoint",
     OutputError.exit_code: "output folder cannot be written",
     DeviceError.exit_code: "requested device not available (e.g. --device cuda without a CUDA GPU)",

@@ -1,6 +1,7 @@
 """The whole analysis of one chest CT, as a Python API: `Analyzer(...).analyze(path_or_image)`.
 
-Stages: read -> lungs -> choose slices -> prepare input -> DRENet -> Grad-CAM -> map back to
+Stages: read -> lungs -> choose slices -> prepare input (all four in `preparation.prepare_ct`,
+shared with training) -> DRENet -> Grad-CAM -> map back to
 the input's voxels and patient coordinates -> aggregate. Nothing is printed and nothing global
 is kept: an `Analyzer` holds one loaded model and can be reused for many cases. Writing files
 is separate (`outputs.write_outputs`).
@@ -22,11 +23,10 @@ from . import aggregation, geometry
 from .checkpoint import check_ensemble, resolve_model
 from .errors import AnalysisCancelled
 from .inference import SliceScorer
-from .lungs import extract_lungs
-from .preprocessing import CropTransform, prepare_slice
+from .preparation import prepare_ct
+from .preprocessing import CropTransform
 from .result import UNTRAINED_WARNING, LesionBox, ModelInfo, PatientResult, Result, SliceResult
-from .slice_selection import choose_slices, lung_fraction
-from .volume_io import check_ct, read_volume
+from .slice_selection import lung_fraction
 
 PAPER_SLICE_COUNT = 15
 ProgressCallback = Callable[[str, float], None]
@@ -80,22 +80,12 @@ class Analyzer:
         stage = _Stages(timings, progress, cancel)
         cfg = self.config
 
-        with stage("read", 0.05):
-            loaded = read_volume(source, series_uid=series_uid)
-            image = loaded.image
-            check_ct(image)
-            oriented = geometry.orient_to_lps(image)
-            hu = sitk.GetArrayViewFromImage(oriented)  # (K, J, I): axial slices, radiological view
-        with stage("lungs", 0.25):
-            lungs = extract_lungs(hu, oriented.GetSpacing())
-        with stage("slices", 0.3):
-            chosen = choose_slices(lungs.area_mm2, count)
-            fractions = lung_fraction(lungs.area_mm2)
-        with stage("prepare", 0.35):
-            mask = lungs.mask
-            prepared = [prepare_slice(hu[k], mask[k], cfg.input_size, cfg.window_level, cfg.window_width) for k in chosen]
-            batch = np.stack([p[0] for p in prepared])
-            crops = [p[1] for p in prepared]
+        prepared = prepare_ct(
+            source, cfg.input_size, cfg.window_level, cfg.window_width, count=count, series_uid=series_uid, stage=stage
+        )
+        ct, lungs, chosen, crops, batch = prepared.ct, prepared.lungs, prepared.chosen, prepared.crops, prepared.inputs
+        image, oriented, hu, mask = ct.loaded.image, ct.oriented, ct.hu, lungs.mask
+        fractions = lung_fraction(lungs.area_mm2)
         positive = cfg.classes.index(cfg.positive_class)
         with stage("network", 0.9):
             scores = self.scorer.score(batch, explain_class=positive)
@@ -126,11 +116,11 @@ class Analyzer:
             probs = aggregation.aggregate(scores.probabilities, cfg.classes, cfg.positive_class, aggregate)
             indices = [s.index for s in slice_results]
             top = aggregation.top_slices(scores.probabilities, indices, cfg.classes, cfg.positive_class)
-        warnings = list(loaded.info.notes)
+        warnings = list(ct.loaded.info.notes) + prepared.warnings
         if not self.model_info.trained:
             warnings.insert(0, UNTRAINED_WARNING)
         return Result(
-            input=loaded.info,
+            input=ct.loaded.info,
             model=self.model_info,
             device=str(self.scorer.device),
             patient=PatientResult(label=max(probs, key=probs.get), probabilities=probs, aggregation=aggregate),
@@ -219,15 +209,13 @@ def _pixel_range(lo: float, hi: float, n: int) -> tuple[int, int]:
 
 
 def score_images(analyzer: Analyzer, paths: Sequence) -> list[dict[str, float]]:
-    """Class probabilities of 2-D slice images (PNG/JPG/single-slice DICOM), one dict per path."""
-    from .lungs import lung_mask_2d
-    from .preprocessing import prepare_image_2d
-    from .volume_io import read_image_2d
+    """Class probabilities of 2-D slice images (PNG/JPG/single-slice DICOM), one dict per path.
+
+    Raises NoLungsError for an image without lungs (nothing is scored then), and read errors.
+    """
+    from .preparation import prepare_image
 
     cfg = analyzer.config
-    batch = []
-    for path in paths:
-        gray = read_image_2d(Path(path))
-        batch.append(prepare_image_2d(gray, lung_mask_2d(gray), cfg.input_size)[0])
+    batch = [prepare_image(Path(path), cfg.input_size)[0] for path in paths]
     scores = analyzer.scorer.score(np.stack(batch), explain_class=0, with_cam=False)
     return [{c: float(p) for c, p in zip(cfg.classes, row)} for row in scores.probabilities]

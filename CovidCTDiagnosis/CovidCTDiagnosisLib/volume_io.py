@@ -1,13 +1,15 @@
 """Reading CT volumes and 2-D slice images, and checking that a volume is a usable CT.
 
 Volumes come back in Hounsfield units as float32 with the input's own geometry (never
-reoriented: `geometry.orient_to_lps` does that on a copy). Every failure is a one-line
+reoriented: `geometry.orient_to_lps` does that on a copy). Voxels without data (DICOM pixel
+padding outside the reconstruction circle) are set to NO_DATA_HU; any value below
+NO_DATA_BELOW_HU is no data, never air or tissue (`has_data`). Every failure is a one-line
 `CovidCTError` a user can act on; SimpleITK's multi-line exception text is not passed on.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +30,12 @@ DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
 TAG_MODALITY = "0008|0060"
 TAG_POSITION = "0020|0032"  # ImagePositionPatient
 TAG_ORIENTATION = "0020|0037"  # ImageOrientationPatient
+TAG_PADDING_VALUE = "0028|0120"  # PixelPaddingValue, in stored (pre-rescale) units
+TAG_PADDING_LIMIT = "0028|0121"  # PixelPaddingRangeLimit: padding is the stored range value..limit
+TAG_RESCALE_INTERCEPT = "0028|1052"
+TAG_RESCALE_SLOPE = "0028|1053"
+NO_DATA_HU = -3024.0  # what padded voxels are set to
+NO_DATA_BELOW_HU = -1100.0  # air is about -1000 HU: lower values are no data, never air or tissue
 CT_MODALITY = "CT"
 MAX_GAP_FACTOR = 1.5  # a step between slices this much above the usual one means missing slices
 DUPLICATE_TOLERANCE_MM = 1e-3
@@ -124,6 +132,62 @@ def _check_slice_positions(files: list[str], folder: Path) -> None:
         )
 
 
+def _padding_hu(tags: Callable[[str], str | None]) -> tuple[float, float] | None:
+    """The HU range [low, high] of a DICOM image's pixel padding, or None without PixelPaddingValue.
+
+    Padding is given in stored values (an integer, or the range value..PixelPaddingRangeLimit);
+    the rescale maps stored s to s * slope + intercept, so neighbouring stored values lie |slope|
+    HU apart and the range is widened by half that to match exactly the padded stored values.
+    """
+    value = tags(TAG_PADDING_VALUE)
+    if value is None or not value.strip():
+        return None
+    try:
+        stored = [float(value.split("\\")[0])]
+        limit = tags(TAG_PADDING_LIMIT)
+        if limit is not None and limit.strip():
+            stored.append(float(limit.split("\\")[0]))
+        slope = float(tags(TAG_RESCALE_SLOPE) or 1.0)
+        intercept = float(tags(TAG_RESCALE_INTERCEPT) or 0.0)
+    except ValueError:
+        return None  # malformed tags: no padding is known
+    hu = [s * slope + intercept for s in stored]
+    half_step = abs(slope) / 2
+    return min(hu) - half_step, max(hu) + half_step
+
+
+def _mark_padding(image: sitk.Image, paddings: list[tuple[float, float] | None]) -> sitk.Image:
+    """A float32 copy of `image` with NO_DATA_HU where slice n's HU lie in paddings[n] (numpy's
+    first axis; one entry for a 2-D image), or `image` itself when no slice has padding."""
+    if not any(paddings):
+        return image
+    array = sitk.GetArrayFromImage(image).astype(np.float32)
+    planes = array if image.GetDimension() == 3 else array[None]
+    for plane, padding in zip(planes, paddings):
+        if padding is not None:
+            plane[(plane >= padding[0]) & (plane <= padding[1])] = NO_DATA_HU
+    marked = sitk.GetImageFromArray(array)
+    marked.CopyInformation(image)
+    return marked
+
+
+def has_data(hu: np.ndarray) -> np.ndarray:
+    """True where a voxel holds a measurement (HU >= NO_DATA_BELOW_HU), False for padding / no data."""
+    return hu >= NO_DATA_BELOW_HU
+
+
+def _no_data_note(image: sitk.Image) -> list[str]:
+    """A note on how much of the volume is padding (no data), or none when all voxels hold data."""
+    array = sitk.GetArrayViewFromImage(image)
+    missing = array.size - int(np.count_nonzero(has_data(array)))
+    if missing == 0:
+        return []
+    return [
+        f"{100 * missing / array.size:.2g} % of voxels are padding outside the scanner's field of view "
+        f"(below {NO_DATA_BELOW_HU:.0f} HU or DICOM pixel padding): no data, never counted as air"
+    ]
+
+
 def _read_dicom_series(folder: Path, series_uid: str | None) -> tuple[sitk.Image, str, list[str]]:
     """The chosen series of a DICOM folder, its uid, and notes."""
     try:
@@ -150,11 +214,16 @@ def _read_dicom_series(folder: Path, series_uid: str | None) -> tuple[sitk.Image
     _check_slice_positions(files[uid], folder)
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(files[uid])
+    reader.MetaDataDictionaryArrayUpdateOn()  # per-file tags: padding and rescale may differ by slice
     try:
         image = reader.Execute()
     except RuntimeError:
         raise _unreadable(folder, f"the DICOM series {uid} is corrupt or uses an unsupported encoding") from None
-    return image, uid, notes
+    paddings = [  # file n is the image's slice n
+        _padding_hu(lambda tag, n=n: reader.GetMetaData(n, tag) if reader.HasMetaDataKey(n, tag) else None)
+        for n in range(len(files[uid]))
+    ]
+    return _mark_padding(image, paddings), uid, notes
 
 
 def _read_file(path: Path) -> tuple[sitk.Image, str]:
@@ -168,6 +237,9 @@ def _read_file(path: Path) -> tuple[sitk.Image, str]:
         image = reader.Execute()
     except RuntimeError:
         raise _unreadable(path, "the file is corrupt or uses an unsupported encoding") from None
+    if is_dicom and image.GetNumberOfComponentsPerPixel() == 1:
+        padding = _padding_hu(lambda tag: _tag(reader, tag))
+        image = _mark_padding(image, [padding] * (image.GetSize()[2] if image.GetDimension() == 3 else 1))
     fmt = "dicom" if is_dicom else VOLUME_FORMATS.get(suffix) or IMAGE_FORMATS.get(suffix) or suffix.lstrip(".")
     return image, fmt
 
@@ -223,7 +295,7 @@ def read_volume(source: str | Path | sitk.Image, series_uid: str | None = None) 
     if image.GetDimension() > 3:
         raise NotACTError(_too_many_dimensions(image))
     image = sitk.Cast(image, sitk.sitkFloat32)
-    return LoadedVolume(image=image, info=_info(image, path, fmt, uid, notes))
+    return LoadedVolume(image=image, info=_info(image, path, fmt, uid, notes + _no_data_note(image)))
 
 
 def _sample(array: np.ndarray) -> np.ndarray:
@@ -255,7 +327,9 @@ def check_ct(image: sitk.Image) -> None:
     low, high = float(array.min()), float(array.max())
     if low == high:
         raise NotACTError(f"the volume is constant ({low:g} everywhere)")
-    air = float(np.percentile(_sample(array), AIR_PERCENTILE))
+    sample = _sample(array)
+    sample = sample[has_data(sample)]  # padding is not air
+    air = float(np.percentile(sample, AIR_PERCENTILE)) if sample.size else low  # no data at all: high < 0 below
     if air > AIR_PERCENTILE_MAX_HU or high < 0:
         raise NotACTError(
             f"values do not look like CT Hounsfield units ({AIR_PERCENTILE:g}st percentile {air:.0f}, "

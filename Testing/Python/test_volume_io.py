@@ -11,8 +11,11 @@ from CovidCTDiagnosisLib.errors import InputNotFoundError, NotACTError, Unreadab
 from CovidCTDiagnosisLib.phantom import make_chest_phantom
 from CovidCTDiagnosisLib.volume_io import (
     LUNG_WINDOW_LEVEL,
+    NO_DATA_BELOW_HU,
+    NO_DATA_HU,
     SINGLE_SLICE_MESSAGE,
     check_ct,
+    has_data,
     read_image_2d,
     read_volume,
 )
@@ -31,8 +34,9 @@ def small_ct() -> sitk.Image:
     ).image
 
 
-def write_dicom_series(image, folder, uid=SERIES_UID, modality="CT", skip=(), duplicate=(), prefix="slice"):
-    """Write `image` as one int16 DICOM file per axial slice, with position/orientation tags."""
+def write_dicom_series(image, folder, uid=SERIES_UID, modality="CT", skip=(), duplicate=(), prefix="slice", extra_tags=None):
+    """Write `image` as one int16 DICOM file per axial slice, with position/orientation tags and
+    `extra_tags` (with rescale tags ITK stores (value - intercept) / slope)."""
     folder.mkdir(parents=True, exist_ok=True)
     pixels = sitk.Cast(sitk.Round(image), sitk.sitkInt16)
     d = image.GetDirection()
@@ -42,6 +46,7 @@ def write_dicom_series(image, folder, uid=SERIES_UID, modality="CT", skip=(), du
         "0020|000d": uid + ".0",
         "0020|0037": "\\".join(f"{v:.6f}" for v in (d[0], d[3], d[6], d[1], d[4], d[7])),
         "0008|0008": "DERIVED\\SECONDARY",
+        **(extra_tags or {}),
     }
     writer = sitk.ImageFileWriter()
     writer.KeepOriginalImageUIDOn()
@@ -150,6 +155,77 @@ def test_two_series_in_one_folder(tmp_path, small_ct):
     assert chosen.image.GetSize()[2] == 9 and chosen.info.notes == []
     with pytest.raises(UnreadableInputError, match=OTHER_SERIES_UID):
         read_volume(folder, series_uid="1.2.3")
+
+
+# ---- pixel padding (no data outside the field of view) ---------------------------------------
+
+
+def write_padded_series(hu: sitk.Image, folder, slope: float, intercept: float, padding: tuple[int, ...], outside):
+    """`hu` as a DICOM series with the given rescale and PixelPaddingValue (+ RangeLimit) tags,
+    its voxels where `outside` ([j, i]) set to the HU of the padding's stored values (cycled).
+
+    ITK's writer stores (HU - intercept) / slope, so a padded voxel's stored value is the tag's."""
+    array = sitk.GetArrayFromImage(hu).astype(np.float32)
+    stored = np.arange(padding[0], padding[-1] + 1)
+    array[:, outside] = np.resize(stored * slope + intercept, (array.shape[0], int(outside.sum())))
+    padded = sitk.GetImageFromArray(array)
+    padded.CopyInformation(hu)
+    tags = {"0028|1052": f"{intercept:g}", "0028|1053": f"{slope:g}", "0028|0120": str(padding[0])}
+    if len(padding) > 1:
+        tags["0028|0121"] = str(padding[1])
+    return write_dicom_series(padded, folder, extra_tags=tags)
+
+
+def outside_circle(size_ij: tuple[int, int], radius_fraction: float) -> np.ndarray:
+    """bool [j, i]: outside a centred reconstruction circle of radius_fraction * half the width."""
+    j, i = np.mgrid[: size_ij[1], : size_ij[0]]
+    centre = (np.array(size_ij) - 1) / 2
+    return np.hypot(i - centre[0], j - centre[1]) > radius_fraction * size_ij[0] / 2
+
+
+# stored padding -2000 at intercept -1024 (GE style, -3024 HU), and a padding range whose HU
+# look like air (stored 0..5 at slope 2: -1024..-1014 HU), told apart from air only by the tags
+PADDINGS = {"GE-style": (1.0, -1024.0, (-2000,)), "air-like range": (2.0, -1024.0, (0, 5))}
+
+
+@pytest.mark.parametrize("name", list(PADDINGS))
+def test_dicom_pixel_padding_is_no_data(tmp_path, small_ct, name):
+    slope, intercept, padding = PADDINGS[name]
+    hu = sitk.Clamp(small_ct, lowerBound=-1000.0)  # only the padding is stored as the padding values
+    outside = outside_circle(small_ct.GetSize()[:2], 0.9)
+    write_padded_series(hu, tmp_path / "padded", slope, intercept, padding, outside)
+    loaded = read_volume(tmp_path / "padded")
+    array = sitk.GetArrayViewFromImage(loaded.image)
+    assert np.all(array[:, outside] == NO_DATA_HU)
+    assert np.abs(array[:, ~outside] - sitk.GetArrayViewFromImage(hu)[:, ~outside]).max() <= 0.5 + slope / 2  # two roundings
+    assert not has_data(array[:, outside]).any() and has_data(array[:, ~outside]).all()
+    percent = 100 * outside.mean()
+    assert loaded.info.notes == [
+        f"{percent:.2g} % of voxels are padding outside the scanner's field of view (below {NO_DATA_BELOW_HU:.0f} HU "
+        "or DICOM pixel padding): no data, never counted as air"
+    ]
+    check_ct(loaded.image)
+
+
+def test_padding_of_a_real_ct(tmp_path, shared_data):
+    """Slices of P001 (stored 0 = -1024 HU is air there) rewritten with a reconstruction circle."""
+    hu = read_volume(shared_data / "ct" / "covid-ct-md" / "P001-covid").image[:, :, 60:100:5]
+    outside = outside_circle(hu.GetSize()[:2], 0.94)
+    clamped = sitk.Clamp(hu, lowerBound=-1023.0)
+    write_padded_series(clamped, tmp_path / "p001", 1.0, -1024.0, (0,), outside)
+    loaded = read_volume(tmp_path / "p001")
+    array = sitk.GetArrayViewFromImage(loaded.image)
+    assert np.all(array[:, outside] == NO_DATA_HU)
+    assert np.array_equal(array[:, ~outside], sitk.GetArrayViewFromImage(clamped)[:, ~outside])  # air stays air
+    assert loaded.info.notes[0].startswith(f"{100 * outside.mean():.2g} % of voxels are padding")
+
+
+def test_no_data_never_counts_as_air(small_ct):
+    """Raw stored values (no rescale: air at about +24) with padding below -1100 HU are still not CT."""
+    array = sitk.GetArrayFromImage(small_ct) + 1024.0
+    array[:, outside_circle(small_ct.GetSize()[:2], 0.8)] = NO_DATA_HU
+    with pytest.raises(NotACTError, match="Hounsfield"):
+        check_ct(with_values(small_ct, array))
 
 
 # ---- unreadable and missing input -------------------------------------------------------------

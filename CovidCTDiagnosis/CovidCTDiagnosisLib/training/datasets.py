@@ -3,7 +3,8 @@
 A labelled set is a CSV with columns `path,label[,patient_id]`; paths are relative to the CSV's
 folder. A path is either a 2-D slice image (PNG/JPG/BMP/DICOM slice, already in a lung window) or
 a CT volume (DICOM series folder, NIfTI, NRRD, MHA): a volume row stands for the slices the
-analysis pipeline would score (lung extraction + `choose_slices`), each with the row's label.
+analysis pipeline would score (`preparation.prepare_ct`, the pipeline's own path), each with the
+row's label. Images and volumes without (enough) lung are skipped and counted, not fatal.
 Rows without a patient id cannot be split by patient, so they are used for training only (never
 validation or test). Each image is read, lung-masked and cropped ONCE at the model's input size
 and kept as uint8 with its cropped lung mask; augmentation then works on these arrays.
@@ -13,21 +14,18 @@ from __future__ import annotations
 
 import csv
 import json
+import sys
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import SimpleITK as sitk
 
+from .. import preparation
 from ..batch import VOLUME_SUFFIXES
 from ..drenet import DRENetConfig
-from ..errors import InputNotFoundError, UnreadableInputError
-from ..geometry import orient_to_lps
-from ..lungs import extract_lungs, lung_mask_2d
-from ..preprocessing import crop_square, prepare_image_2d, prepare_slice
-from ..slice_selection import choose_slices
-from ..volume_io import check_ct, read_image_2d, read_volume
+from ..errors import InputNotFoundError, NoLungsError, UnreadableInputError
+from ..preprocessing import crop_square
 
 SPLIT_NAMES = ("train", "val", "test")
 SPLIT_FRACTIONS = (0.6, 0.1, 0.3)
@@ -60,6 +58,7 @@ class PreparedSet:
     labels: np.ndarray
     patients: list
     paths: list
+    skipped: list = field(default_factory=list)  # "path: reason" of the items without (enough) lung
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -156,37 +155,42 @@ def _crop_mask(mask: np.ndarray, size: int) -> np.ndarray:
 
 
 def prepare_image(path: Path, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """One slice image -> (S, S) uint8 model input (lungs only, cropped) and its (S, S) bool lung mask."""
-    gray = read_image_2d(path)
-    mask = lung_mask_2d(gray)
-    image, _ = prepare_image_2d(gray, mask, size)
+    """One slice image -> (S, S) uint8 model input (lungs only, cropped) and its (S, S) bool lung mask.
+
+    Raises NoLungsError for an image without lungs (`preparation.prepare_image`)."""
+    image, mask, _ = preparation.prepare_image(path, size)
     return _as_u8(image), _crop_mask(mask, size)
 
 
 def prepare_volume(path: Path, size: int, window=DEFAULT_WINDOW) -> list[tuple[np.ndarray, np.ndarray]]:
-    """A CT volume -> the pipeline's chosen slices, each prepared as in `prepare_image`."""
-    image = read_volume(path).image
-    check_ct(image)
-    oriented = orient_to_lps(image)
-    hu = sitk.GetArrayViewFromImage(oriented)
-    lungs = extract_lungs(hu, oriented.GetSpacing())
-    mask = lungs.mask
-    return [(_as_u8(prepare_slice(hu[k], mask[k], size, *window)[0]), _crop_mask(mask[k], size)) for k in choose_slices(lungs.area_mm2)]
+    """A CT volume -> the pipeline's chosen slices, each prepared as in `prepare_image`.
+
+    Raises NoLungsError when the volume holds too little lung (`preparation.check_coverage`)."""
+    prepared = preparation.prepare_ct(path, size, *window)
+    mask = prepared.lungs.mask
+    return [(_as_u8(image), _crop_mask(mask[k], size)) for image, k in zip(prepared.inputs, prepared.chosen)]
 
 
 def prepare_set(items, classes, size: int, progress: bool = False, window=DEFAULT_WINDOW) -> PreparedSet:
-    """Read and prepare every item once (a volume row gives several slices)."""
+    """Read and prepare every item once (a volume row gives several slices); items without lungs
+    are skipped into `PreparedSet.skipped` (with `progress`, their count is printed on stderr)."""
     from tqdm import tqdm
 
-    images, masks, labels, patients, paths = [], [], [], [], []
+    images, masks, labels, patients, paths, skipped = [], [], [], [], [], []
     for item in tqdm(items, desc="preparing images", disable=not progress, leave=False):
-        slices = prepare_volume(item.path, size, window) if is_volume(item.path) else [prepare_image(item.path, size)]
+        try:
+            slices = prepare_volume(item.path, size, window) if is_volume(item.path) else [prepare_image(item.path, size)]
+        except NoLungsError as exc:
+            skipped.append(f"{item.path}: {exc}")
+            continue
         for n, (image, mask) in enumerate(slices):
             images.append(image)
             masks.append(mask)
             labels.append(list(classes).index(item.label))
             patients.append(item.patient_id)
             paths.append(f"{item.path}#{n}" if is_volume(item.path) else str(item.path))
+    if skipped and progress:
+        tqdm.write(f"skipped {len(skipped)} of {len(items)} items without lungs, e.g. {skipped[0]}", file=sys.stderr)
     empty = np.zeros((0, size, size))
     return PreparedSet(
         np.stack(images) if images else empty.astype(np.uint8),
@@ -194,4 +198,5 @@ def prepare_set(items, classes, size: int, progress: bool = False, window=DEFAUL
         np.array(labels, np.int64),
         patients,
         paths,
+        skipped,
     )

@@ -1,0 +1,171 @@
+"""One path from a CT volume or a slice image to the network's input, for analysis and training.
+
+Volume: read -> check it is a CT -> orient to LPS -> lungs -> coverage -> choose slices -> window
+and crop (`prepare_ct`). Slice image: read -> lung mask -> refuse without lungs -> crop
+(`prepare_image`). `pipeline.Analyzer` and `training.datasets` both call these, so the network
+is trained on exactly the masks and crops it is later asked about.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from . import geometry
+from .errors import NoLungsError
+from .lungs import Lungs, extract_lungs, lung_mask_2d
+from .preprocessing import CropTransform, prepare_image_2d, prepare_slice
+from .slice_selection import DEFAULT_COUNT, choose_slices
+from .volume_io import LoadedVolume, check_ct, has_data, read_image_2d, read_volume
+
+# Coverage, measured with lungs.extract_lungs: full chest CTs hold 6.1 L (P001) and 3.4 L
+# (normal001) of lung; their lowest 4 / 6 / 8 cm hold 0.14 / 0.34 / 0.74 L and 0.09 / 0.24 /
+# 0.52 L, their lower halves 2.8 and 1.5 L; the TotalSegmentator abdominal CT's lung bases 0.10 L.
+MIN_ANALYSABLE_LUNG_ML = 500.0
+# A full scan's first and last slices hold at most 2 % of the largest slice's lung area; a scan
+# cut through the lungs 97 % or more.
+EDGE_LUNG_FRACTION = 0.25
+# 2-D images: lung_mask_2d must find lung on at least this fraction of the image's pixels.
+MIN_LUNG_FRACTION_2D = 0.05
+
+StageContext = Callable[[str, float], AbstractContextManager]  # (stage name, fraction done when it ends)
+
+
+def _no_stages(name: str, done_fraction: float) -> AbstractContextManager:
+    return nullcontext()
+
+
+@dataclass
+class OrientedCT:
+    """A loaded CT and its copy reoriented to LPS (`geometry.orient_to_lps`, no resampling)."""
+
+    loaded: LoadedVolume  # the input's own geometry
+    oriented: sitk.Image  # float32 HU, LPS-oriented: numpy [k, j, i] = inferior->superior, anterior->posterior, right->left
+
+    @property
+    def hu(self) -> np.ndarray:
+        """HU, float32 [k, j, i] (a read-only view of `oriented`)."""
+        return sitk.GetArrayViewFromImage(self.oriented)
+
+    @property
+    def valid(self) -> np.ndarray:
+        """bool [k, j, i]: False where there is no data (padding outside the field of view)."""
+        return has_data(self.hu)
+
+    @property
+    def column_x_mm(self) -> np.ndarray:
+        """LPS x (mm, towards the patient's left) of each column i, at the centre row and slice."""
+        size, spacing = np.array(self.oriented.GetSize()), np.array(self.oriented.GetSpacing())
+        direction = np.array(self.oriented.GetDirection()).reshape(3, 3)
+        centre = (size - 1) / 2
+        index = np.stack([np.arange(size[0]), np.full(size[0], centre[1]), np.full(size[0], centre[2])])  # (3, I)
+        return self.oriented.GetOrigin()[0] + direction[0] @ (index * spacing[:, None])
+
+
+@dataclass
+class PreparedCT:
+    """A CT ready for the network: its lungs, the chosen slices and their model inputs."""
+
+    ct: OrientedCT
+    lungs: Lungs  # on the LPS-oriented grid
+    chosen: list[int]  # k indices of the LPS-oriented grid, ascending
+    inputs: np.ndarray  # float32 (N, S, S) in [0, 1], one per chosen slice
+    crops: list[CropTransform]  # model-input pixels -> slice pixels, one per chosen slice
+    warnings: list[str] = field(default_factory=list)  # e.g. partial lung coverage
+
+
+def read_ct(source, series_uid: str | None = None) -> OrientedCT:
+    """Read a CT (path or SimpleITK image), check it is usable, and reorient a copy to LPS.
+
+    Raises InputNotFoundError, UnreadableInputError, NotACTError.
+    """
+    loaded = read_volume(source, series_uid=series_uid)
+    check_ct(loaded.image)
+    return OrientedCT(loaded, geometry.orient_to_lps(loaded.image))
+
+
+def find_lungs(ct: OrientedCT) -> tuple[Lungs, list[str]]:
+    """The lungs of an oriented CT and coverage warnings; NoLungsError when too little lung."""
+    lungs = extract_lungs(ct.hu, ct.oriented.GetSpacing())
+    return lungs, check_coverage(lungs)
+
+
+def check_coverage(lungs: Lungs) -> list[str]:
+    """Warnings about partly scanned lungs; NoLungsError below MIN_ANALYSABLE_LUNG_ML.
+
+    The lungs are partly covered when the volume's first (inferior) or last (superior) axial
+    slice holds at least EDGE_LUNG_FRACTION of the largest slice's lung area: the scan ends
+    inside the lungs.
+    """
+    volume_ml = lungs.volume_ml()
+    if volume_ml < MIN_ANALYSABLE_LUNG_ML:
+        raise NoLungsError(
+            f"too little lung to analyse: {volume_ml / 1000:.2f} L found, at least {MIN_ANALYSABLE_LUNG_ML / 1000:.1f} L "
+            "needed (does the scan cover the chest?)"
+        )
+    area = lungs.area_mm2
+    largest = float(area.max())
+    cut = [
+        f"{end} end ({100 * area[k] / largest:.0f} % of the largest lung area on its {which} slice)"
+        for k, end, which in ((0, "inferior", "first"), (-1, "superior", "last"))
+        if area[k] >= EDGE_LUNG_FRACTION * largest
+    ]
+    if not cut:
+        return []
+    extent_mm = np.count_nonzero(area) * lungs.spacing_ijk[2]
+    return [
+        f"partial lung coverage: the scan ends inside the lungs at its {' and its '.join(cut)}; "
+        f"only the scanned {volume_ml / 1000:.1f} L of lung over {extent_mm:.0f} mm was analysed"
+    ]
+
+
+def prepare_ct(
+    source,
+    size: int,
+    window_level: float,
+    window_width: float,
+    *,
+    count: int | None = DEFAULT_COUNT,
+    series_uid: str | None = None,
+    stage: StageContext = _no_stages,
+) -> PreparedCT:
+    """A CT (path or SimpleITK image) -> the model inputs of its chosen slices.
+
+    size: model input pixels; window: HU level and width; count: slices to choose (None: every
+    lung slice); stage: a context per stage ("read", "lungs", "slices", "prepare"), for timing,
+    progress and cancellation. Raises what `read_ct` raises, and NoLungsError.
+    """
+    with stage("read", 0.05):
+        ct = read_ct(source, series_uid)
+    with stage("lungs", 0.25):
+        lungs, warnings = find_lungs(ct)
+    with stage("slices", 0.3):
+        chosen = choose_slices(lungs.area_mm2, count)
+    with stage("prepare", 0.35):
+        hu, mask = ct.hu, lungs.mask
+        prepared = [prepare_slice(hu[k], mask[k], size, window_level, window_width) for k in chosen]
+    inputs = np.stack([p[0] for p in prepared]) if prepared else np.zeros((0, size, size), np.float32)
+    return PreparedCT(ct, lungs, chosen, inputs, [p[1] for p in prepared], warnings)
+
+
+def prepare_image(path: str | Path, size: int) -> tuple[np.ndarray, np.ndarray, CropTransform]:
+    """A 2-D slice image -> (S, S) float32 model input in [0, 1], its (H, W) bool lung mask, the crop.
+
+    Raises NoLungsError when the lung mask covers less than MIN_LUNG_FRACTION_2D of the image
+    (no lungs in it: a blank, noise, text, a non-chest image), and what `read_image_2d` raises.
+    """
+    gray = read_image_2d(path)
+    mask = lung_mask_2d(gray)
+    found = float(mask.mean())
+    if found < MIN_LUNG_FRACTION_2D:
+        raise NoLungsError(
+            f"no lungs in {path}: lung found on {100 * found:.1f} % of the image, at least "
+            f"{100 * MIN_LUNG_FRACTION_2D:.0f} % needed (is it an axial chest CT slice in a lung window?)"
+        )
+    image, crop = prepare_image_2d(gray, mask, size)
+    return image, mask, crop
