@@ -6,8 +6,8 @@ So per axial slice the lung network (`lung_net`, trained on lungs with painted l
 lung probability; the candidates are the air regions the network calls lung plus what the
 network calls lung (lesions). Small pockets and the trachea are dropped; across slices the
 lungs' 3-D components are kept and right told from left; per slice and side the mask is closed,
-bites at the pleura and holes are filled. Voxels below NO_DATA_BELOW_HU (padding outside the
-reconstruction circle) are no data, never air.
+bites at the pleura and holes are filled. Voxels without data (`volume_io.has_data`: padding
+outside the reconstruction circle) are never air.
 
 `extract_aerated_lungs` is the threshold-only method (air regions not connected to the image
 border): the labels the lung network was trained from, on healthy lungs.
@@ -27,9 +27,9 @@ import numpy as np
 
 from .errors import NoLungsError
 from .lung_net import LUNG_PROBABILITY_THRESHOLD, hu_to_u8, lung_probability
+from .volume_io import has_data
 
 AIR_THRESHOLD_HU = -600.0  # lung parenchyma and air lie below
-NO_DATA_BELOW_HU = -1100.0  # below air: padding outside the field of view (-2000, -3024 HU), never tissue
 PSEUDO_HU_SCALE = 3.0  # 8-bit windowed images: pseudo-HU = 3 * pixel - 1000 (as the DRENet authors)
 PSEUDO_HU_OFFSET = -1000.0
 MIN_REGION_AREA_MM2 = 100.0  # air pockets smaller than this on a slice are ignored
@@ -100,7 +100,7 @@ def _air_regions(
     probability, same shape): air regions the network mostly calls lung, plus every pixel it
     calls lung; the image border is not used (tight crops and clipped fields of view).
     """
-    valid = hu_slice >= NO_DATA_BELOW_HU
+    valid = has_data(hu_slice)
     air = ((hu_slice < AIR_THRESHOLD_HU) & valid).astype(np.uint8)
     count, labels, stats, centroids = cv2.connectedComponentsWithStats(air, connectivity=8)
     outside = np.zeros(count, dtype=bool)

@@ -21,7 +21,7 @@ from .errors import NoLungsError
 from .lungs import Lungs, extract_lungs, lung_mask_2d
 from .preprocessing import CropTransform, prepare_image_2d, prepare_slice
 from .slice_selection import DEFAULT_COUNT, choose_slices
-from .volume_io import LoadedVolume, check_ct, has_data, read_image_2d, read_volume
+from .volume_io import LoadedVolume, check_ct, read_image_2d, read_volume
 
 # Coverage, measured with lungs.extract_lungs: full chest CTs hold 6.1 L (P001) and 3.4 L
 # (normal001) of lung; their lowest 4 / 6 / 8 cm hold 0.14 / 0.34 / 0.74 L and 0.09 / 0.24 /
@@ -52,20 +52,6 @@ class OrientedCT:
         """HU, float32 [k, j, i] (a read-only view of `oriented`)."""
         return sitk.GetArrayViewFromImage(self.oriented)
 
-    @property
-    def valid(self) -> np.ndarray:
-        """bool [k, j, i]: False where there is no data (padding outside the field of view)."""
-        return has_data(self.hu)
-
-    @property
-    def column_x_mm(self) -> np.ndarray:
-        """LPS x (mm, towards the patient's left) of each column i, at the centre row and slice."""
-        size, spacing = np.array(self.oriented.GetSize()), np.array(self.oriented.GetSpacing())
-        direction = np.array(self.oriented.GetDirection()).reshape(3, 3)
-        centre = (size - 1) / 2
-        index = np.stack([np.arange(size[0]), np.full(size[0], centre[1]), np.full(size[0], centre[2])])  # (3, I)
-        return self.oriented.GetOrigin()[0] + direction[0] @ (index * spacing[:, None])
-
 
 @dataclass
 class PreparedCT:
@@ -90,9 +76,9 @@ def read_ct(source, series_uid: str | None = None) -> OrientedCT:
 
 
 def find_lungs(ct: OrientedCT) -> tuple[Lungs, list[str]]:
-    """The lungs of an oriented CT and coverage warnings; NoLungsError when too little lung."""
-    lungs = extract_lungs(ct.hu, ct.oriented.GetSpacing())
-    return lungs, check_coverage(lungs)
+    """The lungs of an oriented CT, and warnings (field of view, coverage); NoLungsError when too little lung."""
+    lungs = extract_lungs(ct.hu, ct.oriented.GetSpacing(), geometry.midline_column(ct.oriented))
+    return lungs, lungs.notes + check_coverage(lungs)
 
 
 def check_coverage(lungs: Lungs) -> list[str]:

@@ -11,7 +11,8 @@ tightly (cutting the chest wall and lungs), cut by field-of-view circles, and th
 blur, noise and JPEG quality varied, as published figures and other scanners show them.
 
 Run: `python -m CovidCTDiagnosisLib.training.lung_model --data ../shared/data --out lung-unet.pt`
-(resumable: it continues from `--out`'s checkpoint while it has iterations left).
+(resumable: it continues from `--out`'s checkpoint while it has iterations left). The shipped
+file was made in two stages; docs/training.md gives the exact commands.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ CT_VOLUMES = ("ct/covid-ct-md/P001-covid", "ct/covid-ct-md/normal001-normal", "c
 NORMAL_SLICE_SET = "slices/mosmed-derived"  # its NonCOVID slices: healthy lungs from many scanners
 MASK_FRACTION_RANGE = (0.08, 0.55)  # threshold masks of slice images outside this are not trusted as labels
 LESION_PROBABILITY = 0.75
+POSTERIOR_BAND_PROBABILITY = 0.45  # dependent consolidation, the hardest case for a threshold
 PHANTOM_SEEDS = (0, 1)
 NEGATIVE_PROBABILITY = 0.05  # blank, noise or text images: no lung at all
 
@@ -124,8 +126,8 @@ def _posterior_band(rng, mask: np.ndarray) -> np.ndarray:
     rows = np.arange(mask.shape[0])[:, None]
     for n in range(1, count):
         top, height = stats[n, cv2.CC_STAT_TOP], stats[n, cv2.CC_STAT_HEIGHT]
-        cut = top + height * (1 - rng.uniform(0.1, 0.5))
-        edge = cut + 4 * _smooth_field(rng, (1, mask.shape[1]), 6)
+        cut = top + height * (1 - rng.uniform(0.1, 0.6))
+        edge = cut + rng.choice([0.0, 4.0]) * _smooth_field(rng, (1, mask.shape[1]), 6)  # a level or a wavy top
         band |= (labels == n) & (rows >= edge)
     return band
 
@@ -134,12 +136,12 @@ def paint_lesions(rng, gray: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """Ground-glass, crazy paving or consolidation painted into the lung of a uint8 slice."""
     out = gray.astype(np.float32)
     for _ in range(rng.integers(1, 4)):
-        region = _posterior_band(rng, mask) if rng.random() < 0.3 else _blobs(rng, mask)
+        region = _posterior_band(rng, mask) if rng.random() < POSTERIOR_BAND_PROBABILITY else _blobs(rng, mask)
         alpha = cv2.GaussianBlur(region.astype(np.float32), (0, 0), rng.uniform(0.5, 2.0))
         kind = rng.choice(["ggo", "paving", "consolidation"], p=[0.4, 0.15, 0.45])
         texture = _smooth_field(rng, gray.shape, rng.uniform(0.7, 2.0))
         if kind == "consolidation":
-            lesion = hu_u8(rng.uniform(-120, 60)) + rng.uniform(2, 8) * texture
+            lesion = hu_u8(rng.uniform(-120, 60)) + rng.uniform(0, 8) * texture
             out = out * (1 - alpha) + lesion * alpha
         else:
             lesion = hu_u8(rng.uniform(-780, -350)) + rng.uniform(3, 12) * texture
@@ -240,13 +242,16 @@ def _loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return bce + dice
 
 
-def train(base, out: Path, iterations: int, batch: int = 16, seed: int = 0, log=print) -> Path:
+def train(base, out: Path, iterations: int, batch: int = 16, seed: int = 0, init: Path | None = None,
+          max_lr: float = 2e-3, log=print) -> Path:
     """Train the lung network and save it to `out`; an interrupted run of the same length continues
-    from `out`'s .state file (written every 50 steps)."""
+    from `out`'s .state file (written every 50 steps). `init`: start from a lung network file."""
     torch.manual_seed(seed)
     net = LungUNet(LUNG_NET_CHANNELS)
-    optimiser = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=1e-4)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=2e-3, total_steps=iterations, pct_start=0.1)
+    if init is not None:
+        net.load_state_dict(torch.load(init, map_location="cpu", weights_only=True)["state_dict"])
+    optimiser = torch.optim.AdamW(net.parameters(), lr=max_lr, weight_decay=1e-4)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=max_lr, total_steps=iterations, pct_start=0.1)
     step = 0
     state_file = out.with_suffix(".state")
     if state_file.exists():
@@ -276,7 +281,8 @@ def train(base, out: Path, iterations: int, batch: int = 16, seed: int = 0, log=
                         "scheduler": scheduler.state_dict(), "step": step, "iterations": iterations}, state_file)
     net.eval()
     torch.save({"format": LUNG_NET_FORMAT, "channels": list(LUNG_NET_CHANNELS),
-                "state_dict": net.state_dict(), "iterations": iterations, "seed": seed}, out)
+                "state_dict": net.state_dict(), "iterations": iterations, "seed": seed,
+                "init": None if init is None else Path(init).name}, out)
     return out
 
 
@@ -286,6 +292,8 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="model file to write")
     parser.add_argument("--iterations", type=int, default=2000)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--init", type=Path, help="continue from this lung network file (fine-tuning)")
+    parser.add_argument("--max-lr", type=float, default=2e-3)
     args = parser.parse_args(argv)
     real = load_real(args.data)
     if not real:
@@ -293,7 +301,7 @@ def main(argv=None) -> int:
         return 3
     base = _base_from_phantoms() + real
     print(f"{len(base)} base slices", flush=True)
-    train(base, args.out, args.iterations, seed=args.seed, log=lambda m: print(m, flush=True))
+    train(base, args.out, args.iterations, seed=args.seed, init=args.init, max_lr=args.max_lr, log=lambda m: print(m, flush=True))
     return 0
 
 
