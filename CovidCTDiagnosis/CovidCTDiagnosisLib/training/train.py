@@ -30,6 +30,7 @@ from ..checkpoint import load_model, read_checkpoint, save_checkpoint, torch_sav
 from ..drenet import DRENet, DRENetConfig
 from ..errors import InputNotFoundError, ModelFileError, UnreadableInputError
 from ..inference import resolve_device
+from ..performance import test_figures
 from ..preprocessing import to_three_channels
 from .augment import augment
 from .baselines import BaselineConfig, ClassifierOutput, PlainClassifier, save_baseline
@@ -294,11 +295,12 @@ def train(data, out_dir, config: TrainConfig | None = None, *, extra_train=(), r
     return TrainResult(out / BEST_PT, out, history, split)
 
 
-def publish_model(best_model, dest, name: str, test_metrics: dict | None = None, max_float32_mb: float = 64.0) -> Path:
-    """Copy a run's best model to `dest` under `name`, with its test metrics; float16 only if float32 would exceed
+def publish_model(best_model, dest, name: str, evaluation: dict | None = None, max_float32_mb: float = 64.0) -> Path:
+    """Copy a run's best model to `dest` under `name`, with its validated figures (`evaluation`: `evaluate`'s
+    result on the held-out test patients; None: the file says it has none); float16 only if float32 would exceed
     `max_float32_mb`: rounding the reference model's weights to float16 moved its probabilities by up to about 0.1."""
     model, _ = load_model(best_model)
     metadata = read_checkpoint(best_model)["metadata"]
-    metadata.update(name=name, test=test_metrics or {})
+    metadata.update(name=name, test=test_figures(evaluation) if evaluation else {})
     float32_mb = sum(v.numel() * 4 for v in model.state_dict().values() if v.is_floating_point()) / 2**20
     return save_checkpoint(dest, model, trained=True, metadata=metadata, half=float32_mb > max_float32_mb)
