@@ -7,6 +7,7 @@ from pathlib import Path
 
 MODELS_DIR = Path(__file__).resolve().parents[1] / "Resources" / "Models"
 DEFAULT_MODEL_FILE = "covidct-drenet-lite0.pt"
+MODEL_CARD_FILE = "MODEL_CARD.md"  # a model's card (figures, limits) in the model file's folder
 MODEL_DIR_ENV = "COVIDCT_MODEL_DIR"  # overrides MODELS_DIR, e.g. for a site's own fine-tuned model
 
 

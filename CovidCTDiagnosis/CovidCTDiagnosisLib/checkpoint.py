@@ -17,6 +17,7 @@ import torch
 from .bundled_model import DEFAULT_MODEL_FILE, MODELS_DIR, default_model_path
 from .drenet import DRENet, DRENetConfig
 from .errors import ModelFileError
+from .performance import validated_performance
 from .result import ModelInfo
 
 CHECKPOINT_FORMAT = "covidct-drenet"
@@ -57,12 +58,22 @@ def save_checkpoint(path, model: DRENet, *, trained: bool, metadata: dict | None
     return path
 
 
-def check_ensemble(configs, names) -> None:
-    """ModelFileError unless the models agree on classes and input preparation: an ensemble
-    feeds every member the same prepared slices and averages their probabilities class by class."""
+def check_ensemble(configs, names, identities) -> None:
+    """ModelFileError unless the models are distinct and agree on classes and input preparation: an
+    ensemble feeds every member the same prepared slices and averages their probabilities class by
+    class, and a model averaged with itself is that model, not an ensemble.
+
+    identities: one key per member that is equal only for the same weights (a file's SHA-256).
+    """
     def signature(c):
         return tuple(c.classes), c.positive_class, c.input_size, c.window_level, c.window_width
 
+    seen = {}
+    for name, identity in zip(names, identities):
+        if identity in seen:
+            raise ModelFileError(f"{name} and {seen[identity]} are the same model (identical weights): "
+                                 "an ensemble needs different model files")
+        seen[identity] = name
     for name, config in zip(names[1:], configs[1:]):
         if signature(config) != signature(configs[0]):
             raise ModelFileError(f"cannot average {name} with {names[0]}: classes or input preparation differ")
@@ -111,6 +122,7 @@ def load_model(path, expected_classes=None) -> tuple[DRENet, ModelInfo]:
         backbone=config.backbone,
         input_size=config.input_size,
         trained=bool(payload["trained"]),
+        performance=validated_performance(payload["metadata"]),
     )
     return model.eval(), info
 

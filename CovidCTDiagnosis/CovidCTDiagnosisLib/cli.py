@@ -16,7 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .errors import EXIT_CODES, CovidCTError, OutputError
+from .errors import EXIT_CODES, CovidCTError, OutputError, UsageError
 
 PROG = "covidct"
 PROGRESS_PREFIX = "PROGRESS "  # `--progress lines`: "PROGRESS <fraction> <stage>" (read by slicer_runtime)
@@ -59,8 +59,9 @@ def _add_analysis_options(p: argparse.ArgumentParser) -> None:
     _add_model_options(p)
     p.add_argument("--slices", default="15", metavar="15|all|N",
                    help="axial slices to analyse: 15 equidistant over the lungs (the paper's), N, or 'all' lung slices")
-    p.add_argument("--aggregate", choices=("mean", "noisy-or"), default="mean",
-                   help="patient-level score: mean of slice probabilities (the paper's) or Noisy-OR")
+    p.add_argument("--aggregate", default="mean", metavar="mean",
+                   help="patient-level score: the mean of the slice probabilities (the paper's; the only method, "
+                        "Noisy-OR was removed)")
     p.add_argument("--series", metavar="UID", help="DICOM SeriesInstanceUID to read when a folder holds several series")
     p.add_argument("--progress", choices=("bar", "lines", "none"), default="bar",
                    help="progress on stderr as a bar, or 'lines' on stdout as 'PROGRESS <fraction> <stage>' (for other programs)")
@@ -168,6 +169,23 @@ def _slices(value: str):
     return int(value)
 
 
+def _aggregate(value: str) -> str:
+    from .aggregation import check_method
+
+    try:
+        check_method(value)
+    except ValueError as exc:
+        raise UsageError(f"--aggregate {value}: {exc}") from exc
+    return value
+
+
+def _trust_line(model) -> str:
+    """How far to trust the labels of a trained model (a ModelInfo), as a second line; empty for an untrained one."""
+    from .performance import performance_line
+
+    return f"\ntrust: {performance_line(model.performance)}" if model.trained else ""
+
+
 def _summary_line(report: dict) -> str:
     probs = ", ".join(f"{c} {p:.2f}" for c, p in report["patient"]["probabilities"].items())
     if not report["model"]["trained"]:
@@ -179,16 +197,17 @@ def cmd_analyze(args) -> int:
     from .outputs import write_outputs
     from .result import UNTRAINED_WARNING
 
-    slices = _slices(args.slices)
+    slices, aggregate = _slices(args.slices), _aggregate(args.aggregate)
     analyzer = _analyzer(args)
     progress = _Progress("none" if args.quiet and args.progress == "bar" else args.progress, Path(args.input).name)
     try:
-        result = analyzer.analyze(args.input, slices=slices, aggregate=args.aggregate, series_uid=args.series, progress=progress)
+        result = analyzer.analyze(args.input, slices=slices, aggregate=aggregate, series_uid=args.series, progress=progress)
     finally:
         progress.close()
     out = write_outputs(result, result.ct, args.out)
     if not args.quiet:
-        print(f"{Path(args.input).name}: {_summary_line(result.to_report())}\nresults in {out}", file=sys.stderr)
+        print(f"{Path(args.input).name}: {_summary_line(result.to_report())}{_trust_line(result.model)}\nresults in {out}",
+              file=sys.stderr)
         for warning in result.warnings:
             if warning != UNTRAINED_WARNING:  # the summary line says so already
                 print(f"warning: {warning}", file=sys.stderr)
@@ -198,7 +217,7 @@ def cmd_analyze(args) -> int:
 def cmd_batch(args) -> int:
     from .batch import SUMMARY_CSV, run_batch
 
-    slices = _slices(args.slices)
+    slices, aggregate = _slices(args.slices), _aggregate(args.aggregate)
     analyzer = _analyzer(args)
 
     def report(outcome):
@@ -208,11 +227,12 @@ def cmd_batch(args) -> int:
         print(f"{outcome.case.case_id}: {outcome.status}: {detail}", file=sys.stderr)
 
     mode = "none" if args.quiet and args.progress == "bar" else args.progress
-    outcomes = run_batch(analyzer, args.input, args.out, on_case=report, slices=slices, aggregate=args.aggregate,
+    outcomes = run_batch(analyzer, args.input, args.out, on_case=report, slices=slices, aggregate=aggregate,
                          series_uid=args.series, progress=_Progress(mode if mode == "lines" else "none"))
     failed = sum(o.status == "failed" for o in outcomes)
     if not args.quiet:
-        print(f"{len(outcomes)} cases, {failed} failed; summary in {Path(args.out) / SUMMARY_CSV}", file=sys.stderr)
+        print(f"{len(outcomes)} cases, {failed} failed; summary in {Path(args.out) / SUMMARY_CSV}"
+              f"{_trust_line(analyzer.model_info)}", file=sys.stderr)
     return 0
 
 
@@ -263,7 +283,7 @@ def cmd_demo(args) -> int:
     result_dir = write_outputs(result, result.ct, out / "result")
     if not args.quiet:
         lesions = "; ".join(f"{l.lung} lung at LPS ({', '.join(f'{v:.0f}' for v in l.center_lps)}) mm" for l in phantom.lesions)
-        print(f"phantom with lesions: {lesions}\n{_summary_line(result.to_report())}\n"
+        print(f"phantom with lesions: {lesions}\n{_summary_line(result.to_report())}{_trust_line(result.model)}\n"
               f"analysed in {time.perf_counter() - start:.1f} s; open {result_dir / 'report.html'}, or drag "
               f"{ct_path} and the files in {result_dir} into 3D Slicer", file=sys.stderr)
     return 0

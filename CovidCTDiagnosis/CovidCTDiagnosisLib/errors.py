@@ -11,6 +11,12 @@ class CovidCTError(Exception):
     exit_code = 1
 
 
+class UsageError(CovidCTError):
+    """An option's value cannot be used (e.g. a removed aggregation), found after argparse has parsed it."""
+
+    exit_code = 2
+
+
 class InputNotFoundError(CovidCTError):
     """The input path does not exist."""
 
@@ -56,7 +62,7 @@ class OutputError(CovidCTError):
 EXIT_CODES = {
     0: "success",
     1: "internal error (a bug: please report it)",
-    2: "command-line usage error",
+    UsageError.exit_code: "command-line usage error",
     InputNotFoundError.exit_code: "input not found or unreadable (missing path, corrupt or empty DICOM, unknown format)",
     NotACTError.exit_code: "input is not a usable chest CT (not CT, 2-D, constant, NaNs, bad spacing, missing slices)",
     NoLungsError.exit_code: "no lungs, or too little lung to analyse, in the image",

@@ -10,11 +10,14 @@ from __future__ import annotations
 import base64
 import io
 from html import escape
+from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
 
 from . import geometry
+from .bundled_model import MODEL_CARD_FILE
+from .performance import performance_line
 from .result import RESEARCH_USE_ONLY, UNTRAINED_WARNING, Result
 from .segmentation_file import lesion_colors
 
@@ -26,10 +29,7 @@ HEAT_VISIBLE_FROM = 0.15  # weaker heat is left transparent: inferno's dark end 
 FIGURE_DPI = 80
 PANEL_INCHES = 4.0
 PROBABILITY_BAR_EM = 10  # width of a probability bar at 100 %
-AGGREGATION_TEXT = {
-    "mean": "mean of the analysed slices' probabilities (the paper's method)",
-    "noisy-or": "Noisy-OR of the analysed slices' positive-class probabilities",
-}
+AGGREGATION_TEXT = {"mean": "mean of the analysed slices' probabilities (the paper's method)"}
 
 _CSS = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 70em; color: #222; line-height: 1.4; }
@@ -38,6 +38,7 @@ h2 { font-size: 1.2em; border-bottom: 1px solid #ccc; margin-top: 1.6em; }
 .notice { font-weight: bold; color: #8a4b00; background: #fff4e0; border: 1px solid #e0b060; padding: 0.5em 0.8em; }
 .untrained { font-size: 1.4em; font-weight: bold; color: #fff; background: #c00; padding: 0.8em 1em; margin: 1em 0; }
 .verdict { font-size: 2.4em; font-weight: bold; margin: 0.3em 0; }
+.trust { font-weight: bold; border-left: 0.4em solid #c60; padding: 0.3em 0.8em; background: #fff4e0; }
 .muted { color: #666; }
 table { border-collapse: collapse; margin: 0.5em 0; }
 th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: left; }
@@ -100,10 +101,17 @@ def _patient_section(result: Result) -> str:
     return (
         "<h2>Patient-level result</h2>"
         f'<p class="verdict">{escape(patient.label)}</p>'
+        f'<p class="trust">How far to trust this label: {escape(performance_line(result.model.performance))}.{_card(result)}</p>'
         f"{_probability_table(patient.probabilities)}"
         f"<p>Aggregation: {method}, over {n} analysed slices. "
         f"Slices are ranked by P({escape(result.positive_class)}).</p>"
     )
+
+
+def _card(result: Result) -> str:
+    """A pointer to the model card beside the model file (its known limits), if there is one."""
+    card = Path(result.model.file).parent / MODEL_CARD_FILE if result.model.file else None
+    return f" Known limits: <code>{escape(str(card))}</code>." if card and card.is_file() else ""
 
 
 def _warnings_section(result: Result) -> str:

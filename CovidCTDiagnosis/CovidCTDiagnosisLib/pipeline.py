@@ -137,11 +137,12 @@ class Analyzer:
 
 def _ensemble_info(infos: list[ModelInfo], configs: list) -> ModelInfo:
     """One description of several models; they must agree on classes and input preparation."""
-    check_ensemble(configs, [info.name for info in infos])
+    check_ensemble(configs, [info.file or info.name for info in infos], [info.sha256 or info.name for info in infos])
     return replace(
         infos[0],
         name="ensemble of " + " + ".join(i.name for i in infos),
         trained=all(i.trained for i in infos),
+        performance=None,  # the members' figures are not the ensemble's
         members=[{"name": i.name, "file": i.file, "sha256": i.sha256} for i in infos],
     )
 

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk
 
-REPORT_SCHEMA_VERSION = "1.0"
+REPORT_SCHEMA_VERSION = "1.1"  # 1.1: model.performance
 RESEARCH_USE_ONLY = "Research use only. Not for diagnosis or any clinical decision."
 UNTRAINED_WARNING = (
     "UNTRAINED NETWORK: the model's weights are random, so every probability, label and box "
@@ -87,6 +87,7 @@ class ModelInfo:
     input_size: int
     trained: bool
     members: list[dict] = field(default_factory=list)  # ensemble: {name, file, sha256} of every model averaged
+    performance: dict | None = None  # validated figures from the model file (performance.validated_performance); None: none
 
 
 @dataclass

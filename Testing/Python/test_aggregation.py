@@ -11,19 +11,9 @@ def test_mean_is_the_papers():
     assert aggregate(probs, CLASSES, "COVID-19") == pytest.approx({"COVID-19": 0.5, "Non-COVID-19": 0.5})
 
 
-def test_noisy_or_grows_with_evidence():
-    probs = np.array([[0.5, 0.5], [0.5, 0.5]])
-    out = aggregate(probs, CLASSES, "COVID-19", "noisy-or")
-    assert out["COVID-19"] == pytest.approx(0.75) and sum(out.values()) == pytest.approx(1)
-
-
-def test_noisy_or_three_classes_shares_the_rest():
-    classes = ["COVID-19", "Bacterial pneumonia", "Healthy"]
-    probs = np.array([[0.2, 0.6, 0.2], [0.2, 0.2, 0.6]])
-    out = aggregate(probs, classes, "COVID-19", "noisy-or")
-    assert out["COVID-19"] == pytest.approx(1 - 0.8 * 0.8)
-    assert out["Bacterial pneumonia"] == pytest.approx(out["Healthy"])
-    assert sum(out.values()) == pytest.approx(1)
+def test_noisy_or_was_removed_and_says_why():
+    with pytest.raises(ValueError, match="Noisy-OR was removed: .* neither calibrated nor independent"):
+        aggregate(np.array([[0.5, 0.5]]), CLASSES, "COVID-19", "noisy-or")
 
 
 def test_unknown_method():

@@ -26,6 +26,30 @@ def test_round_trip_keeps_config_and_weights(tmp_path, small_model):
         assert torch.allclose(model(x).logits, small_model(x).logits, atol=1e-5)
 
 
+def test_validated_figures_come_from_the_file_and_are_not_an_ensembles(tmp_path, small_model):
+    from CovidCTDiagnosisLib.pipeline import Analyzer
+
+    bare = save_checkpoint(tmp_path / "bare.pt", small_model, trained=True)
+    assert load_model(bare)[1].performance is None
+    test = {"patient_level_mean": {"auc": 0.91, "n": 40}, "image_level": {"auc": 0.88, "n": 80}, "ece_image_level": 0.05}
+    path = save_checkpoint(tmp_path / "m.pt", small_model, trained=True, metadata={"test": test, "data": ["/x/site-a/labels.csv"]})
+    figures = load_model(path)[1].performance
+    assert figures == {"test_data": ["site-a"], "patients": 40, "images": 80, "patient_auc": 0.91, "image_auc": 0.88,
+                       "ece": 0.05, "target_patient_auc": 0.90, "below_target": False}
+    assert Analyzer([path, bare], device="cpu").model_info.performance is None
+
+
+def test_the_same_model_twice_is_not_an_ensemble(tmp_path, small_model):
+    from CovidCTDiagnosisLib.pipeline import Analyzer
+
+    path = save_checkpoint(tmp_path / "m.pt", small_model, trained=True)
+    copy = tmp_path / "copy.pt"
+    copy.write_bytes(path.read_bytes())
+    for models in ([path, path], [path, copy], ["untrained", "untrained"]):
+        with pytest.raises(ModelFileError, match="same model"):
+            Analyzer(models, device="cpu")
+
+
 def test_half_precision_file_loads_close(tmp_path, small_model):
     path = save_checkpoint(tmp_path / "h.pt", small_model, trained=True, half=True)
     model, _ = load_model(path)

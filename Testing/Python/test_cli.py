@@ -43,13 +43,27 @@ def run(argv, capsys):
 def test_analyze_writes_every_file(tmp_path, ct_file, tiny_model, capsys):
     before = ct_file.read_bytes()
     out = tmp_path / "case"
-    code, _, err = run(["analyze", ct_file, "--out", out, "--model", tiny_model, "--aggregate", "noisy-or"], capsys)
+    code, _, err = run(["analyze", ct_file, "--out", out, "--model", tiny_model, "--aggregate", "mean"], capsys)
     assert code == 0, err
     assert sorted(p.name for p in out.iterdir()) == sorted(OUTPUT_FILES)
     report = json.loads((out / "report.json").read_text())
-    assert report["patient"]["aggregation"] == "noisy-or" and report["model"]["trained"] is False
+    assert report["patient"]["aggregation"] == "mean" and report["model"]["trained"] is False
     assert "UNTRAINED" in err and "not a diagnosis" in err
     assert ct_file.read_bytes() == before, "the input is never modified"
+
+
+@pytest.mark.parametrize("command", ["analyze", "batch"])
+def test_removed_noisy_or_is_a_one_line_usage_error(tmp_path, ct_file, command, capsys):
+    code, _, err = run([command, ct_file, "--out", tmp_path / "o", "--model", "untrained", "--aggregate", "noisy-or"], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "Noisy-OR was removed" in err and "use 'mean'" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_the_same_model_file_twice_is_refused(tmp_path, ct_file, tiny_model, capsys):
+    code, _, err = run(["analyze", ct_file, "--out", tmp_path / "o", "--model", tiny_model, tiny_model], capsys)
+    assert code == 6 and len(err.strip().splitlines()) == 1 and "same model" in err
+    assert not (tmp_path / "o").exists()
 
 
 def test_progress_lines_for_other_programs(tmp_path, ct_file, tiny_model, capsys):

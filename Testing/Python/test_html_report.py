@@ -52,6 +52,27 @@ def test_self_contained(trained_page):
     assert _png(page).shape[1] > _png(page).shape[0]  # three panels side by side
 
 
+def test_the_models_validated_figures_stand_beside_the_label(trained_page, tmp_path):
+    from dataclasses import replace
+
+    from CovidCTDiagnosisLib.performance import NO_FIGURES, validated_performance
+
+    result, page = trained_page
+    trust = page[page.index('<p class="verdict">'):page.index("<table>", page.index('<p class="verdict">'))]
+    assert NO_FIGURES in trust  # the hand-made model records none
+    test = {"patient_level_mean": {"auc": 0.794, "n": 115}, "image_level": {"auc": 0.779, "n": 216}, "ece_image_level": 0.077}
+    figures = validated_performance({"data": ["/d/ucsd-covid-ct/labels.csv"], "test": test})
+    (tmp_path / "MODEL_CARD.md").write_text("# card")
+    model = replace(result.model, performance=figures, file=str(tmp_path / "m.pt"))
+    page = render_html(replace(result, model=model), make_result()[1])
+    trust = page[page.index('<p class="verdict">'):page.index("<table>", page.index('<p class="verdict">'))]
+    assert "115 held-out patients (216 images) of ucsd-covid-ct" in trust and "patient AUC 0.794" in trust
+    assert "BELOW the target of 0.90" in trust and "image AUC 0.779" in trust and "(ECE) 0.077" in trust
+    assert str(tmp_path / "MODEL_CARD.md") in trust
+    figures = validated_performance({"test": {**test, "patient_level_mean": {"auc": 0.95, "n": 115}}})
+    assert "meets the target" in render_html(replace(result, model=replace(model, performance=figures)), make_result()[1])
+
+
 def test_untrained_banner_and_no_verdict():
     result, ct = make_result(trained=False)
     page = render_html(result, ct)

@@ -139,10 +139,12 @@ def test_result_contents(hand_analyzer):
             assert not heat[k].any(), "heat only on analysed slices"
 
 
-def test_more_slices_and_noisy_or(hand_analyzer):
+def test_more_slices_and_no_noisy_or(hand_analyzer):
     phantom = make_chest_phantom()
-    all_slices = hand_analyzer.analyze(phantom.image, slices="all", aggregate="noisy-or")
-    assert len(all_slices.slices) >= 15 and all_slices.patient.aggregation == "noisy-or"
+    all_slices = hand_analyzer.analyze(phantom.image, slices="all")
+    assert len(all_slices.slices) >= 15 and all_slices.patient.aggregation == "mean"
+    with pytest.raises(ValueError, match="noisy-or|Noisy-OR"):
+        hand_analyzer.analyze(phantom.image, aggregate="noisy-or")
 
 
 def test_cancel_stops_before_any_work(hand_analyzer):

@@ -21,7 +21,7 @@ from CovidCTDiagnosisLib.training import compare as compare_module
 from CovidCTDiagnosisLib.training.baselines import PlainClassifier, load_baseline
 from CovidCTDiagnosisLib.training.compare import COMPARISON_JSON, COMPARISON_MD
 from CovidCTDiagnosisLib.backbones import build_backbone
-from CovidCTDiagnosisLib.errors import InputNotFoundError
+from CovidCTDiagnosisLib.errors import InputNotFoundError, ModelFileError, OutputError, UsageError
 
 CLASSES = ("COVID-19", "Non-COVID-19")
 
@@ -144,10 +144,41 @@ def test_train_resume_and_evaluate_tiny(synthetic_csv, tmp_path):
 
     test_items = load_test_items(run / BEST_PT, CLASSES)
     assert {it.patient_id.split("/")[-1] for it in test_items} == {p.split("/")[-1] for p in split["test"]}
-    metrics = evaluate([run / BEST_PT, run / BEST_PT], test_items, tmp_path / "eval")
+    metrics = evaluate(run / BEST_PT, test_items, tmp_path / "eval")
     assert metrics["n_images"] == 4 and metrics["image_level"]["n"] == 4
     for name in ("metrics.json", "roc.png", "confusion.png", "reliability.png", "summary.md", "predictions.csv"):
         assert (tmp_path / "eval" / name).is_file()
+
+
+def test_a_run_folder_is_never_replaced_and_resume_says_what_it_does(synthetic_csv, tmp_path, capsys):
+    from CovidCTDiagnosisLib.cli import main
+
+    run = tmp_path / "run"
+    options = ["--data", str(synthetic_csv), "--out", str(run), "--input-size", "64", "--batch-size", "8",
+               "--no-pretrained", "--quiet"]
+    assert main(["train", *options, "--epochs", "1"]) == 0
+    history = (run / HISTORY_JSON).read_bytes()
+    capsys.readouterr()
+
+    def refused(argv, code, *words):
+        assert main(argv) == code
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and all(w in err for w in words), err
+        assert (run / HISTORY_JSON).read_bytes() == history  # the run is untouched
+
+    refused(["train", *options, "--epochs", "3"], OutputError.exit_code, "already holds a training run", "--resume")
+    refused(["train", *options, "--resume", "--lr", "0.5"], UsageError.exit_code, "another recipe", "lr 0.5")
+    assert main(["train", *options, "--resume"]) == 0  # its own epoch count: complete, nothing trained
+    assert "complete at 1 epochs" in capsys.readouterr().err and (run / HISTORY_JSON).read_bytes() == history
+    assert main(["train", *options, "--resume", "--epochs", "2"]) == 0
+    assert "continuing from epoch 2 to 2 (the run was planned for 1)" in capsys.readouterr().err
+    assert [r["epoch"] for r in json.loads((run / HISTORY_JSON).read_text())] == [1, 2]
+    history = (run / HISTORY_JSON).read_bytes()
+    assert main(["train", *options, "--resume"]) == 0  # the recipe now plans 2 epochs
+    assert "complete at 2 epochs" in capsys.readouterr().err
+    refused(["train", *options, "--resume", "--epochs", "1"], UsageError.exit_code, "already trained 2 epochs")
+    with pytest.raises(ModelFileError, match="same model"):
+        evaluate([run / BEST_PT, run / BEST_PT], synthetic_csv, tmp_path / "ev")
 
 
 def test_commands_parse_and_fine_tune_one_command(synthetic_csv, tmp_path):
@@ -209,7 +240,7 @@ def test_torchvision_backbones_give_a_stride_32_map(name, channels):
     assert net(torch.zeros(1, 3, 64, 64)).shape == (1, channels, 2, 2)
 
 
-def test_compare_trains_drenet_and_a_baseline_on_one_split_and_resumes(synthetic_csv, tmp_path, monkeypatch):
+def test_compare_trains_drenet_and_a_baseline_on_one_split_and_resumes(synthetic_csv, tmp_path, capsys):
     import argparse
 
     parser = argparse.ArgumentParser()
@@ -226,12 +257,20 @@ def test_compare_trains_drenet_and_a_baseline_on_one_split_and_resumes(synthetic
     assert "| DRENet | efficientnet_lite0 | image |" in table and "| plain classifier | efficientnet_lite0 | image |" in table
     assert isinstance(load_baseline(out / "plain-efficientnet_lite0" / BEST_PT)[0], PlainClassifier)
 
-    def no_training(*a, **k):
-        raise AssertionError("a finished run was trained again")
-
-    monkeypatch.setattr(compare_module, "train", no_training)
-    assert compare_module.compare([synthetic_csv], out, TrainConfig(input_size=64, epochs=1), baselines=["efficientnet_lite0"],
-                                  progress=False)["rows"][1]["train_minutes_this_call"] is None
+    best = out / "plain-efficientnet_lite0" / BEST_PT
+    stamp = best.stat().st_mtime_ns
+    capsys.readouterr()
+    assert commands.run_compare(args) == 0  # the same options: both runs are complete and reused
+    assert "complete at 1 epochs" in capsys.readouterr().err and best.stat().st_mtime_ns == stamp
+    assert json.loads((out / COMPARISON_JSON).read_text())["rows"][1]["train_minutes_this_call"] is None
+    args.epochs = 2  # more epochs: each run is trained on, and says so
+    assert commands.run_compare(args) == 0
+    assert capsys.readouterr().err.count("continuing from epoch 2 to 2 (the run was planned for 1)") == 2
+    assert [r["epochs_trained"] for r in json.loads((out / COMPARISON_JSON).read_text())["rows"]] == [2, 2]
+    args.epochs, args.lr = None, 0.5  # another recipe: refused before anything is trained
+    with pytest.raises(UsageError, match="lr 0.5"):
+        commands.run_compare(args)
+    assert len(json.loads((out / "drenet-efficientnet_lite0" / HISTORY_JSON).read_text())) == 2
 
 
 def test_evaluate_split_on_a_copy_of_the_data_and_a_clear_error_without_it(synthetic_csv, tmp_path):

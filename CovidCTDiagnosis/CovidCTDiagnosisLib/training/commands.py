@@ -28,7 +28,8 @@ def _add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--input-size", type=int, default=DEFAULTS.input_size, help="multiple of 64 (default %(default)s)")
     parser.add_argument("--classes", nargs="+", default=list(DEFAULTS.classes), metavar="CLASS",
                         help="class names in model order (2 or 3); the first is the positive (disease) class")
-    parser.add_argument("--epochs", type=int, default=DEFAULTS.epochs)
+    parser.add_argument("--epochs", type=int, help=f"epochs to train (default {DEFAULTS.epochs}; when continuing a run, "
+                        "its own; larger than the run's trains it on)")
     parser.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size)
     parser.add_argument("--lr", type=float, default=DEFAULTS.lr, help="learning rate of the heads and navigator")
     parser.add_argument("--backbone-lr-factor", type=float, default=DEFAULTS.backbone_lr_factor,
@@ -52,7 +53,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     _add_recipe_arguments(parser)
     parser.add_argument("--out", required=True, metavar="DIR", help="run folder: best.pt, state.pt, split.json, history.json")
     parser.add_argument("--init", metavar="MODEL", help="fine-tune this model file (keeps its architecture and classes)")
-    parser.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run in --out, with the same options (a larger --epochs trains it on); "
+                             "without it a folder that holds a run is refused")
     parser.add_argument("--split", metavar="FILE",
                         help="reuse the patient split of a model file or split.json (e.g. to train an ensemble member "
                              "or a baseline on the same patients) instead of a new seeded split")
@@ -73,7 +76,7 @@ def _config(args) -> TrainConfig:
         classes=tuple(args.classes),
         positive_class=args.classes[0],
         input_size=args.input_size,
-        epochs=args.epochs,
+        epochs=args.epochs,  # None: the default for a new run, a continued run's own
         batch_size=args.batch_size,
         lr=args.lr,
         backbone_lr_factor=args.backbone_lr_factor,

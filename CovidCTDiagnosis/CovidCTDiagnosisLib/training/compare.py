@@ -3,8 +3,10 @@
 Trains DRENet and each baseline (baselines.py) with the same recipe, the same prepared images,
 augmentation and patient split (the split of the first model trained, reused by all), then
 scores every model on the same held-out test patients. Writes, in the output folder, one run
-folder per model (resumable: a finished run is not trained again, an interrupted one carries
-on), `comparison.json` and `comparison.md` (our table, with the paper's published figures beside it).
+folder per model, `comparison.json` and `comparison.md` (our table, with the paper's published
+figures beside it). Re-running continues each existing run as `train --resume` would (same
+options, or it refuses before training anything; a larger epoch count trains it on; a complete
+run is reused), and says on stderr which it did.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from ..backbones import build_backbone
 from ..drenet import DRENetConfig
 from .datasets import load_split, prepare_set, read_labels, subset
 from .evaluate import evaluate
-from .train import BEST_PT, HISTORY_JSON, SPLIT_JSON, STATE_PT, TrainConfig, best_record, train
+from .train import BEST_PT, HISTORY_JSON, SPLIT_JSON, TrainConfig, best_record, continuation, holds_run, requested_recipe, train
 
 COMPARISON_JSON = "comparison.json"
 COMPARISON_MD = "comparison.md"
@@ -40,12 +42,6 @@ def run_name(model: str, backbone: str) -> str:
     return f"{model}-{backbone}"
 
 
-def _finished(run_dir: Path, epochs: int) -> bool:
-    if not (run_dir / BEST_PT).is_file() or not (run_dir / HISTORY_JSON).is_file():
-        return False
-    return len(json.loads((run_dir / HISTORY_JSON).read_text())) >= epochs
-
-
 def compare(data, out_dir, config: TrainConfig, *, baselines=PAPER_BASELINES, extra_train=(), device="auto",
             progress=True) -> dict:
     """Train DRENet (config.backbone) and a plain classifier per name in `baselines`; test all on one split."""
@@ -54,17 +50,21 @@ def compare(data, out_dir, config: TrainConfig, *, baselines=PAPER_BASELINES, ex
         for backbone in dict.fromkeys(b for _, b in runs):
             build_backbone(backbone, pretrained=True)
     out = Path(out_dir)  # created by the first training run: bad data leaves nothing behind
+    configs = {run_name(m, b): replace(config, model=m, backbone=b) for m, b in runs}
+    existing, complete = set(), set()  # every existing run is checked before any is trained
+    for name, cfg in configs.items():
+        if holds_run(out / name):
+            run_cfg, _, state, _ = continuation(out / name, requested_recipe(cfg, data, extra_train, None)[0])
+            existing.add(name)
+            if state["epoch"] == run_cfg.epochs:
+                complete.add(name)
     split, rows = None, []
-    for model, backbone in runs:
-        run_dir = out / run_name(model, backbone)
-        cfg = replace(config, model=model, backbone=backbone)
-        if not _finished(run_dir, cfg.epochs):
-            began = time.monotonic()
-            train(data, run_dir, cfg, extra_train=extra_train, resume=(run_dir / STATE_PT).is_file(), split=split,
-                  device=device, progress=progress)
-            minutes = (time.monotonic() - began) / 60
-        else:
-            minutes = None
+    for (model, backbone), (name, cfg) in zip(runs, configs.items()):
+        run_dir = out / name
+        began = time.monotonic()
+        train(data, run_dir, cfg, extra_train=extra_train, resume=name in existing, split=split, device=device,
+              progress=progress)
+        minutes = None if name in complete else (time.monotonic() - began) / 60
         split = split or load_split(run_dir / SPLIT_JSON)
         history = json.loads((run_dir / HISTORY_JSON).read_text())
         rows.append({"run": run_dir.name, "model": model, "backbone": backbone, "epochs_trained": len(history),

@@ -1,7 +1,7 @@
 """Metrics and plots for a trained model (or an ensemble) on labelled slices.
 
 Image level: every slice scored on its own. Patient level: slice probabilities aggregated per
-patient by the mean (the paper's) and by Noisy-OR (aggregation.py). Reported per class (one
+patient by each method of aggregation.py (the mean, the paper's). Reported per class (one
 class against the rest) and macro-averaged; the positive class's numbers are the headline. F1 is
 the standard 2PR/(P+R); the paper's Eq. 5 defines "F1" as (P+R)/2, reported separately as
 `f1_paper_eq5` so the two are never confused. Several model files form an ensemble: their
@@ -20,15 +20,14 @@ import torch
 from torch import nn
 from sklearn.metrics import confusion_matrix, roc_auc_score, roc_curve
 
-from ..aggregation import aggregate
-from ..checkpoint import check_ensemble, load_model, read_checkpoint
+from ..aggregation import METHODS as AGGREGATIONS, aggregate
+from ..checkpoint import check_ensemble, file_sha256, load_model, read_checkpoint
 from ..inference import resolve_device
 from ..preprocessing import to_three_channels
 from ..errors import InputNotFoundError
 from .baselines import is_baseline_file, load_baseline
 from .datasets import PreparedSet, prepare_set, read_labels, subset
 
-AGGREGATIONS = ("mean", "noisy-or")
 CALIBRATION_BINS = 10
 EVAL_BATCH = 16
 METRICS_JSON = "metrics.json"
@@ -240,7 +239,8 @@ def evaluate(models, data, out_dir, device: str = "auto", batch_size: int = EVAL
     models = models if isinstance(models, (list, tuple)) else [models]
     loaded = [m if isinstance(m, nn.Module) else _load_model_file(m) for m in models]
     names = ["in-memory model" if isinstance(src, nn.Module) else str(src) for src in models]
-    check_ensemble([m.config for m in loaded], names)
+    check_ensemble([m.config for m in loaded], names,
+                   [id(src) if isinstance(src, nn.Module) else file_sha256(src) for src in models])
     config = loaded[0].config
     classes, positive = list(config.classes), config.positive_class
     if isinstance(data, (str, Path)):

@@ -17,8 +17,9 @@ so a set that is mostly one class (MosMed: 3/4 COVID) cannot teach "this scanner
 from __future__ import annotations
 
 import json
+import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -28,8 +29,9 @@ from torch import nn
 
 from ..checkpoint import load_model, read_checkpoint, save_checkpoint, torch_save_atomic
 from ..drenet import DRENet, DRENetConfig
-from ..errors import InputNotFoundError, ModelFileError, UnreadableInputError
+from ..errors import InputNotFoundError, ModelFileError, OutputError, UnreadableInputError, UsageError
 from ..inference import resolve_device
+from ..performance import test_figures
 from ..preprocessing import to_three_channels
 from .augment import augment
 from .baselines import BaselineConfig, ClassifierOutput, PlainClassifier, save_baseline
@@ -42,7 +44,9 @@ SPLIT_JSON = "split.json"
 STATE_PT = "state.pt"
 BEST_PT = "best.pt"
 HISTORY_JSON = "history.json"
+RUN_FILES = (RECIPE_JSON, SPLIT_JSON, STATE_PT, BEST_PT, HISTORY_JSON)
 BATCHNORM_MODES = ("frozen", "train")
+RESUME_MAY_CHANGE = ("epochs", "max_minutes", "threads")  # a continued run may change these, and nothing else
 TRAIN_BN_MOMENTUM = 0.1
 
 
@@ -57,7 +61,7 @@ class TrainConfig:
     top_k: int = 3
     proposals: int = 4  # regions scored by the part classifier for the ranking loss (>= top_k)
     model: str = "drenet"  # or "plain": the backbone alone as a classifier (baselines.py)
-    epochs: int = 12
+    epochs: int | None = 12  # None: 12 for a new run, a continued run's own
     batch_size: int = 16
     lr: float = 1e-3  # heads and navigator
     backbone_lr_factor: float = 0.1
@@ -133,10 +137,15 @@ def _loss(out, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
     return drenet_loss(out, y)
 
 
+def _decay_epoch(cfg: TrainConfig) -> int:
+    """The last epoch at the full learning rate: the step decay starts after it."""
+    return max(1, round(cfg.lr_decay_at * cfg.epochs))
+
+
 def _lr_factor(cfg: TrainConfig, steps_per_epoch: int):
     """Per optimiser step: linear warm-up, then the step decay."""
     warmup = cfg.warmup_epochs * steps_per_epoch
-    decay_step = max(1, round(cfg.lr_decay_at * cfg.epochs)) * steps_per_epoch
+    decay_step = _decay_epoch(cfg) * steps_per_epoch
 
     def factor(step: int) -> float:
         ramp = min(1.0, (step + 1) / warmup) if warmup else 1.0
@@ -165,35 +174,96 @@ def read_split(path) -> dict:
     return meta["split"]
 
 
+def holds_run(out_dir) -> bool:
+    """Whether a folder already holds (part of) a training run."""
+    return any((Path(out_dir) / name).exists() for name in RUN_FILES)
+
+
+def requested_recipe(config: TrainConfig | None, data, extra_train, init) -> tuple[TrainConfig, str | None]:
+    """The recipe asked for, with data paths resolved and, with `init`, that model's architecture and classes."""
+    cfg = replace(config or TrainConfig())
+    cfg.data = [str(Path(p).resolve()) for p in data]
+    cfg.extra_train = [str(Path(p).resolve()) for p in extra_train]
+    init = str(Path(init).resolve()) if init else None
+    if init:  # the fine-tuned model keeps the architecture and classes of the model it starts from
+        base = load_model(init)[0].config
+        cfg.backbone, cfg.classes, cfg.positive_class = base.backbone, tuple(base.classes), base.positive_class
+        cfg.input_size, cfg.top_k = base.input_size, base.top_k
+    return cfg, init
+
+
+def continuation(out_dir, requested: TrainConfig | None = None, init=None) -> tuple[TrainConfig, str | None, dict, int]:
+    """The recipe, start model, saved state and originally planned epochs with which the run in `out_dir` continues.
+
+    requested: the recipe asked for now (None: the run's own). It must equal the saved recipe but for
+    RESUME_MAY_CHANGE; `epochs` may grow (the run trains on to it) but not shrink. UsageError otherwise.
+    """
+    out = Path(out_dir)
+    if not (out / STATE_PT).is_file():
+        raise InputNotFoundError(f"nothing to resume: {out / STATE_PT} is missing")
+    saved = json.loads((out / RECIPE_JSON).read_text())
+    cfg = TrainConfig(**{**saved["recipe"], "classes": tuple(saved["recipe"]["classes"])})
+    state = torch.load(out / STATE_PT, map_location="cpu", weights_only=True)
+    if requested is not None:
+        asked = {k: getattr(requested, k) for k in (f.name for f in fields(TrainConfig)) if k not in RESUME_MAY_CHANGE}
+        asked["init"] = init
+        differ = [f"{k} {v!r} (this run: {saved['init'] if k == 'init' else getattr(cfg, k)!r})" for k, v in asked.items()
+                  if v != (saved["init"] if k == "init" else getattr(cfg, k))]
+        if differ:
+            raise UsageError(f"{out} was trained with another recipe ({out / RECIPE_JSON}); asked for {'; '.join(differ)}: "
+                             "repeat the run's options to continue it, or train into a new folder")
+        cfg.max_minutes, cfg.threads = requested.max_minutes, requested.threads
+        cfg.epochs = requested.epochs if requested.epochs is not None else cfg.epochs
+    if cfg.epochs < state["epoch"]:
+        raise UsageError(f"{out} has already trained {state['epoch']} epochs, more than --epochs {cfg.epochs}: "
+                         "train into a new folder for a shorter run")
+    return cfg, saved["init"], state, saved["recipe"]["epochs"]
+
+
+def _say_what_resume_does(out: Path, cfg: TrainConfig, planned_epochs: int, done: int) -> None:
+    """One line on stderr: the run is complete, resumes, or is extended (and whether that equals a fresh run)."""
+    planned = replace(cfg, epochs=planned_epochs)
+    if done == cfg.epochs:
+        message = (f"{out}: the run is complete at {done} epochs; nothing to train "
+                   f"(pass a larger --epochs to continue it)")
+    elif cfg.epochs == planned.epochs:
+        message = f"{out}: resuming at epoch {done + 1} of {cfg.epochs}"
+    else:
+        same = min(done, _decay_epoch(planned)) == min(done, _decay_epoch(cfg))
+        message = (f"{out}: continuing from epoch {done + 1} to {cfg.epochs} (the run was planned for {planned.epochs}); "
+                   + ("as a fresh run of that length would" if same else
+                      f"its learning rate already decayed after epoch {_decay_epoch(planned)}, so this differs from a "
+                      f"fresh {cfg.epochs}-epoch run (decay after epoch {_decay_epoch(cfg)})"))
+    print(message, file=sys.stderr)
+
+
 def train(data, out_dir, config: TrainConfig | None = None, *, extra_train=(), resume: bool = False, init=None,
           split: dict | None = None, device: str = "auto", progress: bool = True) -> TrainResult:
     """Train DRENet (or, with config.model="plain", a plain classifier) on labels CSVs `data`
     (+ training-only `extra_train`); returns the best model file.
 
     `init`: a model file to fine-tune (its architecture and classes are kept). `resume`: carry on
-    an interrupted run in `out_dir` with its saved recipe and split. `split`: patient ids per split
-    to use instead of a new seeded split (to compare models on the same patients).
+    the run in `out_dir` with its saved recipe and split (see `continuation`: `config`, if given,
+    must match it; a larger `config.epochs` trains on to it; a complete run returns at once).
+    Without `resume` a folder that holds a run is refused (OutputError), never replaced. `split`:
+    patient ids per split to use instead of a new seeded split (to compare models on the same patients).
     """
     from tqdm import tqdm
 
     out = Path(out_dir)
     state = None
     if resume:
-        if not (out / STATE_PT).is_file():
-            raise InputNotFoundError(f"nothing to resume: {out / STATE_PT} is missing")
-        saved = json.loads((out / RECIPE_JSON).read_text())
-        cfg = TrainConfig(**{**saved["recipe"], "classes": tuple(saved["recipe"]["classes"])})
-        init = saved["init"]
-        state = torch.load(out / STATE_PT, map_location="cpu", weights_only=True)
+        requested, init = requested_recipe(config, data, extra_train, init) if config is not None else (None, None)
+        cfg, init, state, planned_epochs = continuation(out, requested, init)
+        _say_what_resume_does(out, cfg, planned_epochs, state["epoch"])
+        if state["epoch"] == cfg.epochs:
+            return TrainResult(out / BEST_PT, out, state["history"], load_split(out / SPLIT_JSON))
     else:
-        cfg = config or TrainConfig()
-        cfg.data = [str(Path(p).resolve()) for p in data]
-        cfg.extra_train = [str(Path(p).resolve()) for p in extra_train]
-        init = str(Path(init).resolve()) if init else None
-        if init:  # the fine-tuned model keeps the architecture and classes of the model it starts from
-            base = load_model(init)[0].config
-            cfg.backbone, cfg.classes, cfg.positive_class = base.backbone, tuple(base.classes), base.positive_class
-            cfg.input_size, cfg.top_k = base.input_size, base.top_k
+        if holds_run(out):
+            raise OutputError(f"{out} already holds a training run: pass --resume to continue it, or choose a new --out")
+        cfg, init = requested_recipe(config, data, extra_train, init)
+        if cfg.epochs is None:
+            cfg.epochs = TrainConfig.epochs
 
     torch.set_num_threads(cfg.threads)
     items = [it for p in cfg.data for it in read_labels(p, cfg.classes)]
@@ -222,8 +292,8 @@ def train(data, out_dir, config: TrainConfig | None = None, *, extra_train=(), r
     steps_per_epoch = -(-len(_epoch_indices(train_set, np.random.default_rng(0))) // cfg.batch_size)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_factor(cfg, steps_per_epoch))
     out.mkdir(parents=True, exist_ok=True)  # only now: bad data or options leave no run folder behind
+    (out / RECIPE_JSON).write_text(json.dumps({"recipe": asdict(cfg), "init": init}, indent=1))  # resumed: its epochs
     if not resume:
-        (out / RECIPE_JSON).write_text(json.dumps({"recipe": asdict(cfg), "init": init}, indent=1))
         save_split(split, out / SPLIT_JSON)
     history, start = [], 0
     if state is not None:
@@ -294,11 +364,12 @@ def train(data, out_dir, config: TrainConfig | None = None, *, extra_train=(), r
     return TrainResult(out / BEST_PT, out, history, split)
 
 
-def publish_model(best_model, dest, name: str, test_metrics: dict | None = None, max_float32_mb: float = 64.0) -> Path:
-    """Copy a run's best model to `dest` under `name`, with its test metrics; float16 only if float32 would exceed
+def publish_model(best_model, dest, name: str, evaluation: dict | None = None, max_float32_mb: float = 64.0) -> Path:
+    """Copy a run's best model to `dest` under `name`, with its validated figures (`evaluation`: `evaluate`'s
+    result on the held-out test patients; None: the file says it has none); float16 only if float32 would exceed
     `max_float32_mb`: rounding the reference model's weights to float16 moved its probabilities by up to about 0.1."""
     model, _ = load_model(best_model)
     metadata = read_checkpoint(best_model)["metadata"]
-    metadata.update(name=name, test=test_metrics or {})
+    metadata.update(name=name, test=test_figures(evaluation) if evaluation else {})
     float32_mb = sum(v.numel() * 4 for v in model.state_dict().values() if v.is_floating_point()) / 2**20
     return save_checkpoint(dest, model, trained=True, metadata=metadata, half=float32_mb > max_float32_mb)

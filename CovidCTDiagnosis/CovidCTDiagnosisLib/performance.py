@@ -1,0 +1,69 @@
+"""How far to trust a model's result: its validated figures, as stored in the model file.
+
+`publish_model` (training/train.py) stores `test_figures(evaluation)` in the model file's
+metadata under "test": `covidct evaluate`'s metrics on the held-out test patients, computed, not
+typed. `validated_performance` reads them back for `ModelInfo.performance`, which report.json,
+report.html and the command line show beside the label. No torch here: Slicer's GUI may import it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+TARGET_PATIENT_AUC = 0.90  # the project's accuracy target: patient-level AUC on held-out patients
+NO_FIGURES = "no validated performance figures for this model"
+
+
+def test_figures(evaluation: dict) -> dict:
+    """`training.evaluate.evaluate`'s result -> the block stored as the model file's metadata["test"]."""
+
+    def level(metrics: dict) -> dict:
+        return {**metrics["positive"], "accuracy": metrics["accuracy"], "n": metrics["n"]}
+
+    return {
+        "image_level": level(evaluation["image_level"]),
+        "patient_level_mean": level(evaluation["patient_level"]["mean"]),
+        "ece_image_level": evaluation["calibration"]["ece"],
+        "backbone_head_image_level": level(evaluation["backbone_head"]["image_level"]),
+        "backbone_head_patient_level_mean": level(evaluation["backbone_head"]["patient_level"]["mean"]),
+    }
+
+
+def validated_performance(metadata: dict) -> dict | None:
+    """The figures report.json carries as `model.performance`, or None when the file holds none.
+
+    Returns: test_data (folder names of the labels CSVs split into train/validation/test),
+    patients and images tested, patient_auc (mean aggregation), image_auc, ece (image level,
+    10 bins), target_patient_auc and below_target.
+    """
+    test = metadata.get("test") or {}
+    patient, image = test.get("patient_level_mean") or {}, test.get("image_level") or {}
+    if patient.get("auc") is None:
+        return None
+    return {
+        "test_data": [Path(p).parent.name for p in metadata.get("data", [])],
+        "patients": patient.get("n"),
+        "images": image.get("n"),
+        "patient_auc": patient["auc"],
+        "image_auc": image.get("auc"),
+        "ece": test.get("ece_image_level"),
+        "target_patient_auc": TARGET_PATIENT_AUC,
+        "below_target": patient["auc"] < TARGET_PATIENT_AUC,
+    }
+
+
+def performance_line(performance: dict | None) -> str:
+    """One sentence for a reader: the validated figures and whether they reach the target."""
+    if performance is None:
+        return f"{NO_FIGURES}: how often its labels are right is unknown"
+    p = performance
+
+    def num(value) -> str:
+        return "n/a" if value is None else f"{value:.3f}"
+
+    where = f" of {', '.join(p['test_data'])}" if p["test_data"] else ""
+    verdict = (f"BELOW the target of {p['target_patient_auc']:.2f}" if p["below_target"]
+               else f"meets the target of {p['target_patient_auc']:.2f}")
+    return (f"validated on {p['patients']} held-out patients ({p['images']} images){where}: patient AUC "
+            f"{num(p['patient_auc'])} ({verdict}), image AUC {num(p['image_auc'])}, calibration error (ECE) "
+            f"{num(p['ece'])}; not validated on other data or scanners")
