@@ -26,7 +26,7 @@ import cv2
 import numpy as np
 
 from .errors import NoLungsError
-from .lung_net import LUNG_PROBABILITY_THRESHOLD, hu_to_u8, lung_probability
+from .lung_net import LUNG_PROBABILITY_THRESHOLD, lung_probability, lung_probability_hu
 from .volume_io import has_data
 
 AIR_THRESHOLD_HU = -600.0  # lung parenchyma and air lie below
@@ -283,7 +283,7 @@ def extract_lungs(hu_kji: np.ndarray, spacing_ijk: Sequence[float], midline_col:
     (left of x = 0 is the patient's right, x < 0), and `Lungs.notes` says so.
     Raises NoLungsError when nothing lung-like is found.
     """
-    prob = lung_probability(hu_to_u8(hu_kji))
+    prob = lung_probability_hu(hu_kji, float(spacing_ijk[2]))
     return _extract(hu_kji, spacing_ijk, prob, midline_col)
 
 
