@@ -65,14 +65,6 @@ class SliceChoice(enum.Enum):
         return {"15": _("15 equidistant (as in the paper)"), "all": _("All lung slices")}[self.value]
 
 
-class Aggregation(enum.Enum):
-    MEAN = "mean"
-    NOISY_OR = "noisy-or"
-
-    def label(self):
-        return {"mean": _("Mean (as in the paper)"), "noisy-or": _("Noisy-OR")}[self.value]
-
-
 class CovidCTDiagnosis(ScriptedLoadableModule):
     def __init__(self, parent):
         ScriptedLoadableModule.__init__(self, parent)
@@ -97,15 +89,17 @@ class CovidCTDiagnosisParameterNode:
 
     inputVolume - the chest CT to analyse.
     model - "" for the bundled model, "untrained" (tests the pipeline only), or a model file path.
-    device, slices, aggregation - the engine's options.
+    device, slices - the engine's options (it aggregates slices by their mean, its only method).
     heatOpacity - opacity of the Grad-CAM map over the CT.
+
+    Scenes saved before Noisy-OR was removed also hold an "aggregation" parameter: the wrapper reads
+    only the parameters declared here, so that one is ignored.
     """
 
     inputVolume: vtkMRMLScalarVolumeNode
     model: str = ""
     device: Device = Device.AUTO
     slices: SliceChoice = SliceChoice.PAPER
-    aggregation: Aggregation = Aggregation.MEAN
     heatOpacity: Annotated[float, WithinRange(0.0, 1.0)] = DEFAULT_HEAT_OPACITY
 
 
@@ -279,7 +273,7 @@ class CovidCTDiagnosisWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         with slicer.util.tryWithErrorDisplay(_("Failed to start the analysis."), waitCursor=True):
             self._job = self.logic.startAnalysis(
                 p.inputVolume, model=p.model or None, device=p.device.value, slices=p.slices.value,
-                aggregate=p.aggregation.value, onProgress=self.onProgress, onFinished=self.onFinished,
+                onProgress=self.onProgress, onFinished=self.onFinished,
             )
             self.ui.progressBar.value = 0
             self.ui.statusLabel.text = _("Analysing {volume}...").format(volume=p.inputVolume.GetName())
@@ -404,7 +398,12 @@ class CovidCTDiagnosisLogic(ScriptedLoadableModuleLogic):
         load_model(path)
 
     def process(self, volumeNode: vtkMRMLScalarVolumeNode, model=None, device="auto", slices=15, aggregate="mean"):
-        """Analyse `volumeNode` in this process (blocks), show the result, and return the engine's Result."""
+        """Analyse `volumeNode` in this process (blocks), show the result, and return the engine's Result.
+
+        `aggregate` must be "mean", the engine's only method (kept for existing calls); anything else,
+        such as the removed "noisy-or", raises ValueError before anything is done.
+        """
+        self._checkAggregate(aggregate)
         import sitkUtils
 
         self.setupDependencies()
@@ -421,7 +420,9 @@ class CovidCTDiagnosisLogic(ScriptedLoadableModuleLogic):
 
     def startAnalysis(self, volumeNode: vtkMRMLScalarVolumeNode, onProgress, onFinished, model=None, device="auto", slices=15,
                       aggregate="mean"):
-        """Analyse `volumeNode` in a background PythonSlicer process; returns the AnalysisJob (cancel() stops it)."""
+        """Analyse `volumeNode` in a background PythonSlicer process; returns the AnalysisJob (cancel() stops it).
+        `aggregate` as for process()."""
+        self._checkAggregate(aggregate)
         self.setupDependencies()
         python = shutil.which("PythonSlicer")
         if not python:
@@ -436,7 +437,9 @@ class CovidCTDiagnosisLogic(ScriptedLoadableModuleLogic):
 
     def processFiles(self, pathsOrFolder, outputFolder, model=None, device="auto", slices=15, aggregate="mean"):
         """Analyse many CTs (a folder, a CSV manifest, or a list of paths) into one result folder each and
-        summary.csv in `outputFolder`, carrying on past bad cases; the scene is not touched."""
+        summary.csv in `outputFolder`, carrying on past bad cases; the scene is not touched. `aggregate` as
+        for process()."""
+        self._checkAggregate(aggregate)
         self.setupDependencies()
         from CovidCTDiagnosisLib.batch import SUMMARY_CSV, run_batch
         from CovidCTDiagnosisLib.pipeline import Analyzer
@@ -513,6 +516,13 @@ class CovidCTDiagnosisLogic(ScriptedLoadableModuleLogic):
         world = [0.0, 0.0, 0.0]
         results.heat.TransformPointToWorld(results.plan.rows[rowIndex].center_ras, world)
         slicer.modules.markups.logic().JumpSlicesToLocation(world[0], world[1], world[2], True)
+
+    @staticmethod
+    def _checkAggregate(aggregate):
+        """The engine's ValueError unless `aggregate` is one of its methods (its message says why Noisy-OR went)."""
+        from CovidCTDiagnosisLib.aggregation import check_method
+
+        check_method(aggregate)
 
     @staticmethod
     def _workDirectory():

@@ -17,7 +17,7 @@ import SimpleITK as sitk
 
 from . import geometry
 from .bundled_model import MODEL_CARD_FILE
-from .performance import performance_line
+from .performance import trust_sentence
 from .result import RESEARCH_USE_ONLY, UNTRAINED_WARNING, Result
 from .segmentation_file import lesion_colors
 
@@ -101,7 +101,7 @@ def _patient_section(result: Result) -> str:
     return (
         "<h2>Patient-level result</h2>"
         f'<p class="verdict">{escape(patient.label)}</p>'
-        f'<p class="trust">How far to trust this label: {escape(performance_line(result.model.performance))}.{_card(result)}</p>'
+        f'<p class="trust">{escape(trust_sentence(result.model.performance))}{_card(result)}</p>'
         f"{_probability_table(patient.probabilities)}"
         f"<p>Aggregation: {method}, over {n} analysed slices. "
         f"Slices are ranked by P({escape(result.positive_class)}).</p>"

@@ -3,7 +3,8 @@
 `publish_model` (training/train.py) stores `test_figures(evaluation)` in the model file's
 metadata under "test": `covidct evaluate`'s metrics on the held-out test patients, computed, not
 typed. `validated_performance` reads them back for `ModelInfo.performance`, which report.json,
-report.html and the command line show beside the label. No torch here: Slicer's GUI may import it.
+report.html, the command line and the Slicer module's result panel show beside the label. Standard
+library only: Slicer's Load results imports it without PyTorch.
 """
 
 from __future__ import annotations
@@ -67,3 +68,8 @@ def performance_line(performance: dict | None) -> str:
     return (f"validated on {p['patients']} held-out patients ({p['images']} images){where}: patient AUC "
             f"{num(p['patient_auc'])} ({verdict}), image AUC {num(p['image_auc'])}, calibration error (ECE) "
             f"{num(p['ece'])}; not validated on other data or scanners")
+
+
+def trust_sentence(performance: dict | None) -> str:
+    """The sentence shown under a trained model's label (report.html, the Slicer module)."""
+    return f"How far to trust this label: {performance_line(performance)}."

@@ -23,6 +23,7 @@ from slicerio.segmentation import terminology_entry_to_string
 
 from .geometry import VoxelMap, voxel_map
 from .html_report import AGGREGATION_TEXT
+from .performance import trust_sentence
 from .result import RESEARCH_USE_ONLY, UNTRAINED_WARNING
 from .segmentation_file import (
     LEFT_LUNG_SEGMENT,
@@ -176,7 +177,8 @@ class ResultText:
     probabilities: dict[str, float]
     aggregation: str  # sentence describing the aggregation method
     slice_count: int
-    warnings: tuple[str, ...]
+    warnings: tuple[str, ...]  # untrained network, partial lung coverage, padding outside the field of view, ...
+    trust: str  # the model's validated figures, or that it has none (performance.trust_sentence)
     notice: str = RESEARCH_USE_ONLY
 
     @property
@@ -184,14 +186,16 @@ class ResultText:
         return self.label if self.trained else "No result: the network is untrained"
 
     def html(self) -> str:
-        """Rich text for a Qt label: the label in large type, probabilities, method, warnings."""
+        """Rich text for a Qt label: warnings, the label in large type with the model's validated figures
+        under it (for a trained model, as report.html), probabilities, method."""
         def text(value: str) -> str:
             return escape(value, quote=False)
 
         probs = "".join(f"<tr><td>{text(c)}</td><td align='right'>{p:.3f}</td></tr>" for c, p in self.probabilities.items())
         warnings = "".join(f"<p style='color:#c00000'><b>{text(w)}</b></p>" for w in self.warnings)
+        trust = f"<p>{text(self.trust)}</p>" if self.trained else ""  # untrained: the warning says it all
         return (
-            f"{warnings}<p style='font-size:20pt'><b>{text(self.headline)}</b></p>"
+            f"{warnings}<p style='font-size:20pt'><b>{text(self.headline)}</b></p>{trust}"
             f"<table cellspacing='4'>{probs}</table>"
             f"<p>{text(self.aggregation)}, over {self.slice_count} analysed slices.</p>"
             f"<p><i>{text(self.notice)}</i></p>"
@@ -335,4 +339,5 @@ def _result_text(report: Mapping[str, Any]) -> ResultText:
         aggregation=AGGREGATION_TEXT.get(patient["aggregation"], patient["aggregation"]).capitalize(),
         slice_count=len(report["slices"]),
         warnings=tuple(warnings),
+        trust=trust_sentence(report["model"].get("performance")),  # reports of schema 1.0 lack the field
     )

@@ -3,6 +3,11 @@ and against the engine's own result files, for identity, flipped, mirrored and o
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
 import numpy as np
 import pytest
 import SimpleITK as sitk
@@ -10,6 +15,7 @@ import slicerio
 from slicerio.segmentation import terminology_entry_from_string
 
 from CovidCTDiagnosisLib import markups_file, outputs, scene_plan
+from CovidCTDiagnosisLib.performance import NO_FIGURES, trust_sentence, validated_performance
 from CovidCTDiagnosisLib.result import RESEARCH_USE_ONLY, UNTRAINED_WARNING
 from CovidCTDiagnosisLib.scene_plan import LPS_TO_RAS, Geometry, plan_scene
 from helpers_results import (
@@ -144,7 +150,43 @@ def test_result_text_trained_and_untrained():
     untrained = plan_scene(untrained_report, "CT").result
     assert not untrained.trained and untrained.warnings[0] == UNTRAINED_WARNING
     assert "untrained" in untrained.headline and UNTRAINED_WARNING in untrained.html()
+    assert "How far to trust" not in untrained.html()  # no label, so nothing to trust
     assert "&lt;script&gt;" in plan_scene({**untrained_report, "warnings": ["<script>"]}, "CT").result.html()
+
+
+def test_result_panel_shows_validated_figures_under_the_label_and_warnings_above():
+    """As report.html: the model's figures and the target between the label and the probabilities."""
+    result = make_result()[0]
+    test = {"patient_level_mean": {"auc": 0.794, "n": 115}, "image_level": {"auc": 0.779, "n": 216}, "ece_image_level": 0.077}
+    figures = validated_performance({"data": ["/d/ucsd-covid-ct/labels.csv"], "test": test})
+    result.model = replace(result.model, performance=figures)
+    result.warnings = ["partial lung coverage: the scan ends inside the lungs",
+                       "16 % of voxels are padding outside the scanner's field of view"]
+    html = plan_scene(result, "CT").result.html()
+    label, table = html.index(f"<b>{result.patient.label}</b>"), html.index("<table")
+    under_label = html[label:table]
+    assert trust_sentence(figures) in under_label
+    assert "115 held-out patients (216 images) of ucsd-covid-ct" in under_label and "patient AUC 0.794" in under_label
+    assert "BELOW the target of 0.90" in under_label and "(ECE) 0.077" in under_label
+    assert all(warning in html[:label] for warning in result.warnings)
+
+
+def test_result_panel_of_a_schema_1_0_report_says_the_model_has_no_figures():
+    """Older reports have no model.performance and may name the removed Noisy-OR: they still load."""
+    report = make_result()[0].to_report()
+    del report["model"]["performance"]
+    report.update(schema_version="1.0", patient={**report["patient"], "aggregation": "noisy-or"})
+    text = plan_scene(report, "CT").result
+    assert text.trust == trust_sentence(None) and NO_FIGURES in text.html()
+    assert "Noisy-or, over 3 analysed slices" in text.html()
+
+
+def test_scene_plan_imports_without_torch():
+    """Load results runs without PyTorch: the scene plan and the figures it shows never import torch."""
+    script = "import sys; sys.modules['torch'] = None; import CovidCTDiagnosisLib.scene_plan, CovidCTDiagnosisLib.performance"
+    engine_parent = Path(scene_plan.__file__).resolve().parents[1]
+    run = subprocess.run([sys.executable, "-c", script], cwd=engine_parent, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
 
 
 def test_heat_color_table_is_inferno_and_transparent_below_threshold():

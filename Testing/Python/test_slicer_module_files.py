@@ -102,7 +102,7 @@ def test_ui_parameter_widgets_match_the_parameter_node():
     assert set(connected) <= set(fields), f"widgets name unknown parameters: {set(connected) - set(fields)}"
     assert set(fields) - set(connected) == {"model"}  # the model chooser is filled by the widget itself
     assert connected["inputVolume"] == "qMRMLNodeComboBox"
-    assert all(connected[name] == "QComboBox" for name in ("device", "slices", "aggregation"))  # enum connectors need exactly QComboBox
+    assert all(connected[name] == "QComboBox" for name in ("device", "slices"))  # enum connectors need exactly QComboBox
 
 
 def test_ui_text_is_translatable_and_technical_values_are_not():

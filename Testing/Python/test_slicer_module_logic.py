@@ -5,6 +5,7 @@ module's self-test runs it in Slicer."""
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 import time
 from unittest import mock
@@ -16,23 +17,80 @@ import SimpleITK as sitk
 from CovidCTDiagnosisLib import outputs, slicer_runtime
 from CovidCTDiagnosisLib.scene_plan import plan_scene
 from helpers_results import LAS, left_handed_oblique_direction, make_result, oblique_direction, slicer_right_handed
-from slicer_stand_ins import fake_slicer_modules, load_module_file
-from test_slicer_module_files import MODULE_FILE
+from slicer_stand_ins import Node, fake_slicer_modules, load_module_file
+from test_slicer_module_files import MODULE_FILE, REPO
+
+SLICER_PYTHON = REPO.parent / "shared" / "slicer-api" / "python"  # Slicer's own pure-Python modules (see its README)
 
 TRANSFORM_ID = "vtkMRMLLinearTransformNode1"
 
 
-@pytest.fixture
-def module(tmp_path, monkeypatch):
-    """The module file imported against the stand-ins; `fakeSlicer` is its `slicer`."""
-    (tmp_path / "slicer-temp").mkdir()
-    fakes = fake_slicer_modules(tmp_path / "slicer-temp")
+def _load_module(monkeypatch, fakes: dict):
     for name, fake in fakes.items():
         monkeypatch.setitem(sys.modules, name, fake)
     monkeypatch.setitem(sys.modules, "CovidCTDiagnosisUnderTest", None)  # removed again after the test
     loaded = load_module_file(MODULE_FILE, "CovidCTDiagnosisUnderTest")
     loaded.fakeSlicer = fakes["slicer"]
     return loaded
+
+
+@pytest.fixture
+def module(tmp_path, monkeypatch):
+    """The module file imported against the stand-ins; `fakeSlicer` is its `slicer`."""
+    (tmp_path / "slicer-temp").mkdir()
+    return _load_module(monkeypatch, fake_slicer_modules(tmp_path / "slicer-temp"))
+
+
+@pytest.fixture
+def module_with_slicers_wrapper(tmp_path, monkeypatch):
+    """The module file imported with Slicer's own parameterNodeWrapper package (the rest stand-ins)."""
+    package = SLICER_PYTHON / "slicer" / "parameterNodeWrapper"
+    if not package.is_dir():
+        pytest.skip(f"Slicer's Python modules are not at {SLICER_PYTHON}")
+    fakes = fake_slicer_modules(tmp_path)
+    fakes["slicer"].vtkMRMLNode = Node  # the volume annotation's class is a node class
+    monkeypatch.setitem(sys.modules, "slicer", fakes["slicer"])
+    monkeypatch.setitem(sys.modules, "ctk", mock.MagicMock(name="ctk"))
+    monkeypatch.setitem(sys.modules, "qt", fakes["qt"])
+    spec = importlib.util.spec_from_file_location("slicer.parameterNodeWrapper", package / "__init__.py",
+                                                  submodule_search_locations=[str(package)])
+    wrapper = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, wrapper)
+    loaded_before = set(sys.modules)
+    spec.loader.exec_module(wrapper)
+    fakes[spec.name] = wrapper
+    yield _load_module(monkeypatch, fakes)
+    for name in set(sys.modules) - loaded_before:  # its submodules
+        if name.startswith(spec.name + "."):
+            del sys.modules[name]
+
+
+class _ScriptedModuleNode:
+    """A parameter node: named string parameters and node references, as vtkMRMLScriptedModuleNode stores them."""
+
+    def __init__(self, parameters: dict[str, str]):
+        self.parameters, self.references = dict(parameters), {}
+
+    def HasParameter(self, name):
+        return name in self.parameters
+
+    def GetParameter(self, name):
+        return self.parameters.get(name, "")
+
+    def SetParameter(self, name, value):
+        self.parameters[name] = value
+
+    def SetNodeReferenceID(self, name, nodeID):
+        self.references[name] = nodeID
+
+    def GetNodeReference(self, name):
+        return None
+
+    def AddObserver(self, event, callback, priority=0.0):
+        return 1
+
+    def RemoveObserver(self, tag):
+        pass
 
 
 @pytest.fixture
@@ -202,3 +260,44 @@ def test_job_failure_and_cancel_clean_up(module, tmp_path):
     job, logic, _, finished, work = _run_job(module, tmp_path, "import time; time.sleep(60)", cancel=True)
     assert finished == [job] and job.cancelled and job.error is None and not work.exists()
     logic.loadResults.assert_not_called()
+
+
+def test_a_scene_saved_with_noisy_or_still_loads(module_with_slicers_wrapper):
+    """Slicer's wrapper reads only the declared parameters: an old node's aggregation is ignored, the rest kept."""
+    module = module_with_slicers_wrapper
+    old = _ScriptedModuleNode({"aggregation": "NOISY_OR", "device": "CPU", "slices": "ALL", "heatOpacity": "0.7"})
+    parameters = module.CovidCTDiagnosisParameterNode(old)
+    assert "aggregation" not in parameters.allParameters
+    assert (parameters.device, parameters.slices, parameters.heatOpacity) == (module.Device.CPU, module.SliceChoice.ALL, 0.7)
+    assert parameters.model == "" and old.parameters["model"] == ""  # a missing parameter gets its default
+    parameters.device = module.Device.CUDA
+    assert old.parameters["device"] == "CUDA"
+
+
+@pytest.mark.parametrize("method", ["process", "startAnalysis", "processFiles"])
+def test_analyses_accept_only_the_mean(module, method):
+    """The removed Noisy-OR, or any other method, is refused before dependencies are checked or anything is written."""
+    slicer = module.fakeSlicer
+    logic = module.CovidCTDiagnosisLogic()
+    call = {
+        "process": lambda **kw: logic.process(mock.MagicMock(), **kw),
+        "startAnalysis": lambda **kw: logic.startAnalysis(mock.MagicMock(), None, None, **kw),
+        "processFiles": lambda **kw: logic.processFiles(["/d/a.nii.gz"], "/d/out", **kw),
+    }[method]
+    with mock.patch.object(logic, "setupDependencies") as setup:
+        with pytest.raises(ValueError, match="Noisy-OR was removed.*use 'mean'"):
+            call(aggregate="noisy-or")
+        with pytest.raises(ValueError, match="unknown aggregation 'max'"):
+            call(aggregate="max")
+        setup.assert_not_called()
+        slicer.util.exportNode.assert_not_called()
+
+
+def test_start_analysis_runs_covidct_analyze_with_the_mean(module, monkeypatch):
+    volume = mock.MagicMock(name="volume")
+    monkeypatch.setattr(module.shutil, "which", lambda name: "/slicer/bin/PythonSlicer")
+    monkeypatch.setattr(module, "AnalysisJob", lambda logic, volumeNode, workDir, command, *callbacks: command)
+    command = module.CovidCTDiagnosisLogic().startAnalysis(volume, None, None, model="m.pt", device="cpu", aggregate="mean")
+    assert command[:4] == ["/slicer/bin/PythonSlicer", "-m", "CovidCTDiagnosisLib.cli", "analyze"]
+    assert command[command.index("--aggregate") + 1] == "mean" and command[command.index("--model") + 1] == "m.pt"
+    assert module.fakeSlicer.util.exportNode.call_args.args[0] is volume

@@ -15,6 +15,7 @@ import pytest
 import SimpleITK as sitk
 
 from CovidCTDiagnosisLib import bundled_model, slicer_runtime
+from CovidCTDiagnosisLib.cli import build_parser
 from CovidCTDiagnosisLib.errors import InputNotFoundError
 from CovidCTDiagnosisLib.outputs import REPORT_JSON, read_report
 from CovidCTDiagnosisLib.scene_plan import plan_scene
@@ -37,11 +38,13 @@ def test_parse_progress():
 
 
 def test_analyze_command():
-    command = analyze_command("PythonSlicer", "/t/in.nrrd", "/t/out", model="m.pt", device="cpu", slices="all", aggregate="noisy-or")
+    command = analyze_command("PythonSlicer", "/t/in.nrrd", "/t/out", model="m.pt", device="cpu", slices="all", aggregate="mean")
     assert command[:4] == ["PythonSlicer", "-m", "CovidCTDiagnosisLib.cli", "analyze"]
     assert command[4:] == ["/t/in.nrrd", "--out", "/t/out", "--progress", "lines", "--device", "cpu", "--slices", "all",
-                           "--aggregate", "noisy-or", "--model", "m.pt"]
+                           "--aggregate", "mean", "--model", "m.pt"]
     assert "--model" not in analyze_command("py", "a", "b")
+    args = build_parser().parse_args(analyze_command("py", "a", "b")[3:])  # the engine's own parser reads it
+    assert (args.input, args.out, args.aggregate, args.model) == ("a", "b", "mean", None)
 
 
 def test_pip_requirements_cover_the_engine_imports():
