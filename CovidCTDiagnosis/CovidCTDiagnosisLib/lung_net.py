@@ -22,7 +22,7 @@ from torch import nn
 from .bundled_model import MODELS_DIR
 from .volume_io import LUNG_WINDOW_LEVEL, LUNG_WINDOW_WIDTH
 
-LUNG_NET_SIZE = 96  # slices are resized to this square for the network
+LUNG_NET_SIZE = 128  # slices are resized to this square for the network
 LUNG_NET_CHANNELS = (16, 32, 64, 128)
 LUNG_NET_FILE = MODELS_DIR / "lung-unet.pt"
 LUNG_NET_FORMAT = "covidct-lung-unet"

@@ -46,6 +46,7 @@ JUNCTION_SEARCH_MM = 40.0  # the cut between joined lungs is sought this far aro
 MIN_LUNG_VOLUME_ML = 20.0
 FOV_MIN_SLICES = 3  # lungs at the image or field-of-view edge on this many slices: the field of view clips them
 MAX_REGIONS_PER_SLICE = 255  # candidates per slice beyond the largest 255 are ignored
+DENSE_LUNG_PROBABILITY = 0.5  # a non-air pixel is lung (a lesion) where the lung network is this sure
 NOMINAL_FOV_MM = 350.0  # 2-D images have no spacing: assume this field of view across the width
 RIGHT, LEFT = 1, 2
 _JOINED = 3  # a candidate of a component that holds both lungs, cut per slice
@@ -121,7 +122,7 @@ def _air_regions(
     edge_zone = cv2.dilate((~valid).astype(np.uint8), np.ones((3, 3), np.uint8)) > 0
     edge_zone[[0, -1], :] = edge_zone[:, [0, -1]] = True
     if prob is not None:
-        lungish = prob >= LUNG_PROBABILITY_THRESHOLD
+        lungish = prob >= DENSE_LUNG_PROBABILITY
         mean_prob = np.bincount(labels.ravel(), prob.ravel(), count) / np.maximum(stats[:, cv2.CC_STAT_AREA], 1)
         candidate = ((mean_prob[labels] >= LUNG_PROBABILITY_THRESHOLD) & (labels > 0)) | (lungish & valid)
         count, labels, stats, centroids = cv2.connectedComponentsWithStats(candidate.astype(np.uint8), connectivity=8)
@@ -324,6 +325,8 @@ def _extract(hu_kji: np.ndarray, spacing_ijk: Sequence[float], prob: np.ndarray 
             if table.max() == _JOINED:
                 _cut_joined(sides, regions.centre[0], spacing_ij[0])
             labels[k] = _refine_slice(sides, regions.centre, spacing_ij)
+            if prob is not None:
+                _clear_mediastinum(labels[k], hu_kji[k], regions.centre[0])
 
         list(pool.map(label_slice, range(len(slices)), slices, tables))
     lungs = Lungs(
@@ -338,6 +341,32 @@ def _extract(hu_kji: np.ndarray, spacing_ijk: Sequence[float], prob: np.ndarray 
             f"at least {MIN_LUNG_VOLUME_ML:.0f} ml needed; is this a chest CT?"
         )
     return lungs
+
+
+def _clear_mediastinum(labels: np.ndarray, hu_slice: np.ndarray, midline_col: float) -> None:
+    """Drop, in place, dense (non-air) lung pixels medial to the aerated lung of their row.
+
+    The heart and mediastinum lie between the lungs' medial borders; the lung network can take
+    them for a lesion where the lung wraps around them. Dense lung lateral to, in front of or
+    behind the aerated lung (consolidation at the chest wall, dependent bands with no aerated
+    lung on their rows) is kept. Per row: the right lung's zone runs from its aerated pixel
+    nearest the midline to the midline (or to the left lung's aerated pixel), the left lung's
+    likewise.
+    """
+    air = hu_slice < AIR_THRESHOLD_HU
+    cols = np.arange(labels.shape[1])
+    for side in (RIGHT, LEFT):
+        aerated = (labels == side) & air
+        rows = aerated.any(axis=1)
+        if not rows.any():
+            continue
+        if side == RIGHT:  # i grows towards the patient's left
+            edge = np.where(aerated, cols, -1).max(axis=1)
+            medial = (cols[None, :] > edge[:, None]) & (cols[None, :] <= max(midline_col, 0))
+        else:
+            edge = np.where(aerated, cols, labels.shape[1]).min(axis=1)
+            medial = (cols[None, :] < edge[:, None]) & (cols[None, :] >= midline_col)
+        labels[medial & rows[:, None] & (labels == side) & ~air] = 0
 
 
 def _pseudo_hu(gray_u8: np.ndarray) -> np.ndarray:

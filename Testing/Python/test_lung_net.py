@@ -36,7 +36,7 @@ def test_painted_lesions_stay_in_the_lung():
     changed = False
     for _ in range(5):
         painted = lung_model.paint_lesions(rng, gray, mask)
-        outside = (mask == 0) & (cv2_dilate(mask) == 0)
+        outside = cv2_dilate(mask) == 0  # the lesion edge is soft: a Gaussian of sigma <= 2 px
         assert np.array_equal(painted[outside], gray[outside])
         changed |= bool((painted[mask > 0] != 40).any())
     assert changed
@@ -45,7 +45,7 @@ def test_painted_lesions_stay_in_the_lung():
 def cv2_dilate(mask):
     import cv2
 
-    return cv2.dilate(mask, np.ones((9, 9), np.uint8))
+    return cv2.dilate(mask, np.ones((15, 15), np.uint8))
 
 
 def test_training_writes_a_loadable_model_and_resumes(tmp_path):
