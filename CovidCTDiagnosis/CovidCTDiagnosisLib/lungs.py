@@ -47,6 +47,8 @@ MIN_LUNG_VOLUME_ML = 20.0
 FOV_MIN_SLICES = 3  # lungs at the image or field-of-view edge on this many slices: the field of view clips them
 MAX_REGIONS_PER_SLICE = 255  # candidates per slice beyond the largest 255 are ignored
 DENSE_LUNG_PROBABILITY = 0.5  # a non-air pixel is lung (a lesion) where the lung network is this sure
+OUTSIDE_MIN_SIDES = 3  # air touching this many sides of the image surrounds the body: never lung (a lung
+# cut by a tight crop touches one or two)
 NOMINAL_FOV_MM = 350.0  # 2-D images have no spacing: assume this field of view across the width
 RIGHT, LEFT = 1, 2
 _JOINED = 3  # a candidate of a component that holds both lungs, cut per slice
@@ -93,7 +95,8 @@ class _SliceRegions:
 
 
 def _air_regions(
-    hu_slice: np.ndarray, spacing_ij: Sequence[float], prob: np.ndarray | None = None, midline_col: float | None = None
+    hu_slice: np.ndarray, spacing_ij: Sequence[float], prob: np.ndarray | None = None, midline_col: float | None = None,
+    in_volume: bool = False,
 ) -> _SliceRegions:
     """The lung candidates of one slice; right and left of the body's centre, or of `midline_col`.
 
@@ -124,7 +127,16 @@ def _air_regions(
     if prob is not None:
         lungish = prob >= DENSE_LUNG_PROBABILITY
         mean_prob = np.bincount(labels.ravel(), prob.ravel(), count) / np.maximum(stats[:, cv2.CC_STAT_AREA], 1)
-        candidate = ((mean_prob[labels] >= LUNG_PROBABILITY_THRESHOLD) & (labels > 0)) | (lungish & valid)
+        sides_touched = sum(np.isin(np.arange(count), np.unique(edge)) for edge in (labels[0], labels[-1], labels[:, 0], labels[:, -1]))
+        surrounding = (sides_touched >= OUTSIDE_MIN_SIDES) & (np.arange(count) > 0)  # air around the body
+        outside_air = surrounding[labels] if in_volume else np.zeros(labels.shape, bool)  # tight crops: lungs touch 3 sides
+        dense = (lungish & valid & (labels == 0)).astype(np.uint8)
+        if in_volume:  # dense lung lies inside the chest wall: dense "lung" touching the air around the body is not lung
+            n_dense, dense_labels = cv2.connectedComponents(dense, connectivity=8)
+            touching = np.unique(dense_labels[cv2.dilate(outside_air.astype(np.uint8), np.ones((5, 5), np.uint8)) > 0])
+            dense[np.isin(dense_labels, touching[touching > 0])] = 0
+        candidate = ((mean_prob[labels] >= LUNG_PROBABILITY_THRESHOLD) & (labels > 0) & ~outside_air) | (dense > 0) | (
+            lungish & (labels > 0) & ~outside_air)
         count, labels, stats, centroids = cv2.connectedComponentsWithStats(candidate.astype(np.uint8), connectivity=8)
         outside = np.zeros(count, dtype=bool)
         outside[0] = True
@@ -296,7 +308,8 @@ def extract_aerated_lungs(hu_kji: np.ndarray, spacing_ijk: Sequence[float]) -> L
 
 def _regions_and_sides(hu_kji, spacing_ij, prob, midline_col, pool) -> tuple[list[_SliceRegions], list[np.ndarray]]:
     slices = list(pool.map(
-        lambda k: _air_regions(hu_kji[k], spacing_ij, None if prob is None else prob[k], midline_col), range(len(hu_kji))
+        lambda k: _air_regions(hu_kji[k], spacing_ij, None if prob is None else prob[k], midline_col, in_volume=True),
+        range(len(hu_kji))
     ))
     return slices, _side_tables(slices)
 

@@ -16,7 +16,6 @@ from CovidCTDiagnosisLib.checkpoint import save_checkpoint
 from CovidCTDiagnosisLib.cli import build_parser, main
 from CovidCTDiagnosisLib.drenet import DRENet, DRENetConfig
 from CovidCTDiagnosisLib.outputs import OUTPUT_FILES
-from CovidCTDiagnosisLib.training.train import TrainConfig
 
 
 @pytest.fixture(scope="module")
@@ -162,8 +161,8 @@ def test_help_explains_commands_and_exit_codes():
     train_help = _help("train")
     assert "--backbone" in train_help and "--resume" in train_help
     evaluate = build_parser().parse_args(["evaluate", "--model", "m.pt", "--split", "m.pt", "--out", "o"])
-    compare = build_parser().parse_args(["compare", "--data", "l.csv", "--out", "o", "--baselines", "vgg16"])
-    assert (evaluate.split, compare.baselines, compare.epochs) == ("m.pt", ["vgg16"], TrainConfig().epochs)
+    compare = build_parser().parse_args(["compare", "--data", "l.csv", "--out", "o", "--baselines", "vgg16", "--epochs", "3"])
+    assert (evaluate.split, compare.baselines, compare.epochs) == ("m.pt", ["vgg16"], 3)
 
 
 def test_analyze_imports_no_training_code(tmp_path):
