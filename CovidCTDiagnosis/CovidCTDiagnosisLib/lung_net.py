@@ -111,8 +111,9 @@ def _probability_small(inputs: np.ndarray) -> np.ndarray:
     return out
 
 
-def _to_size(prob_small: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    return np.stack([cv2.resize(p, (shape[1], shape[0]), interpolation=cv2.INTER_LINEAR) for p in prob_small])
+def to_slice_size(prob_small: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """(S, S) network-size probability -> (H, W), bilinear."""
+    return cv2.resize(prob_small, (shape[1], shape[0]), interpolation=cv2.INTER_LINEAR)
 
 
 def lung_probability(slices_u8: np.ndarray) -> np.ndarray:
@@ -121,11 +122,12 @@ def lung_probability(slices_u8: np.ndarray) -> np.ndarray:
     The network sees each slice at LUNG_NET_SIZE; its output is resized back (bilinear) to H x W.
     """
     inputs = np.stack([to_network_input(s) for s in slices_u8])
-    return _to_size(_probability_small(inputs), slices_u8.shape[1:])
+    return np.stack([to_slice_size(p, slices_u8.shape[1:]) for p in _probability_small(inputs)])
 
 
 def lung_probability_hu(hu_kji: np.ndarray, spacing_k_mm: float) -> np.ndarray:
-    """Lung probability of a CT's axial slices: (K, J, I) HU -> (K, J, I) float32 in [0, 1].
+    """Lung probability of a CT's axial slices at the network's size: (K, J, I) HU -> (K, S, S)
+    float32 in [0, 1] (`to_slice_size` brings a slice's back to J x I).
 
     Each slice is reduced to twice the network's size before the lung window (the same input
     as `lung_probability` up to rounding, at a fraction of the cost). Where slices are at most
@@ -141,4 +143,4 @@ def lung_probability_hu(hu_kji: np.ndarray, spacing_k_mm: float) -> np.ndarray:
     small[read] = _probability_small(inputs)
     between = np.setdiff1d(np.arange(k_count), read)
     small[between] = (small[between - 1] + small[between + 1]) / 2
-    return _to_size(small, hu_kji.shape[1:])
+    return small

@@ -26,7 +26,7 @@ import cv2
 import numpy as np
 
 from .errors import NoLungsError
-from .lung_net import LUNG_PROBABILITY_THRESHOLD, lung_probability, lung_probability_hu
+from .lung_net import LUNG_PROBABILITY_THRESHOLD, lung_probability, lung_probability_hu, to_slice_size
 from .volume_io import has_data
 
 AIR_THRESHOLD_HU = -600.0  # lung parenchyma and air lie below
@@ -308,7 +308,8 @@ def extract_aerated_lungs(hu_kji: np.ndarray, spacing_ijk: Sequence[float]) -> L
 
 def _regions_and_sides(hu_kji, spacing_ij, prob, midline_col, pool) -> tuple[list[_SliceRegions], list[np.ndarray]]:
     slices = list(pool.map(
-        lambda k: _air_regions(hu_kji[k], spacing_ij, None if prob is None else prob[k], midline_col, in_volume=True),
+        lambda k: _air_regions(hu_kji[k], spacing_ij, None if prob is None else to_slice_size(prob[k], hu_kji.shape[1:]),
+                               midline_col, in_volume=True),
         range(len(hu_kji))
     ))
     return slices, _side_tables(slices)
