@@ -5,9 +5,9 @@ juxta-pleural lesions are as dense as the chest wall and the heart, so a thresho
 exactly where the disease is. This network was trained (training/lung_model.py) to output the
 whole lung inside the pleura on slices where synthetic lesions of those kinds were painted into
 healthy lungs, with tight crops, rotations, flips and field-of-view circles, so it also serves
-8-bit slice images. It ships with the package (Resources/Models/lung-unet.pt, about 1 MB).
+8-bit slice images. It ships with the package (Resources/Models/lung-unet.pt, about 2 MB).
 
-Input: lung-window 8-bit slices (`hu_to_u8`), any size; output: lung
+Input: lung-window 8-bit slices (`volume_io.hu_to_u8`), any size; output: lung
 probability per pixel at the input's size.
 """
 
@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .bundled_model import MODELS_DIR
-from .volume_io import LUNG_WINDOW_LEVEL, LUNG_WINDOW_WIDTH
+from .volume_io import hu_to_u8
 
 LUNG_NET_SIZE = 128  # slices are resized to this square for the network
 LUNG_NET_CHANNELS = (16, 32, 64, 128)
@@ -75,13 +75,6 @@ class LungUNet(nn.Module):
         for up, merge, skip in zip(self.up, self.merge, reversed(skips[:-1])):
             x = merge(torch.cat([up(x), skip], dim=1))
         return self.head(x)  # (N, 1, S, S)
-
-
-def hu_to_u8(hu: np.ndarray) -> np.ndarray:
-    """HU -> uint8 in the lung window (level LUNG_WINDOW_LEVEL, width LUNG_WINDOW_WIDTH), as slice images are."""
-    low = LUNG_WINDOW_LEVEL - LUNG_WINDOW_WIDTH / 2
-    scaled = (np.asarray(hu, np.float32) - low) * (255.0 / LUNG_WINDOW_WIDTH)
-    return np.clip(np.round(scaled), 0, 255).astype(np.uint8)
 
 
 def to_network_input(gray_u8: np.ndarray) -> np.ndarray:

@@ -47,8 +47,7 @@ MIN_LUNG_VOLUME_ML = 20.0
 FOV_MIN_SLICES = 3  # lungs at the image or field-of-view edge on this many slices: the field of view clips them
 MAX_REGIONS_PER_SLICE = 255  # candidates per slice beyond the largest 255 are ignored
 DENSE_LUNG_PROBABILITY = 0.5  # a non-air pixel is lung (a lesion) where the lung network is this sure
-OUTSIDE_MIN_SIDES = 3  # air touching this many sides of the image surrounds the body: never lung (a lung
-# cut by a tight crop touches one or two)
+OUTSIDE_MIN_SIDES = 3  # air touching this many sides of the image surrounds the body: never lung
 NOMINAL_FOV_MM = 350.0  # 2-D images have no spacing: assume this field of view across the width
 RIGHT, LEFT = 1, 2
 _JOINED = 3  # a candidate of a component that holds both lungs, cut per slice
@@ -107,9 +106,10 @@ def _air_regions(
     valid = has_data(hu_slice)
     air = ((hu_slice < AIR_THRESHOLD_HU) & valid).astype(np.uint8)
     count, labels, stats, centroids = cv2.connectedComponentsWithStats(air, connectivity=8)
-    outside = np.zeros(count, dtype=bool)
+    sides_touched = np.zeros(count, dtype=np.int64)  # image sides each air region reaches
     for edge in (labels[0], labels[-1], labels[:, 0], labels[:, -1]):
-        outside[edge] = True
+        sides_touched[np.unique(edge)] += 1
+    outside = sides_touched > 0
     outside[0] = True  # label 0 is everything not air
     # the body's (and table's) centre: all pixels minus the outside air, from the stats
     height, width = air.shape
@@ -127,16 +127,18 @@ def _air_regions(
     if prob is not None:
         lungish = prob >= DENSE_LUNG_PROBABILITY
         mean_prob = np.bincount(labels.ravel(), prob.ravel(), count) / np.maximum(stats[:, cv2.CC_STAT_AREA], 1)
-        sides_touched = sum(np.isin(np.arange(count), np.unique(edge)) for edge in (labels[0], labels[-1], labels[:, 0], labels[:, -1]))
-        surrounding = (sides_touched >= OUTSIDE_MIN_SIDES) & (np.arange(count) > 0)  # air around the body
-        outside_air = surrounding[labels] if in_volume else np.zeros(labels.shape, bool)  # tight crops: lungs touch 3 sides
+        # air around the body reaches 3 image sides (a lung cut by a tight crop, 1 or 2); slice images
+        # may be cropped to the lungs on 3 sides, so only volumes use it
+        surrounding = (sides_touched >= OUTSIDE_MIN_SIDES) & in_volume
+        surrounding[0] = False
+        outside_air = surrounding[labels]
         dense = (lungish & valid & (labels == 0)).astype(np.uint8)
-        if in_volume:  # dense lung lies inside the chest wall: dense "lung" touching the air around the body is not lung
-            n_dense, dense_labels = cv2.connectedComponents(dense, connectivity=8)
+        if outside_air.any():  # dense lung lies inside the chest wall: dense "lung" reaching the air around the body is not lung
+            dense_labels = cv2.connectedComponents(dense, connectivity=8)[1]
             touching = np.unique(dense_labels[cv2.dilate(outside_air.astype(np.uint8), np.ones((5, 5), np.uint8)) > 0])
             dense[np.isin(dense_labels, touching[touching > 0])] = 0
-        candidate = ((mean_prob[labels] >= LUNG_PROBABILITY_THRESHOLD) & (labels > 0) & ~outside_air) | (dense > 0) | (
-            lungish & (labels > 0) & ~outside_air)
+        lung_air = (labels > 0) & ~outside_air & ((mean_prob[labels] >= LUNG_PROBABILITY_THRESHOLD) | lungish)
+        candidate = lung_air | (dense > 0)
         count, labels, stats, centroids = cv2.connectedComponentsWithStats(candidate.astype(np.uint8), connectivity=8)
         outside = np.zeros(count, dtype=bool)
         outside[0] = True

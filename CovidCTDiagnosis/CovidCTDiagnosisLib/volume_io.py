@@ -337,10 +337,11 @@ def check_ct(image: sitk.Image) -> None:
         )
 
 
-def _window(hu: np.ndarray) -> np.ndarray:
-    """HU to 8-bit in the lung window."""
+def hu_to_u8(hu: np.ndarray) -> np.ndarray:
+    """HU -> uint8 in the lung window (level LUNG_WINDOW_LEVEL, width LUNG_WINDOW_WIDTH), as slice
+    images are shown to `read_image_2d`'s callers and to the lung network."""
     low = LUNG_WINDOW_LEVEL - LUNG_WINDOW_WIDTH / 2
-    scaled = (hu.astype(np.float32) - low) * (255.0 / LUNG_WINDOW_WIDTH)
+    scaled = (np.asarray(hu, np.float32) - low) * (255.0 / LUNG_WINDOW_WIDTH)
     return np.clip(np.round(scaled), 0, 255).astype(np.uint8)
 
 
@@ -366,4 +367,4 @@ def read_image_2d(path: str | Path) -> np.ndarray:
         return cv2.cvtColor(array.reshape(array.shape[-3:]).astype(np.uint8), cv2.COLOR_RGB2GRAY)
     if array.ndim == 3 and array.shape[0] != 1:
         raise _unreadable(path, f"{array.shape[0]} slices in one file; give a single slice")
-    return _window(array.reshape(array.shape[-2:]))
+    return hu_to_u8(array.reshape(array.shape[-2:]))

@@ -8,6 +8,7 @@ import torch
 
 from CovidCTDiagnosisLib import lung_net
 from CovidCTDiagnosisLib.training import lung_model
+from CovidCTDiagnosisLib.volume_io import hu_to_u8
 
 
 def test_unet_shapes():
@@ -25,7 +26,7 @@ def test_probability_keeps_the_slice_size():
 
 
 def test_hu_window():
-    assert list(lung_net.hu_to_u8(np.array([-1450.0, -700.0, 50.0, 3000.0]))) == [0, 128, 255, 255]
+    assert list(hu_to_u8(np.array([-1450.0, -700.0, 50.0, 3000.0]))) == [0, 128, 255, 255]
 
 
 def test_painted_lesions_stay_in_the_lung():

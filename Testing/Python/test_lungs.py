@@ -193,7 +193,7 @@ def test_clean_lung_volume_as_aerated(shared_data, name):
 def test_2d_mask_agrees_with_3d(shared_data, name):
     """Lung-window 8-bit renderings of the CT's slices: the 2-D mask agrees with the 3-D one (target
     Dice >= 0.9; measured minimum 0.89 on normal001, so the guard is 0.85)."""
-    from CovidCTDiagnosisLib.lung_net import hu_to_u8
+    from CovidCTDiagnosisLib.volume_io import hu_to_u8
 
     image = geometry.orient_to_lps(read_volume(shared_data / "ct" / "covid-ct-md" / name).image)
     hu = sitk.GetArrayViewFromImage(image)
