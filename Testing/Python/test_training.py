@@ -10,7 +10,7 @@ import torch
 
 from CovidCTDiagnosisLib.checkpoint import load_model, read_checkpoint
 from CovidCTDiagnosisLib.training import commands
-from CovidCTDiagnosisLib.training.augment import augment, fill_blank
+from CovidCTDiagnosisLib.training.augment import augment, fill_blank, scanner_variation
 from CovidCTDiagnosisLib.phantom import make_chest_phantom
 from CovidCTDiagnosisLib.slice_selection import DEFAULT_COUNT
 from CovidCTDiagnosisLib.training.datasets import LabelledImage, load_split, prepare_set, read_labels, split_by_patient, subset
@@ -105,6 +105,30 @@ def test_fill_blank_keeps_the_lungs_and_fills_around_them():
     assert (filled[~mask] > 0).mean() > 0.3  # the blank now holds rotated lung tissue
     out = augment(image, mask, rng)
     assert out.shape == (64, 64) and out.dtype == np.float32 and 0 <= out.min() and out.max() <= 1
+
+
+def test_scanner_variation_changes_kernel_and_noise_inside_the_lungs_only():
+    """A phantom slice as another kernel and dose give it: lungs blurred, sharpened or noisier, the zeroed
+    background still zero, values in [0, 1]; over many draws both sharper and smoother versions occur."""
+    import SimpleITK as sitk
+
+    from CovidCTDiagnosisLib.preprocessing import lung_window
+
+    phantom = make_chest_phantom(seed=3)
+    hu, lungs = sitk.GetArrayFromImage(phantom.image), sitk.GetArrayFromImage(phantom.lung_labels) > 0
+    k = hu.shape[0] // 2
+    x = np.where(lungs[k], lung_window(hu[k], -700, 1500), 0).astype(np.float32)
+    inner = lungs[k] & np.roll(lungs[k], 1, 1)
+    roughness = lambda a: float(np.abs(np.diff(a, axis=1))[inner[:, 1:]].mean())  # noqa: E731
+    seen = []
+    rng = np.random.default_rng(0)
+    for _ in range(40):
+        y = scanner_variation(x, rng)
+        assert y.dtype == np.float32 and 0 <= y.min() and y.max() <= 1
+        assert not y[x == 0].any()
+        seen.append(roughness(y) / roughness(x))
+    assert min(seen) < 0.8 and max(seen) > 1.2  # smoother and rougher lung texture both occur
+    assert sum(abs(r - 1) < 1e-6 for r in seen) > 0  # and sometimes none: probability SCANNER_PROBABILITY each
 
 
 def test_ranking_loss_follows_part_confidence():

@@ -5,6 +5,9 @@ different angles, so the network cannot learn the lung outline or the empty back
 look at lung texture. Inference sees zeroed background (preprocessing.py), so here the fill is
 applied with probability FILL_PROBABILITY: the network learns both views. Then a horizontal flip,
 a small rotation and an intensity jitter (gain, offset, gamma); everything stays in [0, 1].
+With `scanner=True`, also what differs between scanners and reconstructions: the kernel's
+sharpness (a Gaussian blur, or an unsharp mask as a sharp lung kernel gives) and image noise
+(the dose), each with probability SCANNER_PROBABILITY.
 """
 
 from __future__ import annotations
@@ -19,6 +22,10 @@ MAX_ROTATION_DEG = 10.0
 GAIN_RANGE = (0.9, 1.1)
 OFFSET_RANGE = (-0.05, 0.05)
 GAMMA_RANGE = (0.85, 1.15)
+SCANNER_PROBABILITY = 0.5
+BLUR_SIGMA_RANGE = (0.4, 1.2)  # model-input pixels: a smooth (soft-tissue) kernel
+SHARPEN_AMOUNT_RANGE = (0.3, 1.0)  # unsharp mask over a 1-pixel Gaussian: a sharp (lung) kernel
+NOISE_SD_RANGE = (0.005, 0.03)  # fraction of the window width: about 8-45 HU in the 1500 HU lung window
 
 
 def _rotate(array: np.ndarray, angle: float, interpolation: int) -> np.ndarray:
@@ -46,12 +53,29 @@ def fill_blank(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator) ->
     return out
 
 
-def augment(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """(S, S) uint8 image and bool lung mask -> augmented (S, S) float32 in [0, 1]."""
+def scanner_variation(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """(S, S) float32 in [0, 1] -> the same slice as another kernel and dose might give: blurred or
+    sharpened (each half the time, together with probability SCANNER_PROBABILITY), then noise added
+    (probability SCANNER_PROBABILITY); zeros outside the lungs stay zero."""
+    outside = x == 0
+    if rng.random() < SCANNER_PROBABILITY:
+        if rng.random() < 0.5:
+            x = cv2.GaussianBlur(x, (0, 0), rng.uniform(*BLUR_SIGMA_RANGE))
+        else:
+            x = x + rng.uniform(*SHARPEN_AMOUNT_RANGE) * (x - cv2.GaussianBlur(x, (0, 0), 1.0))
+    if rng.random() < SCANNER_PROBABILITY:
+        x = x + rng.normal(0.0, rng.uniform(*NOISE_SD_RANGE), x.shape).astype(np.float32)
+    return np.where(outside, 0.0, np.clip(x, 0.0, 1.0)).astype(np.float32)
+
+
+def augment(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator, scanner: bool = False) -> np.ndarray:
+    """(S, S) uint8 image and bool lung mask -> augmented (S, S) float32 in [0, 1] (`scanner`: add
+    `scanner_variation`)."""
     out = fill_blank(image, mask, rng) if rng.random() < FILL_PROBABILITY else image
     if rng.random() < FLIP_PROBABILITY:
         out = out[:, ::-1]
     out = _rotate(np.ascontiguousarray(out), rng.uniform(-MAX_ROTATION_DEG, MAX_ROTATION_DEG), cv2.INTER_LINEAR)
     x = out.astype(np.float32) / 255.0
     x = np.clip(x * rng.uniform(*GAIN_RANGE) + rng.uniform(*OFFSET_RANGE), 0.0, 1.0)
-    return x ** rng.uniform(*GAMMA_RANGE)
+    x = x ** rng.uniform(*GAMMA_RANGE)
+    return scanner_variation(x, rng) if scanner else x

@@ -41,6 +41,8 @@ def _add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
                         help="linear learning-rate warm-up (default %(default)s)")
     parser.add_argument("--lr-decay-at", type=float, default=DEFAULTS.lr_decay_at,
                         help="step decay x0.1 after this fraction of the epochs (default %(default)s)")
+    parser.add_argument("--scanner-augmentation", action="store_true",
+                        help="also vary kernel sharpness and image noise, as other scanners give (training/augment.py)")
     parser.add_argument("--max-minutes", type=float, help="stop before an epoch that would end after this many minutes")
     parser.add_argument("--no-pretrained", action="store_true", help="random backbone instead of ImageNet weights")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
@@ -84,6 +86,7 @@ def _config(args) -> TrainConfig:
         batchnorm=args.batchnorm,
         warmup_epochs=args.warmup_epochs,
         lr_decay_at=args.lr_decay_at,
+        scanner_augmentation=args.scanner_augmentation,
         seed=args.seed,
         pretrained=not args.no_pretrained,
         max_minutes=args.max_minutes,

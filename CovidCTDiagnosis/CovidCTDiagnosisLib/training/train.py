@@ -72,6 +72,7 @@ class TrainConfig:
     lr_decay: float = 0.1
     warmup_epochs: float = 0.5  # linear learning-rate ramp from 0 over this many epochs
     batchnorm: str = "train"  # or "frozen": keep the pretrained BatchNorm statistics
+    scanner_augmentation: bool = False  # also vary kernel sharpness and noise (augment.scanner_variation)
     seed: int = 0
     pretrained: bool = True  # ImageNet backbone (ignored with `init`)
     max_minutes: float | None = None  # stop before an epoch that would end past this budget
@@ -317,7 +318,7 @@ def train(data, out_dir, config: TrainConfig | None = None, *, extra_train=(), r
         batches = [order[i : i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
         sums, bar = {}, tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress, mininterval=5)
         for step, idx in enumerate(bar, 1):
-            x = np.stack([augment(train_set.images[i], train_set.masks[i], rng) for i in idx])
+            x = np.stack([augment(train_set.images[i], train_set.masks[i], rng, cfg.scanner_augmentation) for i in idx])
             x = torch.from_numpy(to_three_channels(x)).to(dev).contiguous(memory_format=torch.channels_last)
             y = torch.from_numpy(train_set.labels[idx]).to(dev)
             loss, terms = _loss(model(x, proposals=cfg.proposals), y)
