@@ -132,7 +132,7 @@ def test_missing_slice(tmp_path, small_ct):
 
 def test_duplicate_slice(tmp_path, small_ct):
     write_dicom_series(small_ct, tmp_path / "dup", duplicate={4})
-    with pytest.raises(NotACTError, match="duplicate slices"):
+    with pytest.raises(NotACTError, match="two images at the same position: slice004-0.dcm and slice004-1.dcm"):
         read_volume(tmp_path / "dup")
 
 
