@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
+import re
+
 import cv2
 import numpy as np
 import SimpleITK as sitk
@@ -32,6 +34,9 @@ DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
 TAG_MODALITY = "0008|0060"
 TAG_IMAGE_TYPE = "0008|0008"
 TAG_GANTRY_TILT = "0018|1120"  # GantryDetectorTilt, degrees
+TAG_KERNEL = "0018|1210"  # ConvolutionKernel
+TAG_SLICE_THICKNESS = "0018|0050"
+TAG_SERIES_DESCRIPTION = "0008|103e"
 TAG_POSITION = "0020|0032"  # ImagePositionPatient
 TAG_ORIENTATION = "0020|0037"  # ImageOrientationPatient
 TAG_PADDING_VALUE = "0028|0120"  # PixelPaddingValue, in stored (pre-rescale) units
@@ -48,6 +53,12 @@ SPACING_TOLERANCE = 0.01
 DUPLICATE_TOLERANCE_MM = 1e-3
 LOCALIZER = "LOCALIZER"  # in ImageType: a scout image, left out of the volume
 ORIENTATION_TOLERANCE_DEG = 0.5  # images whose rows or columns turn more from most images' are another orientation
+# Among several series, the lungs are read on a thin lung-kernel reconstruction: a kernel is a lung
+# kernel when its name or the series description says LUNG or PULM, or it is a sharp Siemens
+# (B50f, Br59, Bl64, I70f: a sharpness of 50 or more) or Canon (FC50 to FC59) kernel.
+THIN_SLICE_MM = 1.5
+LUNG_KERNEL_WORDS = ("LUNG", "PULM")
+SHARP_KERNEL = re.compile(r"^(?:[A-Z][a-z]?([5-9]\d)|FC5\d)")
 # No chest CT has more voxels than this (i, j, k in any order: a 1024 x 1024 matrix, 2000 slices);
 # larger volumes are refused from their header, before their pixels are read.
 MAX_VOLUME_SIZE = (1024, 1024, 2000)
@@ -358,6 +369,78 @@ def _no_data_note(image: sitk.Image) -> list[str]:
     ]
 
 
+@dataclass
+class _Series:
+    """What one DICOM series is, from its first image that is not a localizer."""
+
+    uid: str
+    images: int
+    ct: bool
+    axial: bool  # slice normal closest to the patient's feet-head axis (or no orientation given)
+    kernel: str
+    lung_kernel: bool
+    thickness_mm: float | None
+
+    def rank(self) -> tuple:
+        """Larger is better: CT, axial, a lung kernel, thin slices, thinner slices, more images."""
+        thickness = self.thickness_mm if self.thickness_mm is not None else float("inf")
+        return (self.ct, self.axial, self.lung_kernel, thickness <= THIN_SLICE_MM, -thickness, self.images)
+
+    def describe(self) -> str:
+        thickness = "" if self.thickness_mm is None else f", {self.thickness_mm:g} mm"
+        kernel = f", kernel {self.kernel}" if self.kernel else ""
+        return f"{self.uid} ({self.images} images{thickness}{kernel})"
+
+
+# why a series ranks above another, by the first element of `_Series.rank` that differs
+RANK_REASONS = (
+    "CT modality", "axial slices", "lung kernel", f"slices of at most {THIN_SLICE_MM:g} mm", "thinner slices", "larger number of images",
+)
+
+
+def _series_summary(uid: str, names: list[str]) -> _Series:
+    header = next((h for h in map(_header, names) if LOCALIZER not in (_tag(h, TAG_IMAGE_TYPE) or "").upper()), None)
+    header = header or _header(names[0])
+    kernel = " ".join((_tag(header, TAG_KERNEL) or "").replace("\\", " ").split())
+    words = f"{kernel} {_tag(header, TAG_SERIES_DESCRIPTION) or ''}".upper()
+    try:
+        cosines = np.array((_tag(header, TAG_ORIENTATION) or "").split("\\"), dtype=float)
+        axial = int(np.argmax(np.abs(np.cross(cosines[:3], cosines[3:6])))) == geometry.AXIS_S
+    except ValueError:
+        axial = True
+    try:
+        thickness = float(_tag(header, TAG_SLICE_THICKNESS) or "")
+    except ValueError:
+        thickness = None
+    return _Series(
+        uid=uid,
+        images=len(names),
+        ct=(_tag(header, TAG_MODALITY) or "").strip().upper() == CT_MODALITY,
+        axial=axial,
+        kernel=kernel,
+        lung_kernel=any(w in words for w in LUNG_KERNEL_WORDS) or bool(SHARP_KERNEL.match(kernel)),
+        thickness_mm=thickness if thickness and thickness > 0 else None,
+    )
+
+
+def _choose_series(files: dict[str, list[str]]) -> tuple[str, str | None]:
+    """The series to analyse among a folder's (uid -> files), and a note saying why when there are several.
+
+    Preferred, in order: CT, axial, a lung kernel, slices of at most THIN_SLICE_MM, thinner slices,
+    more images (`_Series.rank`).
+    """
+    if len(files) == 1:
+        return next(iter(files)), None
+    ranked = sorted((_series_summary(uid, names) for uid, names in files.items()), key=_Series.rank, reverse=True)
+    chosen, runner_up = ranked[0], ranked[1]
+    why = next((f"its {r}" for r, a, b in zip(RANK_REASONS, chosen.rank(), runner_up.rank()) if a != b), "being found first")
+    others = "; ".join(s.describe() for s in ranked[1:])
+    return chosen.uid, (
+        f"{len(ranked)} series found; analysed {chosen.describe()}, chosen for {why}; the others: {others}; "
+        "use --series UID for another"
+    )
+
+
 def _read_dicom_series(folder: Path, series_uid: str | None) -> tuple[sitk.Image, str, list[str]]:
     """The chosen series of a DICOM folder, its uid, and notes."""
     try:
@@ -374,12 +457,8 @@ def _read_dicom_series(folder: Path, series_uid: str | None) -> tuple[sitk.Image
             raise _unreadable(folder, f"no series {series_uid}; the series here are: {', '.join(uids)}")
         uid = series_uid
     else:
-        is_ct = {u: (_tag(_header(files[u][0]), TAG_MODALITY) or "").strip().upper() == CT_MODALITY for u in uids}
-        uid = max(uids, key=lambda u: (is_ct[u], len(files[u])))
-        if len(uids) > 1:
-            notes.append(
-                f"{len(uids)} series found; analysed {uid} ({len(files[uid])} slices); use --series UID for another"
-            )
+        uid, note = _choose_series(files)
+        notes += [note] if note else []
     _check_modality(_tag(_header(files[uid][0]), TAG_MODALITY), folder)
     names, series_notes = _series_files(files[uid], folder)
     notes += series_notes
@@ -449,8 +528,8 @@ def read_volume(source: str | Path | sitk.Image, series_uid: str | None = None) 
     """A CT from a DICOM folder, a volume file (.nii, .nii.gz, .nrrd, .nhdr, .mha, .mhd), a single
     DICOM or 2-D image file, or an in-memory SimpleITK image; float32 HU in its own geometry.
 
-    Several DICOM series in a folder: the largest CT series, unless `series_uid` names one; its
-    localizer images are left out (with a note). Raises InputNotFoundError, UnreadableInputError,
+    Several DICOM series in a folder: the thin lung-kernel axial CT series (`_choose_series`, with a
+    note), unless `series_uid` names one; its localizer images are left out (with a note). Raises InputNotFoundError, UnreadableInputError,
     or NotACTError (not CT, colour, gantry tilt or another sheared grid, images of another matrix
     size, two images at one position, missing slices or uneven spacing, more than MAX_VOLUME_SIZE
     voxels: all found from the headers, before the pixels are read). Whether the volume is usable

@@ -31,6 +31,7 @@ TILT_DEG = 15.0
 NOT_ACT = 4
 TAG_POSITION, TAG_ORIENTATION, TAG_IMAGE_TYPE, TAG_SOP_UID = "0020|0032", "0020|0037", "0008|0008", "0008|0018"
 TAG_SLICE_LOCATION, TAG_GANTRY_TILT = "0020|1041", "0018|1120"
+TAG_SERIES_UID, TAG_KERNEL, TAG_THICKNESS = "0020|000e", "0018|1210", "0018|0050"
 
 
 @pytest.fixture(scope="module")
@@ -345,3 +346,27 @@ def test_huge_header_is_refused_before_reading(tmp_path, small_model, capfd, wri
     assert time.perf_counter() - start < 20  # the pixels (GB) were never read
     limit = " x ".join(map(str, MAX_VOLUME_SIZE))
     assert f"{' x '.join(map(str, size))} voxels, more than a chest CT has (at most {limit}" in line
+
+
+# ---- 12. several series of one study: the thin lung-kernel one -------------------------------
+
+
+def test_thin_lung_kernel_series_is_preferred(p001, tmp_path):
+    """P001's own series (30 images, 2 mm, D40s), a thin B70f one with fewer images, and a larger
+    coronal reformat: the lung-kernel series is read, and the note says why and lists the others."""
+    uid = p001[0][1][TAG_SERIES_UID].strip()
+    lung, coronal = uid + ".1", uid + ".2"
+    folder = write_series(tmp_path / "study", p001, prefix="a")
+    write_series(folder, with_tags(p001[::2], lambda n, tags: {
+        TAG_SERIES_UID: lung, TAG_SOP_UID: tags[TAG_SOP_UID] + ".1", TAG_KERNEL: "B70f", TAG_THICKNESS: "1"}), prefix="b")
+    write_series(folder, with_tags(p001 + p001[:10], lambda n, tags: {
+        TAG_SERIES_UID: coronal, TAG_SOP_UID: f"{uid}.2.{n}", TAG_ORIENTATION: text((1.0, 0.0, 0.0, 0.0, 0.0, -1.0)),
+        TAG_POSITION: text((-172.0, -250.0 + n, 0.0)), TAG_KERNEL: "B70f", TAG_THICKNESS: "1"}), prefix="c")
+    loaded = read_volume(folder)
+    assert loaded.info.series_uid == lung and loaded.image.GetSize()[2] == len(p001[::2])
+    assert loaded.info.notes == [
+        f"3 series found; analysed {lung} ({len(p001[::2])} images, 1 mm, kernel B70f), chosen for its lung kernel; "
+        f"the others: {uid} ({len(p001)} images, 2 mm, kernel D40s); {coronal} ({len(p001) + 10} images, 1 mm, kernel B70f); "
+        "use --series UID for another"
+    ]
+    assert read_volume(folder, series_uid=uid).image.GetSize()[2] == len(p001)
