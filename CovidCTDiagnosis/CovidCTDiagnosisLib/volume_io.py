@@ -274,7 +274,7 @@ def _check_slice_positions(headers: list[_SliceHeader], folder: Path) -> None:
     low, high, mean = float(steps.min()), float(steps.max()), float(steps.mean())
     if high - low > max(SPACING_TOLERANCE * mean, max(h.resolution_mm for h in headers)):
         message = (
-            f"uneven slice spacing: steps from {low:.2f} to {high:.2f} mm (they may differ by "
+            f"uneven slice spacing: steps from {low:.2f} to {high:.2f} mm (they may differ by at most "
             f"{100 * SPACING_TOLERANCE:g} % of their mean, {mean:.2f} mm)"
         )
         usual = float(np.median(steps))
