@@ -91,6 +91,9 @@ def run_batch(
                 outcome = CaseOutcome(case, "done", result.to_report())
             except CovidCTError as exc:
                 outcome = CaseOutcome(case, "failed", error=str(exc))
+            except Exception as exc:  # a bug met in one case fails that case only
+                detail = " ".join(str(exc).split())
+                outcome = CaseOutcome(case, "failed", error=f"internal error (a bug, please report it): {type(exc).__name__}: {detail}")
         outcomes.append(outcome)
         if on_case is not None:
             on_case(outcome)

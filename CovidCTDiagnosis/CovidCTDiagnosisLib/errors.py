@@ -30,7 +30,8 @@ class UnreadableInputError(CovidCTError):
 
 
 class NotACTError(CovidCTError):
-    """The image is readable but not a usable chest CT volume (MR, 2-D, constant, NaNs, bad spacing, gaps)."""
+    """The image is readable but not a usable chest CT volume (MR, 2-D, constant, NaNs, bad spacing, gaps,
+    uneven slice spacing, gantry tilt, two images at one position, mixed matrix sizes, too many voxels)."""
 
     exit_code = 4
 
@@ -64,7 +65,8 @@ EXIT_CODES = {
     1: "internal error (a bug: please report it)",
     UsageError.exit_code: "command-line usage error",
     InputNotFoundError.exit_code: "input not found or unreadable (missing path, corrupt or empty DICOM, unknown format)",
-    NotACTError.exit_code: "input is not a usable chest CT (not CT, 2-D, constant, NaNs, bad spacing, missing slices)",
+    NotACTError.exit_code: "input is not a usable chest CT (not CT, 2-D, constant, NaNs, bad spacing, missing slices, "
+                           "uneven slice spacing, gantry tilt, two images at one position, mixed matrix sizes, too large)",
     NoLungsError.exit_code: "no lungs, or too little lung to analyse, in the image",
     ModelFileError.exit_code: "model file missing, corrupt, or not a compatible DRENet checkpoint",
     OutputError.exit_code: "output folder cannot be written",

@@ -20,6 +20,9 @@ import SimpleITK as sitk
 LPS = "LPS"
 AXIS_S = 2  # index of the superior component in an LPS vector
 SAME_PLACE_TOLERANCE = 0.01  # voxel centres closer than this fraction of the smallest spacing are at the same place
+# A grid is sheared when taking its voxel axes as perpendicular would move a voxel by more than
+# this fraction of the smallest spacing (gantry tilt stored as is: slices advance along the table).
+SHEAR_TOLERANCE = 0.5
 
 
 def orient_to_lps(image: sitk.Image) -> sitk.Image:
@@ -130,6 +133,24 @@ def original_to_oriented_index(
 ) -> tuple[int, int, int]:
     """The oriented grid's (i, j, k) of the voxel at `ijk` on the original grid."""
     return _axis_map(oriented, original).inverse_index(ijk)
+
+
+def shear_deg(axes, extents_mm: Sequence[float], spacing_mm: Sequence[float]) -> float:
+    """How many degrees the grid's most oblique pair of voxel axes departs from perpendicular, or 0.0
+    when taking every pair as perpendicular moves no voxel by more than SHEAR_TOLERANCE of the
+    smallest spacing.
+
+    axes: 3x3, column a along voxel axis a (LPS or RAS, any length); extents_mm: the grid's length
+    along each axis; spacing_mm: the voxel spacing along each axis.
+    """
+    axes = np.asarray(axes, dtype=float)
+    units = axes / np.linalg.norm(axes, axis=0)
+    worst = 0.0
+    for a, b in itertools.combinations(range(3), 2):
+        cosine = min(1.0, abs(float(units[:, a] @ units[:, b])))
+        if max(extents_mm[a], extents_mm[b]) * cosine > SHEAR_TOLERANCE * min(spacing_mm):
+            worst = max(worst, float(np.degrees(np.arcsin(cosine))))
+    return worst
 
 
 def axial_axis(image: sitk.Image) -> int:

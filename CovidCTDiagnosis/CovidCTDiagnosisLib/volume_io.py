@@ -9,10 +9,14 @@ NO_DATA_BELOW_HU is no data, never air or tissue (`has_data`). Every failure is 
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
 from pathlib import Path
+
+import re
 
 import cv2
 import numpy as np
@@ -28,6 +32,11 @@ VOLUME_FORMATS = {
 IMAGE_FORMATS = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".bmp": "bmp"}
 DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
 TAG_MODALITY = "0008|0060"
+TAG_IMAGE_TYPE = "0008|0008"
+TAG_GANTRY_TILT = "0018|1120"  # GantryDetectorTilt, degrees
+TAG_KERNEL = "0018|1210"  # ConvolutionKernel
+TAG_SLICE_THICKNESS = "0018|0050"
+TAG_SERIES_DESCRIPTION = "0008|103e"
 TAG_POSITION = "0020|0032"  # ImagePositionPatient
 TAG_ORIENTATION = "0020|0037"  # ImageOrientationPatient
 TAG_PADDING_VALUE = "0028|0120"  # PixelPaddingValue, in stored (pre-rescale) units
@@ -38,7 +47,21 @@ NO_DATA_HU = -3024.0  # what padded voxels are set to
 NO_DATA_BELOW_HU = -1100.0  # air is about -1000 HU: lower values are no data, never air or tissue
 CT_MODALITY = "CT"
 MAX_GAP_FACTOR = 1.5  # a step between slices this much above the usual one means missing slices
+# Steps between slices may differ by this fraction of their mean (or by the precision the positions
+# are written with, if coarser); more is uneven slice spacing, which one voxel grid cannot hold.
+SPACING_TOLERANCE = 0.01
 DUPLICATE_TOLERANCE_MM = 1e-3
+LOCALIZER = "LOCALIZER"  # in ImageType: a scout image, left out of the volume
+ORIENTATION_TOLERANCE_DEG = 0.5  # images whose rows or columns turn more from most images' are another orientation
+# Among several series, the lungs are read on a thin lung-kernel reconstruction: a kernel is a lung
+# kernel when its name or the series description says LUNG or PULM, or it is a sharp Siemens
+# (B50f, Br59, Bl64, I70f: a sharpness of 50 or more) or Canon (FC50 to FC59) kernel.
+THIN_SLICE_MM = 1.5
+LUNG_KERNEL_WORDS = ("LUNG", "PULM")
+SHARP_KERNEL = re.compile(r"^(?:[A-Z][a-z]?([5-9]\d)|FC5\d)")
+# No chest CT has more voxels than this (i, j, k in any order: a 1024 x 1024 matrix, 2000 slices);
+# larger volumes are refused from their header, before their pixels are read.
+MAX_VOLUME_SIZE = (1024, 1024, 2000)
 LUNG_WINDOW_LEVEL = -700.0  # DICOM slices are shown to read_image_2d's callers in this window
 LUNG_WINDOW_WIDTH = 1500.0
 MIN_SLICES = 8
@@ -87,7 +110,8 @@ def _header(path: str) -> sitk.ImageFileReader:
     reader = sitk.ImageFileReader()
     reader.SetFileName(path)
     try:
-        reader.ReadImageInformation()
+        with _itk_warnings_off():
+            reader.ReadImageInformation()
     except RuntimeError:
         raise _unreadable(path, "not a readable image file (corrupt or unsupported format)") from None
     return reader
@@ -97,39 +121,196 @@ def _tag(reader: sitk.ImageFileReader, tag: str) -> str | None:
     return reader.GetMetaData(tag) if reader.HasMetaDataKey(tag) else None
 
 
-def _check_slice_positions(files: list[str], folder: Path) -> None:
-    """NotACTError when slices are duplicated or missing: positions along the slice normal must
-    be evenly spaced (files sorted by position, as GDCM returns them)."""
-    positions, normal = [], None
-    for name in files:
-        header = _header(name)
-        position, orientation = _tag(header, TAG_POSITION), _tag(header, TAG_ORIENTATION)
-        if position is None or orientation is None:
-            return  # no geometry to check (not a cross-sectional series)
-        try:
-            if normal is None:
-                cosines = np.array(orientation.split("\\"), dtype=float)
-                normal = np.cross(cosines[:3], cosines[3:])
-            positions.append(np.array(position.split("\\"), dtype=float) @ normal)
-        except ValueError:
-            return  # malformed tags: leave the geometry to the reader
-    steps = np.abs(np.diff(positions))
-    if len(steps) == 0:
+def _size_text(size) -> str:
+    return " x ".join(str(int(n)) for n in size)
+
+
+def _check_size(size, where) -> None:
+    """NotACTError, before any pixel is read, for a volume larger than MAX_VOLUME_SIZE (voxels, any axis order)."""
+    dims = sorted(tuple(int(n) for n in size[:3]) + (1,) * (3 - len(size[:3])))
+    if any(n > m for n, m in zip(dims, MAX_VOLUME_SIZE)) or np.prod(size, dtype=float) > np.prod(MAX_VOLUME_SIZE, dtype=float):
+        raise NotACTError(
+            f"{_size_text(size)} voxels, more than a chest CT has (at most {_size_text(MAX_VOLUME_SIZE)} in any axis "
+            f"order); not read ({where})"
+        )
+
+
+def _gantry_tilt(angle_deg: float, how: str, where) -> NotACTError:
+    return NotACTError(
+        f"gantry tilt of {angle_deg:.1f} degrees ({how}): a sheared voxel grid, which the analysis cannot follow; "
+        f"resample it to an orthogonal grid first (e.g. dcm2niix's gantry-tilt correction) ({where})"
+    )
+
+
+def _check_grid(axes, size, spacing, where) -> None:
+    """NotACTError for a sheared 3-D grid; axes: 3x3, column a along voxel axis a."""
+    if len(size) != 3:
         return
+    tilt = geometry.shear_deg(axes, [n * s for n, s in zip(size, spacing)], spacing)
+    if tilt:
+        raise _gantry_tilt(tilt, f"two voxel axes {90 - tilt:.1f} degrees apart, not 90", where)
+
+
+def _check_nifti_sform(reader: sitk.ImageFileReader, where) -> None:
+    """NotACTError for a NIfTI whose sform is sheared (ITK would silently read a rotated grid instead)."""
+    try:
+        if int(_tag(reader, "sform_code") or 0) <= 0:
+            return
+        srow = np.array([_tag(reader, f"srow_{c}").split()[:3] for c in "xyz"], dtype=float)
+    except (AttributeError, ValueError):
+        return  # no or malformed sform: ITK's qform stands
+    spacing = np.linalg.norm(srow, axis=0)
+    if np.all(spacing > 0):
+        _check_grid(srow, reader.GetSize()[:3], spacing, where)
+
+
+@dataclass(eq=False)
+class _SliceHeader:
+    """One DICOM file's place in a series (position and cosines None when absent or malformed)."""
+
+    name: str
+    size: tuple[int, int, int]  # columns, rows, frames
+    spacing: tuple[float, float]  # mm between columns, between rows
+    position: np.ndarray | None  # ImagePositionPatient, LPS mm
+    resolution_mm: float  # the rounding step of the least precise position coordinate as written
+    cosines: np.ndarray | None  # ImageOrientationPatient: the row direction, then the column direction
+    localizer: bool  # ImageType says LOCALIZER
+    tilt_deg: float  # GantryDetectorTilt, 0 when absent
+
+    @property
+    def normal(self) -> np.ndarray:
+        return np.cross(self.cosines[:3], self.cosines[3:])
+
+
+def _slice_header(name: str) -> _SliceHeader:
+    header = _header(name)
+
+    def numbers(tag: str, count: int) -> np.ndarray | None:
+        try:
+            values = np.array([v.strip() for v in (_tag(header, tag) or "").split("\\")], dtype=float)
+        except ValueError:
+            return None
+        return values if len(values) == count and np.isfinite(values).all() else None
+
+    position, cosines, tilt = numbers(TAG_POSITION, 3), numbers(TAG_ORIENTATION, 6), numbers(TAG_GANTRY_TILT, 1)
+    if cosines is not None:
+        norms = np.linalg.norm(cosines.reshape(2, 3), axis=1)
+        cosines = (cosines.reshape(2, 3) / norms[:, None]).ravel() if np.all(norms > 0) else None
+    try:
+        exponent = max(Decimal(v.strip()).as_tuple().exponent for v in _tag(header, TAG_POSITION).split("\\"))
+        resolution = 10.0 ** exponent if isinstance(exponent, int) else 0.0
+    except (AttributeError, InvalidOperation, TypeError, ValueError):
+        resolution = 0.0
+    size = tuple(header.GetSize()) + (1,) * (3 - header.GetDimension())
+    return _SliceHeader(
+        name=name,
+        size=tuple(int(n) for n in size[:3]),
+        spacing=tuple(float(v) for v in header.GetSpacing()[:2]),
+        position=position,
+        resolution_mm=resolution,
+        cosines=cosines,
+        localizer=LOCALIZER in (_tag(header, TAG_IMAGE_TYPE) or "").upper(),
+        tilt_deg=0.0 if tilt is None else float(tilt[0]),
+    )
+
+
+def _leave_out_localizers(headers: list[_SliceHeader]) -> list[_SliceHeader]:
+    """The images that are not localizers: not ImageType LOCALIZER, and (when every image has an
+    orientation) in the orientation most images share, within ORIENTATION_TOLERANCE_DEG."""
+    kept = [h for h in headers if not h.localizer] or headers
+    if any(h.cosines is None for h in kept):
+        return kept
+    cosines = np.array([h.cosines for h in kept])
+    least = np.cos(np.radians(ORIENTATION_TOLERANCE_DEG))
+    same = (cosines[:, :3] @ cosines[:, :3].T >= least) & (cosines[:, 3:] @ cosines[:, 3:].T >= least)
+    usual = same[int(np.argmax(same.sum(axis=1)))]
+    return [h for h, keep in zip(kept, usual) if keep]
+
+
+def _check_matrix(headers: list[_SliceHeader], folder: Path) -> None:
+    """NotACTError naming the first image whose matrix size differs from most images'."""
+    sizes = Counter(h.size[:2] for h in headers)
+    usual, count = sizes.most_common(1)[0]
+    odd = next((h for h in headers if h.size[:2] != usual), None)
+    if odd is not None:
+        raise NotACTError(
+            f"{Path(odd.name).name} is {_size_text(odd.size[:2])} pixels where the series' other {count} images are "
+            f"{_size_text(usual)}: one series must have one matrix size ({folder})"
+        )
+
+
+def _check_slice_positions(headers: list[_SliceHeader], folder: Path) -> None:
+    """NotACTError unless the images, sorted along the slice normal, form one regular grid: no two at
+    one position, positions along the normal (no gantry tilt), steps even (no missing slices)."""
+    if len(headers) < 2:
+        return
+    first = headers[0]
+    normal = first.normal
+    positions = np.array([h.position for h in headers])
+    along = positions @ normal
+    steps = np.diff(along)
+    names = [Path(h.name).name for h in headers]
     duplicate = np.flatnonzero(steps < DUPLICATE_TOLERANCE_MM)
     if len(duplicate):
-        at = positions[duplicate[0]]
+        d = duplicate[0]
         raise NotACTError(
-            f"duplicate slices: {len(duplicate) + 1} or more slices at position {at:.2f} mm in {folder}"
+            f"two images at the same position: {names[d]} and {names[d + 1]} at {along[d]:.2f} mm along the slice "
+            f"normal, and {len(duplicate) - 1} more such pair(s) (a slice stored twice, or two reconstructions under "
+            f"one series UID; choose one) in {folder}"
         )
-    usual = float(np.median(steps))
-    gaps = np.flatnonzero(steps > MAX_GAP_FACTOR * usual)
-    if len(gaps):
-        g = gaps[0]
-        raise NotACTError(
-            f"missing slices: a gap of {steps[g]:.2f} mm between slice positions {positions[g]:.2f} and "
-            f"{positions[g + 1]:.2f} mm (usual spacing {usual:.2f} mm) in {folder}"
+    travel = positions[-1] - positions[0]
+    length = float(np.linalg.norm(travel))
+    columns, rows = first.size[0] * first.spacing[0], first.size[1] * first.spacing[1]
+    spacing = (*first.spacing, length / (len(headers) - 1))
+    if geometry.shear_deg(np.column_stack([first.cosines[:3], first.cosines[3:], travel]), (columns, rows, length), spacing):
+        angle = float(np.degrees(np.arccos(min(1.0, abs(travel @ normal) / length))))
+        raise _gantry_tilt(angle, "slice positions advance at that angle to the slice normal", folder)
+    tag_tilt = max((h.tilt_deg for h in headers), key=abs)
+    shown = float(np.degrees(np.arccos(min(1.0, np.abs(normal).max()))))  # the orientation's tilt from the patient axes
+    mismatch = np.radians(abs(tag_tilt) - shown)
+    implied = [[1.0, 0.0, 0.0], [0.0, np.cos(mismatch), 0.0], [0.0, np.sin(mismatch), 1.0]]  # columns: rows, tilted columns, table
+    if tag_tilt and geometry.shear_deg(implied, (columns, rows, length), spacing):
+        raise _gantry_tilt(abs(tag_tilt), "GantryDetectorTilt, which the image orientation does not show", folder)
+    low, high, mean = float(steps.min()), float(steps.max()), float(steps.mean())
+    if high - low > max(SPACING_TOLERANCE * mean, max(h.resolution_mm for h in headers)):
+        message = (
+            f"uneven slice spacing: steps from {low:.2f} to {high:.2f} mm (they may differ by at most "
+            f"{100 * SPACING_TOLERANCE:g} % of their mean, {mean:.2f} mm)"
         )
+        usual = float(np.median(steps))
+        gaps = np.flatnonzero(steps > MAX_GAP_FACTOR * usual)
+        if len(gaps):
+            g = gaps[0]
+            message += (
+                f"; missing slices: a gap of {steps[g]:.2f} mm between slice positions {along[g]:.2f} and "
+                f"{along[g + 1]:.2f} mm (usual spacing {usual:.2f} mm)"
+            )
+        raise NotACTError(f"{message} in {folder}")
+
+
+def _series_files(names: list[str], folder: Path) -> tuple[list[str], list[str]]:
+    """The files of one DICOM series to read as a volume, sorted along the slice normal, and notes.
+
+    Localizers (ImageType LOCALIZER, or another orientation than most images) are left out with a
+    note. NotACTError for what one regular voxel grid cannot hold (another matrix size, two images
+    at one position, gantry tilt, missing slices, uneven spacing) and for volumes beyond MAX_VOLUME_SIZE.
+    """
+    headers = [_slice_header(name) for name in names]
+    kept = _leave_out_localizers(headers)
+    notes = []
+    if len(kept) < len(headers):
+        left_out = [Path(h.name).name for h in headers if h not in kept]
+        notes.append(
+            f"{len(left_out)} localizer image(s) left out (ImageType {LOCALIZER} or another orientation than the other "
+            f"{len(kept)} images): {', '.join(left_out[:3])}{', ...' if len(left_out) > 3 else ''}"
+        )
+    _check_matrix(kept, folder)
+    _check_size((*kept[0].size[:2], sum(h.size[2] for h in kept)), folder)
+    if all(h.position is not None and h.cosines is not None for h in kept):
+        normal = kept[0].normal
+        kept = sorted(kept, key=lambda h: float(h.position @ normal))
+        _check_slice_positions(kept, folder)
+    return [h.name for h in kept], notes
 
 
 def _padding_hu(tags: Callable[[str], str | None]) -> tuple[float, float] | None:
@@ -188,6 +369,78 @@ def _no_data_note(image: sitk.Image) -> list[str]:
     ]
 
 
+@dataclass
+class _Series:
+    """What one DICOM series is, from its first image that is not a localizer."""
+
+    uid: str
+    images: int
+    ct: bool
+    axial: bool  # slice normal closest to the patient's feet-head axis (or no orientation given)
+    kernel: str
+    lung_kernel: bool
+    thickness_mm: float | None
+
+    def rank(self) -> tuple:
+        """Larger is better: CT, axial, a lung kernel, thin slices, thinner slices, more images."""
+        thickness = self.thickness_mm if self.thickness_mm is not None else float("inf")
+        return (self.ct, self.axial, self.lung_kernel, thickness <= THIN_SLICE_MM, -thickness, self.images)
+
+    def describe(self) -> str:
+        thickness = "" if self.thickness_mm is None else f", {self.thickness_mm:g} mm"
+        kernel = f", kernel {self.kernel}" if self.kernel else ""
+        return f"{self.uid} ({self.images} images{thickness}{kernel})"
+
+
+# why a series ranks above another, by the first element of `_Series.rank` that differs
+RANK_REASONS = (
+    "CT modality", "axial slices", "lung kernel", f"slices of at most {THIN_SLICE_MM:g} mm", "thinner slices", "larger number of images",
+)
+
+
+def _series_summary(uid: str, names: list[str]) -> _Series:
+    header = next((h for h in map(_header, names) if LOCALIZER not in (_tag(h, TAG_IMAGE_TYPE) or "").upper()), None)
+    header = header or _header(names[0])
+    kernel = " ".join((_tag(header, TAG_KERNEL) or "").replace("\\", " ").split())
+    words = f"{kernel} {_tag(header, TAG_SERIES_DESCRIPTION) or ''}".upper()
+    try:
+        cosines = np.array((_tag(header, TAG_ORIENTATION) or "").split("\\"), dtype=float)
+        axial = int(np.argmax(np.abs(np.cross(cosines[:3], cosines[3:6])))) == geometry.AXIS_S
+    except ValueError:
+        axial = True
+    try:
+        thickness = float(_tag(header, TAG_SLICE_THICKNESS) or "")
+    except ValueError:
+        thickness = None
+    return _Series(
+        uid=uid,
+        images=len(names),
+        ct=(_tag(header, TAG_MODALITY) or "").strip().upper() == CT_MODALITY,
+        axial=axial,
+        kernel=kernel,
+        lung_kernel=any(w in words for w in LUNG_KERNEL_WORDS) or bool(SHARP_KERNEL.match(kernel)),
+        thickness_mm=thickness if thickness and thickness > 0 else None,
+    )
+
+
+def _choose_series(files: dict[str, list[str]]) -> tuple[str, str | None]:
+    """The series to analyse among a folder's (uid -> files), and a note saying why when there are several.
+
+    Preferred, in order: CT, axial, a lung kernel, slices of at most THIN_SLICE_MM, thinner slices,
+    more images (`_Series.rank`).
+    """
+    if len(files) == 1:
+        return next(iter(files)), None
+    ranked = sorted((_series_summary(uid, names) for uid, names in files.items()), key=_Series.rank, reverse=True)
+    chosen, runner_up = ranked[0], ranked[1]
+    why = next((f"its {r}" for r, a, b in zip(RANK_REASONS, chosen.rank(), runner_up.rank()) if a != b), "being found first")
+    others = "; ".join(s.describe() for s in ranked[1:])
+    return chosen.uid, (
+        f"{len(ranked)} series found; analysed {chosen.describe()}, chosen for {why}; the others: {others}; "
+        "use --series UID for another"
+    )
+
+
 def _read_dicom_series(folder: Path, series_uid: str | None) -> tuple[sitk.Image, str, list[str]]:
     """The chosen series of a DICOM folder, its uid, and notes."""
     try:
@@ -204,24 +457,22 @@ def _read_dicom_series(folder: Path, series_uid: str | None) -> tuple[sitk.Image
             raise _unreadable(folder, f"no series {series_uid}; the series here are: {', '.join(uids)}")
         uid = series_uid
     else:
-        is_ct = {u: (_tag(_header(files[u][0]), TAG_MODALITY) or "").strip().upper() == CT_MODALITY for u in uids}
-        uid = max(uids, key=lambda u: (is_ct[u], len(files[u])))
-        if len(uids) > 1:
-            notes.append(
-                f"{len(uids)} series found; analysed {uid} ({len(files[uid])} slices); use --series UID for another"
-            )
+        uid, note = _choose_series(files)
+        notes += [note] if note else []
     _check_modality(_tag(_header(files[uid][0]), TAG_MODALITY), folder)
-    _check_slice_positions(files[uid], folder)
+    names, series_notes = _series_files(files[uid], folder)
+    notes += series_notes
     reader = sitk.ImageSeriesReader()
-    reader.SetFileNames(files[uid])
+    reader.SetFileNames(names)
     reader.MetaDataDictionaryArrayUpdateOn()  # per-file tags: padding and rescale may differ by slice
     try:
-        image = reader.Execute()
+        with _itk_warnings_off():
+            image = reader.Execute()
     except RuntimeError:
         raise _unreadable(folder, f"the DICOM series {uid} is corrupt or uses an unsupported encoding") from None
     paddings = [  # file n is the image's slice n
         _padding_hu(lambda tag, n=n: reader.GetMetaData(n, tag) if reader.HasMetaDataKey(n, tag) else None)
-        for n in range(len(files[uid]))
+        for n in range(len(names))
     ]
     return _mark_padding(image, paddings), uid, notes
 
@@ -233,8 +484,13 @@ def _read_file(path: Path) -> tuple[sitk.Image, str]:
     is_dicom = reader.GetImageIO() == "GDCMImageIO" or suffix in DICOM_SUFFIXES
     if is_dicom:
         _check_modality(_tag(reader, TAG_MODALITY), path)
+    _check_size(reader.GetSize(), path)
+    _check_grid(np.reshape(reader.GetDirection(), (reader.GetDimension(),) * 2), reader.GetSize(), reader.GetSpacing(), path)
+    if VOLUME_FORMATS.get(suffix) == "nifti":
+        _check_nifti_sform(reader, path)
     try:
-        image = reader.Execute()
+        with _itk_warnings_off():
+            image = reader.Execute()
     except RuntimeError:
         raise _unreadable(path, "the file is corrupt or uses an unsupported encoding") from None
     if is_dicom and image.GetNumberOfComponentsPerPixel() == 1:
@@ -272,13 +528,18 @@ def read_volume(source: str | Path | sitk.Image, series_uid: str | None = None) 
     """A CT from a DICOM folder, a volume file (.nii, .nii.gz, .nrrd, .nhdr, .mha, .mhd), a single
     DICOM or 2-D image file, or an in-memory SimpleITK image; float32 HU in its own geometry.
 
-    Several DICOM series in a folder: the largest CT series, unless `series_uid` names one.
-    Raises InputNotFoundError, UnreadableInputError, or NotACTError (not CT, colour, missing or
-    duplicate slices). Whether the volume is usable for analysis is `check_ct`'s job.
+    Several DICOM series in a folder: the thin lung-kernel axial CT series (`_choose_series`, with a
+    note), unless `series_uid` names one; its localizer images are left out (with a note). Raises InputNotFoundError, UnreadableInputError,
+    or NotACTError (not CT, colour, gantry tilt or another sheared grid, images of another matrix
+    size, two images at one position, missing slices or uneven spacing, more than MAX_VOLUME_SIZE
+    voxels: all found from the headers, before the pixels are read). Whether the volume is usable
+    for analysis is `check_ct`'s job.
     """
     uid, notes = None, []
     if isinstance(source, sitk.Image):
         image, path, fmt = source, None, "image"
+        dimension = image.GetDimension()
+        _check_grid(np.reshape(image.GetDirection(), (dimension, dimension)), image.GetSize(), image.GetSpacing(), "the image")
     else:
         path = Path(source)
         if not path.exists():

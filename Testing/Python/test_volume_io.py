@@ -132,7 +132,7 @@ def test_missing_slice(tmp_path, small_ct):
 
 def test_duplicate_slice(tmp_path, small_ct):
     write_dicom_series(small_ct, tmp_path / "dup", duplicate={4})
-    with pytest.raises(NotACTError, match="duplicate slices"):
+    with pytest.raises(NotACTError, match="two images at the same position: slice004-0.dcm and slice004-1.dcm"):
         read_volume(tmp_path / "dup")
 
 
@@ -149,7 +149,8 @@ def test_two_series_in_one_folder(tmp_path, small_ct):
     loaded = read_volume(folder)
     assert loaded.info.series_uid == SERIES_UID and loaded.image.GetSize()[2] == 12
     assert loaded.info.notes == [
-        f"2 series found; analysed {SERIES_UID} (12 slices); use --series UID for another"
+        f"2 series found; analysed {SERIES_UID} (12 images), chosen for its larger number of images; "
+        f"the others: {OTHER_SERIES_UID} (9 images); use --series UID for another"
     ]
     chosen = read_volume(folder, series_uid=OTHER_SERIES_UID)
     assert chosen.image.GetSize()[2] == 9 and chosen.info.notes == []
