@@ -19,7 +19,8 @@ import numpy as np
 import SimpleITK as sitk
 
 from . import geometry
-from .errors import InputNotFoundError, NotACTError, UnreadableInputError
+from .errors import InputNotFoundError, NotACTError, UnreadableInputError, UsageError
+from .nifti_header import qform_sform_notes
 from .result import InputInfo
 
 VOLUME_FORMATS = {
@@ -207,8 +208,9 @@ def _read_dicom_series(folder: Path, series_uid: str | None) -> tuple[sitk.Image
         is_ct = {u: (_tag(_header(files[u][0]), TAG_MODALITY) or "").strip().upper() == CT_MODALITY for u in uids}
         uid = max(uids, key=lambda u: (is_ct[u], len(files[u])))
         if len(uids) > 1:
+            others = ", ".join(f"{u} ({len(files[u])} files)" for u in uids if u != uid)
             notes.append(
-                f"{len(uids)} series found; analysed {uid} ({len(files[uid])} slices); use --series UID for another"
+                f"{len(uids)} series found; analysed {uid} ({len(files[uid])} slices); use --series UID for another: {others}"
             )
     _check_modality(_tag(_header(files[uid][0]), TAG_MODALITY), folder)
     _check_slice_positions(files[uid], folder)
@@ -287,7 +289,11 @@ def read_volume(source: str | Path | sitk.Image, series_uid: str | None = None) 
             image, uid, notes = _read_dicom_series(path, series_uid)
             fmt = "dicom"
         else:
+            if series_uid is not None:
+                raise UsageError(f"--series picks a series of a DICOM folder; {path} is a file (leave --series out)")
             image, fmt = _read_file(path)
+            if fmt == "nifti":
+                notes = qform_sform_notes(path, image)
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise NotACTError(
             f"not a CT: {image.GetNumberOfComponentsPerPixel()} values per voxel (a colour image?); a CT has one"
