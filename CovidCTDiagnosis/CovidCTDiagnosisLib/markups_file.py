@@ -18,7 +18,7 @@ from os import PathLike
 import numpy as np
 import SimpleITK as sitk
 
-from .result import WARNING_KEY, SliceResult, round_mm
+from .result import WARNING_KEY, SliceResult
 from .segmentation_file import box_description, box_name, lesion_colors
 
 MARKUPS_SCHEMA = (
@@ -66,7 +66,7 @@ def roi_orientation(reference_image: sitk.Image) -> list[float]:
 
 def write_lesion_markups(path: str | PathLike, slices: Sequence[SliceResult], reference_image: sitk.Image, *,
                          warning: str | None = None) -> None:
-    """Write every slice's boxes as locked ROI markups in `path` (.mrk.json, LPS), millimetres to 0.01.
+    """Write every slice's boxes as locked ROI markups in `path` (.mrk.json, LPS).
 
     `warning` (an untrained network's note) goes into the document (`covidct_warning`) and into
     every ROI's description (Slicer's node description)."""
@@ -75,7 +75,7 @@ def write_lesion_markups(path: str | PathLike, slices: Sequence[SliceResult], re
     colors = lesion_colors([box.score for _, box in boxes])
     markups = []
     for (slice_index, box), color in zip(boxes, colors):
-        center = round_mm(box.center_lps)
+        center = [float(v) for v in box.center_lps]
         markup = {
             "type": "ROI",
             "name": box_name(slice_index, box.rank),
@@ -89,7 +89,7 @@ def write_lesion_markups(path: str | PathLike, slices: Sequence[SliceResult], re
             "insideOut": False,
             "center": center,
             "orientation": orientation,
-            "size": round_mm(box.size_mm),
+            "size": [float(v) for v in box.size_mm],
             "controlPoints": [
                 {
                     "id": "1",

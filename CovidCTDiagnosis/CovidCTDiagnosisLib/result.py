@@ -23,20 +23,15 @@ UNTRAINED_WARNING = (
 UNTRAINED_NOTE = "UNTRAINED network (random weights): every value here is meaningless; not a diagnosis"  # in every output file
 WARNING_KEY = "covidct_warning"  # NRRD header key (key:=value) and markups JSON key holding UNTRAINED_NOTE
 
-# Decimals of the numbers in report.json, slices.csv and lesions.mrk.json (the Result keeps full precision)
+# Decimals of the numbers in the CSV files (slices.csv, summary.csv, score-images); report.json and
+# lesions.mrk.json keep full precision (geometry that Slicer places exactly)
 PROBABILITY_DECIMALS = 4  # probabilities, box scores, lung fractions
-MM_DECIMALS = 2  # positions and sizes in mm (voxels are 0.1 mm or larger)
-GEOMETRY_DECIMALS = 6  # the input's spacing, origin and direction: exact enough to rebuild its grid
+MM_DECIMALS = 2  # positions in mm (voxels are 0.1 mm or larger)
 
 
 def untrained_note(model: "ModelInfo") -> str | None:
     """UNTRAINED_NOTE for an untrained model, None for a trained one."""
     return None if model.trained else UNTRAINED_NOTE
-
-
-def round_mm(values) -> list[float]:
-    """Millimetre coordinates rounded to MM_DECIMALS (no -246.10000000000002 in the files)."""
-    return [round(float(v), MM_DECIMALS) for v in values]
 
 
 @dataclass
@@ -128,46 +123,21 @@ class Result:
     def to_report(self) -> dict[str, Any]:
         """The JSON-ready report (schema REPORT_SCHEMA_VERSION, documented in docs/report-schema.md).
 
-        Numbers are rounded for reading: probabilities, scores and fractions to PROBABILITY_DECIMALS,
-        millimetres to MM_DECIMALS, the input's geometry to GEOMETRY_DECIMALS.
-        """
+        Numbers keep full precision: the Slicer module's scene plan places boxes and slices from it."""
         report = {
             "schema_version": REPORT_SCHEMA_VERSION,
             "notice": RESEARCH_USE_ONLY,
-            "input": _rounded_input(asdict(self.input)),
+            "input": asdict(self.input),
             "model": asdict(self.model),
             "device": self.device,
-            "patient": _rounded_probabilities(asdict(self.patient)),
+            "patient": asdict(self.patient),
             "positive_class": self.positive_class,
-            "slices": [_rounded_slice(asdict(s)) for s in self.slices],
+            "slices": [asdict(s) for s in self.slices],
             "top_slices": list(self.top_slices),
             "timings": dict(self.timings),
             "warnings": list(self.warnings),
         }
         return _to_json_types(report)
-
-
-def _round_probabilities(probabilities: dict) -> dict:
-    return {c: round(float(p), PROBABILITY_DECIMALS) for c, p in probabilities.items()}
-
-
-def _rounded_probabilities(record: dict) -> dict:
-    return {**record, "probabilities": _round_probabilities(record["probabilities"])}
-
-
-def _rounded_input(info: dict) -> dict:
-    geometry = {key: [round(float(v), GEOMETRY_DECIMALS) for v in info[key]] for key in ("spacing", "origin", "direction")}
-    return {**info, **geometry}
-
-
-def _rounded_slice(s: dict) -> dict:
-    boxes = [
-        {**b, "score": round(float(b["score"]), PROBABILITY_DECIMALS), "center_lps": round_mm(b["center_lps"]),
-         "size_mm": round_mm(b["size_mm"])}
-        for b in s["boxes"]
-    ]
-    return {**_rounded_probabilities(s), "z_mm": round(float(s["z_mm"]), MM_DECIMALS),
-            "lung_fraction": round(float(s["lung_fraction"]), PROBABILITY_DECIMALS), "boxes": boxes}
 
 
 def _to_json_types(value: Any) -> Any:
