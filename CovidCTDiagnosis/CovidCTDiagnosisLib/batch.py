@@ -12,8 +12,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import CovidCTError, InputNotFoundError, OutputError
-from .outputs import REPORT_JSON, is_complete, read_report, write_outputs
+from .errors import EXIT_CODES, CovidCTError, InputNotFoundError, OutputError
+from .outputs import check_writable, is_complete, read_report, write_outputs
 from .pipeline import Analyzer
 
 VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
@@ -55,12 +55,12 @@ def find_cases(source) -> list[Case]:
         cases = []
         for row in rows:
             path = Path(row["path"])
-            path = path if path.is_absolute() else source.parent / path
+            path = path if path.is_absolute() else source.parent.absolute() / path
             cases.append(Case(row.get("case_id") or _case_id(path), path))
         return cases
     return [
         Case(_case_id(p), p)
-        for p in sorted(source.iterdir())
+        for p in sorted(source.absolute().iterdir())
         if not p.name.startswith(".") and (p.is_dir() or p.name.lower().endswith(VOLUME_SUFFIXES))
     ]
 
@@ -70,35 +70,49 @@ def run_batch(
     source,
     out_dir,
     on_case: Callable[[CaseOutcome], None] | None = None,
+    progress: Callable[[str, float], None] | None = None,
     **analyze_options,
 ) -> list[CaseOutcome]:
-    """Analyse every case into out_dir/<case_id>/ and write out_dir/summary.csv."""
-    out_dir = Path(out_dir)
+    """Analyse every case into out_dir/<case_id>/ and write out_dir/summary.csv.
+
+    out_dir is checked before any case is read (OutputError). A case that fails, for any reason
+    but Ctrl-C, is recorded as failed and the batch carries on. `progress(stage, fraction)` gets
+    the whole batch's fraction and stages named "<case_id> (<n>/<cases>): <stage>".
+    """
     cases = find_cases(source)
+    out_dir = check_writable(out_dir, result_folder=False)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise OutputError(f"cannot create {out_dir}: {exc.strerror or exc}") from exc
     outcomes = []
-    for case in cases:
+    for n, case in enumerate(cases):
         target = out_dir / case.case_id
         if is_complete(target):
             outcome = CaseOutcome(case, "skipped", read_report(target))
         else:
+            case_progress = None if progress is None else _case_progress(progress, case.case_id, n, len(cases))
             try:
-                result = analyzer.analyze(case.path, **analyze_options)
+                result = analyzer.analyze(case.path, progress=case_progress, **analyze_options)
                 write_outputs(result, result.ct, target)
                 outcome = CaseOutcome(case, "done", result.to_report())
             except CovidCTError as exc:
                 outcome = CaseOutcome(case, "failed", error=str(exc))
-            except Exception as exc:  # a bug met in one case fails that case only
+            except Exception as exc:  # a bug on one input must not stop the others (it is in summary.csv)
                 detail = " ".join(str(exc).split())
-                outcome = CaseOutcome(case, "failed", error=f"internal error (a bug, please report it): {type(exc).__name__}: {detail}")
+                outcome = CaseOutcome(case, "failed", error=f"{EXIT_CODES[1]}: {type(exc).__name__}{': ' + detail if detail else ''}")
         outcomes.append(outcome)
         if on_case is not None:
             on_case(outcome)
     write_summary(outcomes, out_dir / SUMMARY_CSV)
     return outcomes
+
+
+def _case_progress(progress: Callable[[str, float], None], case_id: str, n: int, total: int):
+    def report(stage: str, fraction: float) -> None:
+        progress(f"{case_id} ({n + 1}/{total}): {stage}", (n + fraction) / total)
+
+    return report
 
 
 def write_summary(outcomes: list[CaseOutcome], path: Path) -> None:
@@ -110,6 +124,15 @@ def write_summary(outcomes: list[CaseOutcome], path: Path) -> None:
                 classes.append(c)
     fields = ["case_id", "path", "status", "label", "aggregation", *classes, "trained_model", "result_folder", "error"]
     tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        _write_rows(tmp, fields, outcomes, path.parent)
+        tmp.replace(path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from exc
+
+
+def _write_rows(tmp: Path, fields: list[str], outcomes: list[CaseOutcome], out_dir: Path) -> None:
     with open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
@@ -119,6 +142,5 @@ def write_summary(outcomes: list[CaseOutcome], path: Path) -> None:
                 patient = o.report["patient"]
                 row.update(label=patient["label"], aggregation=patient["aggregation"], trained_model=o.report["model"]["trained"])
                 row.update({c: f"{p:.4f}" for c, p in patient["probabilities"].items()})
-                row["result_folder"] = str(path.parent / o.case.case_id / REPORT_JSON)
+                row["result_folder"] = str(out_dir / o.case.case_id)
             writer.writerow(row)
-    tmp.replace(path)

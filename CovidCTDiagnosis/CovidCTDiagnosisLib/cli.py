@@ -8,15 +8,20 @@ when it runs: building the parser loads neither torch nor the training package, 
 
 from __future__ import annotations
 
-import argparse
-import csv
-import os
 import sys
-import tempfile
-import time
-from pathlib import Path
 
-from .errors import EXIT_CODES, CovidCTError, OutputError, UsageError
+try:  # Ctrl-C while Python is still starting: one line and 130, not an import traceback
+    import argparse
+    import csv
+    import os
+    import tempfile
+    import time
+    from pathlib import Path
+
+    from .errors import BATCH_CASES_FAILED, EXIT_CODES, INTERRUPTED, CovidCTError, OutputError, UsageError
+except KeyboardInterrupt:
+    sys.stderr.write("covidct: interrupted\n")
+    raise SystemExit(130) from None
 
 PROG = "covidct"
 PROGRESS_PREFIX = "PROGRESS "  # `--progress lines`: "PROGRESS <fraction> <stage>" (read by slicer_runtime)
@@ -43,6 +48,19 @@ boxes), gradcam.nrrd (heat map), lesions.mrk.json (boxes as ROIs); report.html i
 """
 
 
+class _OneLineErrors:
+    """argparse's errors as one line, like every other error: `covidct: error: <command>: <message>`, exit 2."""
+
+    def error(self, message: str):
+        command = self.prog[len(PROG):].strip()
+        where = f"{command}: " if command else ""
+        self.exit(UsageError.exit_code, f"{ERROR_PREFIX}{where}{message} (see `{self.prog} --help`)\n")
+
+
+class _Parser(_OneLineErrors, argparse.ArgumentParser):
+    pass
+
+
 def _exit_code_help() -> str:
     return "exit codes:\n" + "\n".join(f"  {code:>3}  {text}" for code, text in sorted(EXIT_CODES.items()))
 
@@ -67,7 +85,7 @@ def _add_analysis_options(p: argparse.ArgumentParser) -> None:
                    help="progress on stderr as a bar, or 'lines' on stdout as 'PROGRESS <fraction> <stage>' (for other programs)")
 
 
-class _CommandParser(argparse.ArgumentParser):
+class _CommandParser(_OneLineErrors, argparse.ArgumentParser):
     """A sub-command's parser; with `add_arguments` (a name in training/commands.py), its options are
     added, and the training package imported, only when that sub-command is parsed."""
 
@@ -85,8 +103,8 @@ class _CommandParser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=PROG, description=DESCRIPTION, epilog=_exit_code_help(),
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _Parser(prog=PROG, description=DESCRIPTION, epilog=_exit_code_help(),
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_CommandParser)
 
     p = sub.add_parser("analyze", help="analyse one chest CT volume", formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -99,17 +117,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("batch", help="analyse many cases: one result folder each and summary.csv",
                        description="Analyse every case in a folder (DICOM sub-folders and volume files) or listed in a CSV "
                                    "manifest with a 'path' column (optional 'case_id'). Bad cases are reported and skipped; "
-                                   "re-running skips cases already finished.", epilog=_exit_code_help(),
+                                   "re-running skips cases already finished. OUT/summary.csv: one row per case (status "
+                                   "done/skipped/failed, label, probabilities, result_folder, error). Exit code 9 when "
+                                   "some or all cases failed.", epilog=_exit_code_help(),
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("input", metavar="DIR_OR_MANIFEST")
     p.add_argument("--out", required=True, metavar="DIR")
     _add_analysis_options(p)
 
     p = sub.add_parser("score-images", help="class probabilities of 2-D slice images (PNG/JPG/DICOM)",
-                       description="Score single axial slices (already in a lung window if PNG/JPG). Writes a CSV: path, "
-                                   "then one probability column per class.", epilog=_exit_code_help(),
+                       description="Score single axial slices (already in a lung window if PNG/JPG), or every slice image "
+                                   "in a folder. Writes a CSV: path, then one probability column per class.", epilog=_exit_code_help(),
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("images", nargs="+", metavar="IMAGE")
+    p.add_argument("images", nargs="+", metavar="IMAGE_OR_FOLDER")
     p.add_argument("--out", required=True, metavar="CSV")
     _add_model_options(p)
 
@@ -165,8 +185,24 @@ def _slices(value: str):
     if value == "all":
         return "all"
     if not value.isdigit() or int(value) < 1:
-        raise CovidCTError(f"--slices must be 'all' or a positive number, not {value!r}")
+        raise UsageError(f"--slices must be 'all' or a positive number, not {value!r}")
     return int(value)
+
+
+def _check_series(args) -> None:
+    """--series picks one series of a DICOM folder; for a file it would be silently ignored."""
+    if args.series is not None and Path(args.input).is_file():
+        raise UsageError(f"--series picks a series of a DICOM folder; {args.input} is a file (leave --series out)")
+
+
+def _analysis_options(args) -> tuple:
+    """(slices, aggregate) after the usage checks, and the output folder checked: all before any work."""
+    from .outputs import check_writable
+
+    slices, aggregate = _slices(args.slices), _aggregate(args.aggregate)
+    _check_series(args)
+    check_writable(args.out, result_folder=args.command == "analyze")
+    return slices, aggregate
 
 
 def _aggregate(value: str) -> str:
@@ -197,7 +233,7 @@ def cmd_analyze(args) -> int:
     from .outputs import write_outputs
     from .result import UNTRAINED_WARNING
 
-    slices, aggregate = _slices(args.slices), _aggregate(args.aggregate)
+    slices, aggregate = _analysis_options(args)
     analyzer = _analyzer(args)
     progress = _Progress("none" if args.quiet and args.progress == "bar" else args.progress, Path(args.input).name)
     try:
@@ -217,7 +253,11 @@ def cmd_analyze(args) -> int:
 def cmd_batch(args) -> int:
     from .batch import SUMMARY_CSV, run_batch
 
-    slices, aggregate = _slices(args.slices), _aggregate(args.aggregate)
+    from .batch import find_cases
+    from .result import UNTRAINED_WARNING
+
+    slices, aggregate = _analysis_options(args)
+    find_cases(args.input)  # a missing input or bad manifest before the model is loaded
     analyzer = _analyzer(args)
 
     def report(outcome):
@@ -225,31 +265,63 @@ def cmd_batch(args) -> int:
             return
         detail = outcome.error if outcome.status == "failed" else _summary_line(outcome.report)
         print(f"{outcome.case.case_id}: {outcome.status}: {detail}", file=sys.stderr)
+        for warning in (outcome.report or {}).get("warnings", []) if outcome.status == "done" else []:
+            if warning != UNTRAINED_WARNING:
+                print(f"  warning: {warning}", file=sys.stderr)
 
     mode = "none" if args.quiet and args.progress == "bar" else args.progress
     outcomes = run_batch(analyzer, args.input, args.out, on_case=report, slices=slices, aggregate=aggregate,
-                         series_uid=args.series, progress=_Progress(mode if mode == "lines" else "none"))
+                         series_uid=args.series, progress=_Progress("lines") if mode == "lines" else None)
     failed = sum(o.status == "failed" for o in outcomes)
     if not args.quiet:
         print(f"{len(outcomes)} cases, {failed} failed; summary in {Path(args.out) / SUMMARY_CSV}"
               f"{_trust_line(analyzer.model_info)}", file=sys.stderr)
+    if failed:
+        print(f"{ERROR_PREFIX}{failed} of {len(outcomes)} cases failed (see {Path(args.out) / SUMMARY_CSV})", file=sys.stderr)
+        return BATCH_CASES_FAILED
     return 0
 
 
-def cmd_score_images(args) -> int:
-    from .pipeline import score_images
+def _slice_images(paths: list[str]) -> list[str]:
+    """The paths given, each folder replaced by its slice images (PNG, JPEG, BMP, DICOM; sorted), as batch takes folders."""
+    from .errors import UnreadableInputError
+    from .volume_io import DICOM_SUFFIXES, IMAGE_FORMATS
 
-    analyzer = _analyzer(args)
-    rows = score_images(analyzer, args.images)
+    images = []
+    for path in paths:
+        folder = Path(path)
+        if not folder.is_dir():
+            images.append(path)
+            continue
+        found = sorted(str(p) for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")
+                       and p.name.lower().endswith((*IMAGE_FORMATS, *DICOM_SUFFIXES)))
+        if not found:
+            raise UnreadableInputError(f"cannot read {folder}: no slice images in this folder (PNG, JPEG, BMP or DICOM "
+                                       f"files named {', '.join(('*' + s for s in (*IMAGE_FORMATS, *DICOM_SUFFIXES)))})")
+        images += found
+    return images
+
+
+def cmd_score_images(args) -> int:
+    from .outputs import check_writable
+    from .pipeline import score_images
+    from .result import PROBABILITY_DECIMALS
+
     out = Path(args.out)
+    if out.is_dir():
+        raise OutputError(f"cannot write {out}: it is a folder; --out is the CSV file to write")
+    check_writable(out, result_folder=False)
+    images = _slice_images(args.images)
+    analyzer = _analyzer(args)
+    rows = score_images(analyzer, images)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
         with os.fdopen(fd, "w", newline="") as f:
             writer = csv.writer(f)
             writer.writerow(["path", *analyzer.config.classes])
-            for path, probs in zip(args.images, rows):
-                writer.writerow([path, *(f"{probs[c]:.6f}" for c in analyzer.config.classes)])
+            for path, probs in zip(images, rows):
+                writer.writerow([path, *(f"{probs[c]:.{PROBABILITY_DECIMALS}f}" for c in analyzer.config.classes)])
         os.replace(tmp, out)
     except OSError as exc:
         raise OutputError(f"cannot write {out}: {exc.strerror or exc}") from exc
@@ -261,12 +333,13 @@ def cmd_score_images(args) -> int:
 def cmd_demo(args) -> int:
     import SimpleITK as sitk
 
-    from .outputs import write_outputs
+    from .outputs import check_writable, write_outputs
     from .phantom import make_demo_phantom
     from .pipeline import Analyzer
 
-    analyzer = Analyzer(_model_spec(args), args.device)
     out = Path(args.out)
+    check_writable(out, result_folder=False)
+    analyzer = Analyzer(_model_spec(args), args.device)
     phantom = make_demo_phantom()
     ct_path = out / "input" / "phantom-ct.nrrd"
     try:
@@ -293,8 +366,8 @@ COMMANDS = {"analyze": cmd_analyze, "batch": cmd_batch, "score-images": cmd_scor
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
     try:
+        args = build_parser().parse_args(argv)  # parsing `train` imports torch: Ctrl-C may come here too
         if args.command in COMMANDS:
             return COMMANDS[args.command](args)
         from .training import commands
@@ -305,7 +378,7 @@ def main(argv=None) -> int:
         return exc.exit_code
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
-        return 130
+        return INTERRUPTED
 
 
 if __name__ == "__main__":

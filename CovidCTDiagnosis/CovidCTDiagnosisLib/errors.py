@@ -60,6 +60,9 @@ class OutputError(CovidCTError):
     exit_code = 7
 
 
+BATCH_CASES_FAILED = 9  # `covidct batch`: it ran to the end, but some or all cases failed (see summary.csv)
+INTERRUPTED = 130  # Ctrl-C (128 + SIGINT, the shell's convention)
+
 EXIT_CODES = {
     0: "success",
     1: "internal error (a bug: please report it)",
@@ -71,11 +74,12 @@ EXIT_CODES = {
     ModelFileError.exit_code: "model file missing, corrupt, or not a compatible DRENet checkpoint",
     OutputError.exit_code: "output folder cannot be written",
     DeviceError.exit_code: "requested device not available (e.g. --device cuda without a CUDA GPU)",
-    130: "interrupted (Ctrl-C); nothing was written",
+    BATCH_CASES_FAILED: "batch: some or all cases failed (the others were analysed; summary.csv has each case's status and error)",
+    INTERRUPTED: "interrupted (Ctrl-C); nothing was written",
 }
 
 
 class AnalysisCancelled(CovidCTError):
     """The caller's cancel callback asked to stop; nothing was written."""
 
-    exit_code = 130
+    exit_code = INTERRUPTED

@@ -18,7 +18,7 @@ from os import PathLike
 import numpy as np
 import SimpleITK as sitk
 
-from .result import SliceResult
+from .result import WARNING_KEY, SliceResult
 from .segmentation_file import box_description, box_name, lesion_colors
 
 MARKUPS_SCHEMA = (
@@ -64,48 +64,56 @@ def roi_orientation(reference_image: sitk.Image) -> list[float]:
     return [float(v) for v in axes.ravel()]
 
 
-def write_lesion_markups(path: str | PathLike, slices: Sequence[SliceResult], reference_image: sitk.Image) -> None:
-    """Write every slice's boxes as locked ROI markups in `path` (.mrk.json, LPS)."""
+def write_lesion_markups(path: str | PathLike, slices: Sequence[SliceResult], reference_image: sitk.Image, *,
+                         warning: str | None = None) -> None:
+    """Write every slice's boxes as locked ROI markups in `path` (.mrk.json, LPS).
+
+    `warning` (an untrained network's note) goes into the document (`covidct_warning`) and into
+    every ROI's description (Slicer's node description)."""
     orientation = roi_orientation(reference_image)
     boxes = [(s.index, box) for s in slices for box in s.boxes]
     colors = lesion_colors([box.score for _, box in boxes])
     markups = []
     for (slice_index, box), color in zip(boxes, colors):
         center = [float(v) for v in box.center_lps]
-        markups.append(
-            {
-                "type": "ROI",
-                "name": box_name(slice_index, box.rank),
-                "coordinateSystem": COORDINATE_SYSTEM,
-                "coordinateUnits": "mm",
-                "locked": True,
-                "fixedNumberOfControlPoints": True,
-                "labelFormat": "%N-%d",
-                "lastUsedControlPointNumber": 1,
-                "roiType": "Box",
-                "insideOut": False,
-                "center": center,
-                "orientation": orientation,
-                "size": [float(v) for v in box.size_mm],
-                "controlPoints": [
-                    {
-                        "id": "1",
-                        "label": f"box {box.rank}",
-                        "description": box_description(box.score),
-                        "associatedNodeID": "",
-                        "position": center,
-                        "selected": True,
-                        "locked": True,
-                        "visibility": True,
-                        "positionStatus": "defined",
-                    }
-                ],
-                "measurements": [],
-                "display": {**_DISPLAY, "color": color, "selectedColor": color},
-            }
-        )
+        markup = {
+            "type": "ROI",
+            "name": box_name(slice_index, box.rank),
+            "coordinateSystem": COORDINATE_SYSTEM,
+            "coordinateUnits": "mm",
+            "locked": True,
+            "fixedNumberOfControlPoints": True,
+            "labelFormat": "%N-%d",
+            "lastUsedControlPointNumber": 1,
+            "roiType": "Box",
+            "insideOut": False,
+            "center": center,
+            "orientation": orientation,
+            "size": [float(v) for v in box.size_mm],
+            "controlPoints": [
+                {
+                    "id": "1",
+                    "label": f"box {box.rank}",
+                    "description": box_description(box.score),
+                    "associatedNodeID": "",
+                    "position": center,
+                    "selected": True,
+                    "locked": True,
+                    "visibility": True,
+                    "positionStatus": "defined",
+                }
+            ],
+            "measurements": [],
+            "display": {**_DISPLAY, "color": color, "selectedColor": color},
+        }
+        if warning:
+            markup["description"] = warning
+        markups.append(markup)
+    document = {"@schema": MARKUPS_SCHEMA, "markups": markups}
+    if warning:
+        document[WARNING_KEY] = warning
     with open(path, "w", encoding="utf-8") as f:
-        json.dump({"@schema": MARKUPS_SCHEMA, "markups": markups}, f, indent=2)
+        json.dump(document, f, indent=2)
 
 
 def read_lesion_markups(path: str | PathLike) -> list[LesionMarkup]:

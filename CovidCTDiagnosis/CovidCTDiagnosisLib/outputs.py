@@ -12,6 +12,7 @@ import json
 import os
 import secrets
 import shutil
+import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from os import PathLike
 from pathlib import Path
@@ -25,7 +26,7 @@ from . import geometry
 from .errors import OutputError
 from .html_report import render_html
 from .markups_file import write_lesion_markups
-from .result import REPORT_SCHEMA_VERSION, Result
+from .result import MM_DECIMALS, PROBABILITY_DECIMALS, REPORT_SCHEMA_VERSION, WARNING_KEY, Result, untrained_note
 from .segmentation_file import GZIP_LEVEL, write_lung_segmentation
 
 REPORT_JSON = "report.json"
@@ -56,12 +57,13 @@ def write_outputs(result: Result, ct_image: sitk.Image, out_dir: str | PathLike,
         staging.mkdir()  # honours the umask, unlike tempfile.mkdtemp's 0o700
         write_report_json(staging / REPORT_JSON, result)
         write_slices_csv(staging / SLICES_CSV, result)
-        write_lesion_markups(staging / LESIONS_MRK_JSON, result.slices, ct_image)
+        note = untrained_note(result.model)  # an untrained network: every file says it is not a diagnosis
+        write_lesion_markups(staging / LESIONS_MRK_JSON, result.slices, ct_image, warning=note)
         # the three slow writers mostly run in zlib and numpy, which release the GIL: overlap them
         with ThreadPoolExecutor(max_workers=3) as pool:
             jobs = [
-                pool.submit(write_lung_segmentation, staging / LUNGS_SEG_NRRD, result.lung_labels, result.slices),
-                pool.submit(write_volume_nrrd, staging / GRADCAM_NRRD, result.gradcam),
+                pool.submit(write_lung_segmentation, staging / LUNGS_SEG_NRRD, result.lung_labels, result.slices, warning=note),
+                pool.submit(write_volume_nrrd, staging / GRADCAM_NRRD, result.gradcam, warning=note),
                 pool.submit(lambda: (staging / REPORT_HTML).write_text(render_html(result, ct_image), encoding="utf-8")),
             ]
             for job in jobs:
@@ -73,6 +75,31 @@ def write_outputs(result: Result, ct_image: sitk.Image, out_dir: str | PathLike,
         if staging is not None and staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
     return out_dir
+
+
+def check_writable(target: str | PathLike, *, result_folder: bool = True) -> Path:
+    """OutputError at once, before any analysis, if the folder `target` cannot be written.
+
+    Refuses a path that is a file (or under one), a result folder holding other files than a
+    previous result (`result_folder`), and a place where nothing can be created (permissions, a
+    read-only file system): a probe folder is created and removed in the nearest existing folder.
+    Nothing is created. A full disk can still be found only while writing.
+    """
+    target = Path(os.path.realpath(target))
+    if result_folder:
+        _check_target(target, overwrite=True)
+    elif target.exists() and not target.is_dir():
+        raise OutputError(f"cannot write {target}: it exists and is not a folder")
+    place = target if target.is_dir() and not result_folder else target.parent  # a result folder is renamed in its parent
+    while not place.exists():
+        place = place.parent
+    if not place.is_dir():
+        raise OutputError(f"cannot write {target}: {place} is a file, not a folder")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=f".{target.name}.probe-", dir=place))
+    except OSError as exc:
+        raise OutputError(f"cannot write {target}: {exc.strerror or exc} ({place})") from exc
+    return target
 
 
 def read_report(out_dir: str | PathLike) -> dict[str, Any]:
@@ -111,27 +138,32 @@ def write_report_json(path: Path, result: Result) -> None:
 
 
 def write_slices_csv(path: Path, result: Result) -> None:
-    """One row per analysed slice: index, z_mm, lung_fraction, a probability per class, n_boxes, top_box_score."""
+    """One row per analysed slice: index, z_mm, lung_fraction, a probability per class, n_boxes,
+    top_box_score, note (empty, or for an untrained network that it is not a diagnosis)."""
     classes = list(result.model.classes)
+    note = untrained_note(result.model) or ""
+    p = PROBABILITY_DECIMALS
     with open(path, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
-        writer.writerow(["index", "z_mm", "lung_fraction", *classes, "n_boxes", "top_box_score"])
+        writer.writerow(["index", "z_mm", "lung_fraction", *classes, "n_boxes", "top_box_score", "note"])
         for s in result.slices:
             top_score = max((b.score for b in s.boxes), default=None)
             writer.writerow(
                 [
                     s.index,
-                    f"{s.z_mm:.3f}",
-                    f"{s.lung_fraction:.4f}",
-                    *(f"{s.probabilities[c]:.6f}" for c in classes),
+                    f"{s.z_mm:.{MM_DECIMALS}f}",
+                    f"{s.lung_fraction:.{p}f}",
+                    *(f"{s.probabilities[c]:.{p}f}" for c in classes),
                     len(s.boxes),
-                    "" if top_score is None else f"{top_score:.6f}",
+                    "" if top_score is None else f"{top_score:.{p}f}",
+                    note,
                 ]
             )
 
 
-def write_volume_nrrd(path: Path, image: sitk.Image) -> None:
-    """A scalar volume as float32 gzip NRRD, exactly the image's geometry (LPS).
+def write_volume_nrrd(path: Path, image: sitk.Image, *, warning: str | None = None) -> None:
+    """A scalar volume as float32 gzip NRRD, exactly the image's geometry (LPS); `warning` goes
+    into the header as `covidct_warning:=...`.
 
     pynrrd rather than sitk.WriteImage: ITK's NRRD writer ignores a full disk and leaves a
     truncated file, while Python's file I/O raises OSError(ENOSPC).
@@ -144,6 +176,8 @@ def write_volume_nrrd(path: Path, image: sitk.Image) -> None:
         "space origin": affine[:3, 3],
         "encoding": "gzip",
     }
+    if warning:
+        header[WARNING_KEY] = warning
     voxels_ijk = sitk.GetArrayViewFromImage(image).astype(np.float32, copy=False).transpose(2, 1, 0)
     nrrd.write(str(path), voxels_ijk, header, compression_level=GZIP_LEVEL)
 

@@ -119,8 +119,11 @@ class Analyzer:
         warnings = list(ct.loaded.info.notes) + prepared.warnings
         if not self.model_info.trained:
             warnings.insert(0, UNTRAINED_WARNING)
+        info = ct.loaded.info  # its path absolute, as model.file is
+        if info.path is not None:
+            info = replace(info, path=str(Path(info.path).resolve()))
         return Result(
-            input=ct.loaded.info,
+            input=info,
             model=self.model_info,
             device=str(self.scorer.device),
             patient=PatientResult(label=max(probs, key=probs.get), probabilities=probs, aggregation=aggregate),

@@ -20,6 +20,19 @@ UNTRAINED_WARNING = (
     "below is meaningless. This output is not a diagnosis."
 )
 
+UNTRAINED_NOTE = "UNTRAINED network (random weights): every value here is meaningless; not a diagnosis"  # in every output file
+WARNING_KEY = "covidct_warning"  # NRRD header key (key:=value) and markups JSON key holding UNTRAINED_NOTE
+
+# Decimals of the numbers in the CSV files (slices.csv, summary.csv, score-images); report.json and
+# lesions.mrk.json keep full precision (geometry that Slicer places exactly)
+PROBABILITY_DECIMALS = 4  # probabilities, box scores, lung fractions
+MM_DECIMALS = 2  # positions in mm (voxels are 0.1 mm or larger)
+
+
+def untrained_note(model: "ModelInfo") -> str | None:
+    """UNTRAINED_NOTE for an untrained model, None for a trained one."""
+    return None if model.trained else UNTRAINED_NOTE
+
 
 @dataclass
 class LesionBox:
@@ -108,7 +121,9 @@ class Result:
     ct: sitk.Image | None = field(default=None, repr=False)  # the analysed CT (HU, input geometry), for writing figures
 
     def to_report(self) -> dict[str, Any]:
-        """The JSON-ready report (schema REPORT_SCHEMA_VERSION, documented in docs/report-schema.md)."""
+        """The JSON-ready report (schema REPORT_SCHEMA_VERSION, documented in docs/report-schema.md).
+
+        Numbers keep full precision: the Slicer module's scene plan places boxes and slices from it."""
         report = {
             "schema_version": REPORT_SCHEMA_VERSION,
             "notice": RESEARCH_USE_ONLY,

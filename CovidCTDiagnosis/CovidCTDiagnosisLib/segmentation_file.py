@@ -16,7 +16,7 @@ import SimpleITK as sitk
 import slicerio
 
 from . import geometry
-from .result import LesionBox, SliceResult
+from .result import WARNING_KEY, LesionBox, SliceResult
 
 GZIP_LEVEL = 1  # a P001-sized volume (512x512x148) compresses in ~0.2 s per layer; level 9 is ~10x slower
 LUNG_LAYER = 0
@@ -110,8 +110,10 @@ def _assign_layers(boxes: Sequence[LesionBox]) -> list[tuple[int, int]]:
     return placement
 
 
-def write_lung_segmentation(path: str | PathLike, lung_labels: sitk.Image, slices: Sequence[SliceResult]) -> None:
-    """Write the lung labels (0 none, 1 right, 2 left) and every slice's boxes as `path` (.seg.nrrd)."""
+def write_lung_segmentation(path: str | PathLike, lung_labels: sitk.Image, slices: Sequence[SliceResult], *,
+                            warning: str | None = None) -> None:
+    """Write the lung labels (0 none, 1 right, 2 left) and every slice's boxes as `path` (.seg.nrrd);
+    `warning` (an untrained network's note) goes into the header as `covidct_warning:=...`."""
     labels_kji = sitk.GetArrayViewFromImage(lung_labels)
     boxes = [(s.index, box) for s in slices for box in s.boxes]
     placement = _assign_layers([box for _, box in boxes])
@@ -152,4 +154,6 @@ def write_lung_segmentation(path: str | PathLike, lung_labels: sitk.Image, slice
         "containedRepresentationNames": ["Binary labelmap"],
         "segments": segments,
     }
+    if warning:
+        segmentation[WARNING_KEY] = warning  # slicerio writes other keys as NRRD key:=value fields
     slicerio.write_segmentation(str(path), segmentation, compression_level=GZIP_LEVEL)

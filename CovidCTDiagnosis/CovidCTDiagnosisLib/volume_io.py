@@ -23,7 +23,8 @@ import numpy as np
 import SimpleITK as sitk
 
 from . import geometry
-from .errors import InputNotFoundError, NotACTError, UnreadableInputError
+from .errors import InputNotFoundError, NotACTError, UnreadableInputError, UsageError
+from .nifti_header import qform_sform_notes
 from .result import InputInfo
 
 VOLUME_FORMATS = {
@@ -548,7 +549,11 @@ def read_volume(source: str | Path | sitk.Image, series_uid: str | None = None) 
             image, uid, notes = _read_dicom_series(path, series_uid)
             fmt = "dicom"
         else:
+            if series_uid is not None:
+                raise UsageError(f"--series picks a series of a DICOM folder; {path} is a file (leave --series out)")
             image, fmt = _read_file(path)
+            if fmt == "nifti":
+                notes = qform_sform_notes(path, image)
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise NotACTError(
             f"not a CT: {image.GetNumberOfComponentsPerPixel()} values per voxel (a colour image?); a CT has one"

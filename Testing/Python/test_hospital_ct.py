@@ -164,7 +164,7 @@ def test_a_bug_in_one_case_fails_that_case_only(p001, tmp_path):
     outcomes = run_batch(Analyzer(), cases, tmp_path / "out")
     assert [o.status for o in outcomes] == ["failed", "failed"]
     assert "gantry tilt" in outcomes[0].error
-    assert outcomes[1].error == "internal error (a bug, please report it): ValueError: a bug over two lines"
+    assert outcomes[1].error == "internal error (a bug: please report it): ValueError: a bug over two lines"
     with open(tmp_path / "out" / "summary.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert [(r["case_id"], r["status"]) for r in rows] == [("a-sheared", "failed"), ("b-bug", "failed")]

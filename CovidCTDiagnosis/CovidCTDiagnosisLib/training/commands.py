@@ -10,9 +10,9 @@ import json
 from pathlib import Path
 
 from ..backbones import BACKBONES
-from ..errors import InputNotFoundError
+from ..errors import UsageError
 from .compare import COMPARISON_MD, PAPER_BASELINES
-from .train import BATCHNORM_MODES, TrainConfig, best_record, read_split, train
+from .train import BATCHNORM_MODES, TrainConfig, best_record, check_recipe, read_split, train
 
 DEFAULTS = TrainConfig()
 
@@ -69,11 +69,14 @@ def add_compare_arguments(parser: argparse.ArgumentParser) -> None:
                         help="folder: one run folder per model, comparison.json, comparison.md (re-run to resume)")
     parser.add_argument("--baselines", nargs="+", choices=BACKBONES, default=list(PAPER_BASELINES), metavar="BACKBONE",
                         help="plain classifiers to train beside DRENet (default: the paper's %(default)s; they need "
-                             "torchvision's ImageNet weights, downloaded once; efficientnet_lite0 works offline)")
+                             "torchvision's ImageNet weights in torch's cache (nothing is downloaded); efficientnet_lite0 works offline)")
 
 
 def _config(args) -> TrainConfig:
-    return TrainConfig(
+    """The recipe of the options, checked (UsageError) before any data is read or anything written."""
+    if not args.classes:
+        raise UsageError("--classes needs 2 or 3 class names, the disease first")
+    config = TrainConfig(
         backbone=args.backbone,
         classes=tuple(args.classes),
         positive_class=args.classes[0],
@@ -92,6 +95,8 @@ def _config(args) -> TrainConfig:
         max_minutes=args.max_minutes,
         threads=args.threads,
     )
+    check_recipe(config)
+    return config
 
 
 def run_train(args) -> int:
@@ -120,7 +125,7 @@ def run_evaluate(args) -> int:
     from .evaluate import SUMMARY_MD, evaluate, load_test_items
 
     if not (args.split or args.data):
-        raise InputNotFoundError("nothing to evaluate on: pass --data CSV and/or --split MODEL")
+        raise UsageError("nothing to evaluate on: pass --data CSV and/or --split MODEL")
     if args.split:
         classes = read_checkpoint(args.split)["config"]["classes"]
         data = load_test_items(args.split, classes, args.data)

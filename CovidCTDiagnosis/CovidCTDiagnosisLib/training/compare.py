@@ -20,7 +20,8 @@ from ..backbones import build_backbone
 from ..drenet import DRENetConfig
 from .datasets import load_split, prepare_set, read_labels, subset
 from .evaluate import evaluate
-from .train import BEST_PT, HISTORY_JSON, SPLIT_JSON, TrainConfig, best_record, continuation, holds_run, requested_recipe, train
+from .train import (BEST_PT, HISTORY_JSON, SPLIT_JSON, TrainConfig, best_record, check_recipe, continuation, holds_run,
+                    requested_recipe, train)
 
 COMPARISON_JSON = "comparison.json"
 COMPARISON_MD = "comparison.md"
@@ -45,6 +46,7 @@ def run_name(model: str, backbone: str) -> str:
 def compare(data, out_dir, config: TrainConfig, *, baselines=PAPER_BASELINES, extra_train=(), device="auto",
             progress=True) -> dict:
     """Train DRENet (config.backbone) and a plain classifier per name in `baselines`; test all on one split."""
+    check_recipe(config)
     runs = [("drenet", config.backbone)] + [("plain", b) for b in baselines]
     if config.pretrained:  # fail before hours of training, not after: fetch (or find cached) every ImageNet start
         for backbone in dict.fromkeys(b for _, b in runs):

@@ -80,16 +80,21 @@ def read_labels(csv_path, classes, training_only: bool = False) -> list[Labelled
     if not csv_path.is_file():
         raise InputNotFoundError(f"labels file not found: {csv_path}")
     with open(csv_path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    if not rows or not {"path", "label"} <= set(rows[0]):
+        reader = csv.DictReader(f)
+        rows = [(reader.line_num, row) for row in reader]  # the line each row ends on (1 is the header)
+    if not rows or not {"path", "label"} <= set(rows[0][1]):
         raise UnreadableInputError(f"{csv_path} needs a header with at least the columns path,label")
     items = []
-    for row in rows:
+    for line, row in rows:
         pid = (row.get("patient_id") or "").strip()
+        try:
+            label = canonical_label(row["label"] or "", classes)
+        except ValueError as exc:
+            raise UnreadableInputError(f"{csv_path} line {line}: {exc}") from None
         items.append(
             LabelledImage(
-                path=(csv_path.parent / row["path"]).resolve(),
-                label=canonical_label(row["label"], classes),
+                path=(csv_path.parent / (row["path"] or "")).resolve(),
+                label=label,
                 patient_id=None if training_only or not pid else f"{csv_path.parent.name}/{pid}",
             )
         )

@@ -81,6 +81,38 @@ class TrainConfig:
     extra_train: list = field(default_factory=list)  # training-only CSVs
 
 
+def check_recipe(cfg: TrainConfig) -> None:
+    """UsageError (one line, named as the command-line option) for a recipe that cannot train, before anything is done."""
+    from ..backbones import FEATURE_STRIDE
+
+    multiple = 2 * FEATURE_STRIDE  # DRENet's regions are half the input, seen at 1/32
+    problems = []
+    if cfg.input_size < multiple or cfg.input_size % multiple:
+        problems.append(f"--input-size must be a multiple of {multiple} (64, 128, 192, ...), not {cfg.input_size}")
+    if len(cfg.classes) != len(set(cfg.classes)) or not 2 <= len(cfg.classes) <= 3:
+        problems.append(f"--classes needs 2 or 3 different class names, the disease first (e.g. COVID-19 Non-COVID-19), "
+                        f"not {' '.join(cfg.classes) or 'none'}")
+    elif cfg.positive_class not in cfg.classes:
+        problems.append(f"the positive class {cfg.positive_class!r} is not one of --classes {' '.join(cfg.classes)}")
+    if cfg.epochs is not None and cfg.epochs < 1:
+        problems.append(f"--epochs must be at least 1, not {cfg.epochs}")
+    if cfg.batch_size < 1:
+        problems.append(f"--batch-size must be at least 1, not {cfg.batch_size}")
+    for option, value in (("--lr", cfg.lr), ("--backbone-lr-factor", cfg.backbone_lr_factor)):
+        if not value > 0:
+            problems.append(f"{option} must be positive, not {value:g}")
+    if not cfg.warmup_epochs >= 0:
+        problems.append(f"--warmup-epochs must be 0 or more, not {cfg.warmup_epochs:g}")
+    if not 0 < cfg.lr_decay_at <= 1:
+        problems.append(f"--lr-decay-at is a fraction of the epochs, above 0 and at most 1, not {cfg.lr_decay_at:g}")
+    if cfg.max_minutes is not None and not cfg.max_minutes > 0:
+        problems.append(f"--max-minutes must be positive, not {cfg.max_minutes:g}")
+    if cfg.threads < 1:
+        problems.append(f"--threads must be at least 1, not {cfg.threads}")
+    if problems:
+        raise UsageError("; ".join(problems))
+
+
 @dataclass
 class TrainResult:
     best_model: Path
@@ -253,6 +285,8 @@ def train(data, out_dir, config: TrainConfig | None = None, *, extra_train=(), r
 
     out = Path(out_dir)
     state = None
+    if config is not None:
+        check_recipe(config)
     if resume:
         requested, init = requested_recipe(config, data, extra_train, init) if config is not None else (None, None)
         cfg, init, state, planned_epochs = continuation(out, requested, init)
