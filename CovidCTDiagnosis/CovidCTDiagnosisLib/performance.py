@@ -27,6 +27,7 @@ def test_figures(evaluation: dict) -> dict:
         "ece_image_level": evaluation["calibration"]["ece"],
         "backbone_head_image_level": level(evaluation["backbone_head"]["image_level"]),
         "backbone_head_patient_level_mean": level(evaluation["backbone_head"]["patient_level"]["mean"]),
+        "ci95": evaluation.get("ci95", {}),
     }
 
 
@@ -34,8 +35,10 @@ def validated_performance(metadata: dict) -> dict | None:
     """The figures report.json carries as `model.performance`, or None when the file holds none.
 
     Returns: test_data (folder names of the labels CSVs split into train/validation/test),
-    patients and images tested, patient_auc (mean aggregation), image_auc, ece (image level,
-    10 bins), target_patient_auc and below_target.
+    patients and images tested, patient_auc (mean aggregation), image_auc, sensitivity and
+    specificity (patient level, at the label's threshold), ece (image level, 10 bins), ci95
+    ({figure: [low, high]}, bootstrap over patients; {} when not measured), target_patient_auc
+    and below_target.
     """
     test = metadata.get("test") or {}
     patient, image = test.get("patient_level_mean") or {}, test.get("image_level") or {}
@@ -47,7 +50,10 @@ def validated_performance(metadata: dict) -> dict | None:
         "images": image.get("n"),
         "patient_auc": patient["auc"],
         "image_auc": image.get("auc"),
+        "sensitivity": patient.get("recall"),
+        "specificity": patient.get("specificity"),
         "ece": test.get("ece_image_level"),
+        "ci95": test.get("ci95") or {},
         "target_patient_auc": TARGET_PATIENT_AUC,
         "below_target": patient["auc"] < TARGET_PATIENT_AUC,
     }
@@ -59,15 +65,21 @@ def performance_line(performance: dict | None) -> str:
         return f"{NO_FIGURES}: how often its labels are right is unknown"
     p = performance
 
-    def num(value) -> str:
-        return "n/a" if value is None else f"{value:.3f}"
+    def num(value, figure: str | None = None) -> str:
+        text = "n/a" if value is None else f"{value:.3f}"
+        interval = p.get("ci95", {}).get(figure)
+        return f"{text} (95 % CI {interval[0]:.3f}-{interval[1]:.3f})" if interval and value is not None else text
 
     where = f" of {', '.join(p['test_data'])}" if p["test_data"] else ""
     verdict = (f"BELOW the target of {p['target_patient_auc']:.2f}" if p["below_target"]
                else f"meets the target of {p['target_patient_auc']:.2f}")
+    operating = ""
+    if p.get("sensitivity") is not None:
+        operating = (f", at this label's threshold sensitivity {num(p['sensitivity'], 'patient_sensitivity')} and "
+                     f"specificity {num(p.get('specificity'), 'patient_specificity')}")
     return (f"validated on {p['patients']} held-out patients ({p['images']} images){where}: patient AUC "
-            f"{num(p['patient_auc'])} ({verdict}), image AUC {num(p['image_auc'])}, calibration error (ECE) "
-            f"{num(p['ece'])}; not validated on other data or scanners")
+            f"{num(p['patient_auc'], 'patient_auc')} ({verdict}){operating}, image AUC {num(p['image_auc'], 'image_auc')}, "
+            f"calibration error (ECE) {num(p['ece'])}; not validated on other data or scanners")
 
 
 def trust_sentence(performance: dict | None) -> str:

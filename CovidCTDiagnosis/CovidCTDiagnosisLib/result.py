@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk
 
-REPORT_SCHEMA_VERSION = "1.1"  # 1.1: model.performance
+REPORT_SCHEMA_VERSION = "1.2"  # 1.1: model.performance; 1.2: its sensitivity, specificity and ci95
 RESEARCH_USE_ONLY = "Research use only. Not for diagnosis or any clinical decision."
 UNTRAINED_WARNING = (
     "UNTRAINED NETWORK: the model's weights are random, so every probability, label and box "

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from CovidCTDiagnosisLib.performance import performance_line
 from CovidCTDiagnosisLib.checkpoint import load_model, read_checkpoint, resolve_model, save_checkpoint, untrained_model
 from CovidCTDiagnosisLib.drenet import DRENet, DRENetConfig
 from CovidCTDiagnosisLib.errors import ModelFileError
@@ -31,11 +32,15 @@ def test_validated_figures_come_from_the_file_and_are_not_an_ensembles(tmp_path,
 
     bare = save_checkpoint(tmp_path / "bare.pt", small_model, trained=True)
     assert load_model(bare)[1].performance is None
-    test = {"patient_level_mean": {"auc": 0.91, "n": 40}, "image_level": {"auc": 0.88, "n": 80}, "ece_image_level": 0.05}
+    test = {"patient_level_mean": {"auc": 0.91, "n": 40, "recall": 0.8, "specificity": 0.85}, "image_level": {"auc": 0.88, "n": 80},
+            "ece_image_level": 0.05, "ci95": {"patient_auc": [0.82, 0.97]}}
     path = save_checkpoint(tmp_path / "m.pt", small_model, trained=True, metadata={"test": test, "data": ["/x/site-a/labels.csv"]})
     figures = load_model(path)[1].performance
     assert figures == {"test_data": ["site-a"], "patients": 40, "images": 80, "patient_auc": 0.91, "image_auc": 0.88,
-                       "ece": 0.05, "target_patient_auc": 0.90, "below_target": False}
+                       "sensitivity": 0.8, "specificity": 0.85, "ece": 0.05, "ci95": {"patient_auc": [0.82, 0.97]},
+                       "target_patient_auc": 0.90, "below_target": False}
+    line = performance_line(figures)
+    assert "patient AUC 0.910 (95 % CI 0.820-0.970)" in line and "sensitivity 0.800 and specificity 0.850" in line
     assert Analyzer([path, bare], device="cpu").model_info.performance is None
 
 

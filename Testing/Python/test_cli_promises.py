@@ -303,7 +303,7 @@ def test_the_series_note_names_the_other_series(tmp_path, small_ct):  # noqa: F8
     write_dicom_series(small_ct, folder)
     write_dicom_series(small_ct[:, :, :10], folder, uid=OTHER_SERIES_UID, prefix="other")
     notes = [n for n in read_volume(folder).info.notes if "series found" in n]
-    assert len(notes) == 1 and f"analysed {SERIES_UID}" in notes[0] and f"{OTHER_SERIES_UID} (10 files)" in notes[0]
+    assert len(notes) == 1 and f"analysed {SERIES_UID}" in notes[0] and f"{OTHER_SERIES_UID} (10 images)" in notes[0]
 
 
 def test_batch_failures_exit_9_progress_names_the_case_and_result_folder_is_the_folder(tmp_path, ct_file, tiny_model, capsys):

@@ -14,7 +14,7 @@ from CovidCTDiagnosisLib.training.augment import augment, fill_blank, scanner_va
 from CovidCTDiagnosisLib.phantom import make_chest_phantom
 from CovidCTDiagnosisLib.slice_selection import DEFAULT_COUNT
 from CovidCTDiagnosisLib.training.datasets import LabelledImage, load_split, prepare_set, read_labels, split_by_patient, subset
-from CovidCTDiagnosisLib.training.evaluate import binary_metrics, compute_metrics, evaluate, load_test_items, reliability
+from CovidCTDiagnosisLib.training.evaluate import binary_metrics, bootstrap_intervals, compute_metrics, evaluate, load_test_items, reliability
 from CovidCTDiagnosisLib.training.losses import drenet_loss, ranking_loss
 from CovidCTDiagnosisLib.training.train import BATCHNORM_MODES, BEST_PT, HISTORY_JSON, SPLIT_JSON, TrainConfig, _lr_factor, read_split, train
 from CovidCTDiagnosisLib.training import compare as compare_module
@@ -92,6 +92,24 @@ def test_reliability_of_a_calibrated_score_is_near_zero():
     score = np.repeat([0.25, 0.75], 4)
     truth = np.array([1, 0, 0, 0, 1, 1, 1, 0])
     assert reliability(truth, score)["ece"] == pytest.approx(0.0)
+
+
+def test_bootstrap_intervals_resample_patients():
+    """Separable patients: every interval is [1, 1]. Uninformative scores: the AUC interval holds 0.5 and is wide.
+    Ten slices per patient count as one patient's evidence, not ten (the interval is as wide as with one slice)."""
+    classes = ["COVID-19", "Non-COVID-19"]
+    rng = np.random.default_rng(1)
+    labels = np.repeat([0] * 20 + [1] * 20, 10)
+    patients = np.repeat([f"p{i}" for i in range(40)], 10).tolist()
+    separable = np.where(labels == 0, 0.9, 0.1)
+    ci = bootstrap_intervals(labels, np.stack([separable, 1 - separable], 1), patients, classes, "COVID-19", resamples=300)
+    assert all(v == [1.0, 1.0] for v in ci.values()) and set(ci) == {"image_auc", "patient_auc", "patient_sensitivity", "patient_specificity"}
+    noise = np.repeat(rng.random(40), 10)
+    ci = bootstrap_intervals(labels, np.stack([noise, 1 - noise], 1), patients, classes, "COVID-19", resamples=300)
+    one = bootstrap_intervals(labels[::10], np.stack([noise, 1 - noise], 1)[::10], patients[::10], classes, "COVID-19", resamples=300)
+    low, high = ci["patient_auc"]
+    assert low < 0.5 < high and high - low > 0.25
+    assert ci["image_auc"] == pytest.approx(one["image_auc"])
 
 
 def test_fill_blank_keeps_the_lungs_and_fills_around_them():

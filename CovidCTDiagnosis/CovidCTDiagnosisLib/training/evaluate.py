@@ -5,7 +5,9 @@ patient by each method of aggregation.py (the mean, the paper's). Reported per c
 class against the rest) and macro-averaged; the positive class's numbers are the headline. F1 is
 the standard 2PR/(P+R); the paper's Eq. 5 defines "F1" as (P+R)/2, reported separately as
 `f1_paper_eq5` so the two are never confused. Several model files form an ensemble: their
-slice probabilities are averaged.
+slice probabilities are averaged. 95 % confidence intervals come from the percentile bootstrap
+over patients (Efron & Tibshirani 1993): patients are resampled, each with all its slices, so
+the slices of one patient never count as independent evidence.
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ SUMMARY_MD = "summary.md"
 ROC_PNG = "roc.png"
 CONFUSION_PNG = "confusion.png"
 RELIABILITY_PNG = "reliability.png"
+BOOTSTRAP_RESAMPLES = 2000
+CI_LEVEL = 0.95
 
 
 def _ratio(num: float, den: float) -> float | None:
@@ -100,6 +104,35 @@ def patient_probabilities(probs: np.ndarray, labels: np.ndarray, patients, class
         agg = aggregate(probs[idx], classes, positive_class, method)
         out_probs.append([agg[c] for c in classes])
     return ids, np.array(out_labels, np.int64), np.array(out_probs)
+
+
+def bootstrap_intervals(labels: np.ndarray, probs: np.ndarray, patients, classes, positive_class: str,
+                        resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0) -> dict:
+    """CI_LEVEL percentile intervals of the positive class's headline figures, patients resampled.
+
+    labels (N,) class indices, probs (N, n) slice probabilities, patients (N,) ids. Returns
+    {figure: [low, high]} for image_auc, patient_auc, patient_sensitivity and patient_specificity
+    (patient level: the mean aggregation; the operating point is the label's own, the class of
+    highest probability). A figure undefined in a resample (one class only) is left out of it.
+    """
+    pos = list(classes).index(positive_class)
+    ids, p_labels, p_probs = patient_probabilities(probs, labels, patients, classes, positive_class, "mean")
+    rows = {pid: np.flatnonzero(np.asarray(patients, dtype=object) == pid) for pid in ids}
+    p_truth, p_score, p_called = p_labels == pos, p_probs[:, pos], p_probs.argmax(1) == pos
+    rng = np.random.default_rng(seed)
+    draws = defaultdict(list)
+    for _ in range(resamples):
+        pick = rng.integers(0, len(ids), len(ids))
+        truth, score, called = p_truth[pick], p_score[pick], p_called[pick]
+        if truth.all() or not truth.any():
+            continue
+        draws["patient_auc"].append(roc_auc_score(truth, score))
+        draws["patient_sensitivity"].append(called[truth].mean())
+        draws["patient_specificity"].append((~called[~truth]).mean())
+        idx = np.concatenate([rows[ids[i]] for i in pick])
+        draws["image_auc"].append(roc_auc_score(labels[idx] == pos, probs[idx, pos]))
+    tail = 100 * (1 - CI_LEVEL) / 2
+    return {k: [float(v) for v in np.percentile(d, [tail, 100 - tail])] for k, d in sorted(draws.items())}
 
 
 def reliability(truth: np.ndarray, score: np.ndarray, bins: int = CALIBRATION_BINS) -> dict:
@@ -206,7 +239,10 @@ def _summary(result: dict) -> str:
             f"| {name} | {_fmt(p['auc'])} | {_fmt(p['recall'])} | {_fmt(p['precision'])} | {_fmt(p['specificity'])} "
             f"| {_fmt(p['f1'])} | {_fmt(p['f1_paper_eq5'])} | {_fmt(m['accuracy'])} |"
         )
-    lines += ["", f"Calibration (image level): ECE {result['calibration']['ece']:.3f} ({CALIBRATION_BINS} bins).", ""]
+    ci = result["ci95"]
+    lines += ["", f"{100 * CI_LEVEL:.0f} % confidence intervals (bootstrap over patients, {BOOTSTRAP_RESAMPLES} resamples): "
+              + "; ".join(f"{k.replace('_', ' ')} {lo:.3f}-{hi:.3f}" for k, (lo, hi) in ci.items()) + ".",
+              "", f"Calibration (image level): ECE {result['calibration']['ece']:.3f} ({CALIBRATION_BINS} bins).", ""]
     return "\n".join(lines)
 
 
@@ -266,6 +302,7 @@ def evaluate(models, data, out_dir, device: str = "auto", batch_size: int = EVAL
         **score_set(labels, probs, patients, classes, positive),
         "calibration": reliability(labels == pos, probs[:, pos]),
         "backbone_head": score_set(labels, backbone_probs, patients, classes, positive),
+        "ci95": bootstrap_intervals(labels, probs, patients, classes, positive),
     }
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
