@@ -16,7 +16,7 @@ from .errors import EXIT_CODES, CovidCTError, InputNotFoundError, OutputError
 from .outputs import check_writable, is_complete, read_report, write_outputs
 from .pipeline import Analyzer
 
-VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
+VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd", ".zip")  # .zip: a zipped DICOM folder
 SUMMARY_CSV = "summary.csv"
 
 

@@ -9,6 +9,8 @@ NO_DATA_BELOW_HU is no data, never air or tissue (`has_data`). Every failure is 
 
 from __future__ import annotations
 
+import tempfile
+import zipfile
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -23,7 +25,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from . import geometry
-from .errors import InputNotFoundError, NotACTError, UnreadableInputError, UsageError
+from .errors import CovidCTError, InputNotFoundError, NotACTError, UnreadableInputError, UsageError
 from .nifti_header import qform_sform_notes
 from .result import InputInfo
 
@@ -32,6 +34,9 @@ VOLUME_FORMATS = {
 }
 IMAGE_FORMATS = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".bmp": "bmp"}
 DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
+ZIP_SUFFIX = ".zip"  # a DICOM folder zipped, as PACS viewers export a study
+DICOMDIR = "DICOMDIR"  # the index file of a DICOM CD or PACS export (PS3.10); its folder is read
+MAX_ZIP_BYTES = 4 * 2**30  # unzipped: a MAX_VOLUME_SIZE CT of 16-bit voxels; more is refused before unzipping
 TAG_MODALITY = "0008|0060"
 TAG_IMAGE_TYPE = "0008|0008"
 TAG_GANTRY_TILT = "0018|1120"  # GantryDetectorTilt, degrees
@@ -442,16 +447,54 @@ def _choose_series(files: dict[str, list[str]]) -> tuple[str, str | None]:
     )
 
 
-def _read_dicom_series(folder: Path, series_uid: str | None) -> tuple[sitk.Image, str, list[str]]:
-    """The chosen series of a DICOM folder, its uid, and notes."""
+def _series_in(folder: Path) -> dict[str, list[str]]:
+    """The files of each DICOM series directly in `folder` (no subfolders)."""
     try:
         with _itk_warnings_off():
             uids = list(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
     except RuntimeError:
         uids = []
+    return {uid: list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid)) for uid in uids}
+
+
+def _dicom_files(folder: Path) -> dict[str, list[str]]:
+    """The files of each DICOM series in `folder`; when it holds none itself (a CD or PACS export:
+    a DICOMDIR beside folders of images), those of every folder below it, a series' files gathered
+    across folders."""
+    files = _series_in(folder)
+    if not files:
+        for sub in sorted(p for p in folder.rglob("*") if p.is_dir()):
+            for uid, names in _series_in(sub).items():
+                files.setdefault(uid, []).extend(names)
+    return files
+
+
+@contextmanager
+def _unzipped(path: Path) -> Iterator[Path]:
+    """A zipped DICOM folder, unzipped into a temporary folder removed afterwards; refused before
+    unzipping when it is not a zip file or would unzip to more than MAX_ZIP_BYTES."""
+    try:
+        archive = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError):
+        raise _unreadable(path, "not a readable zip file") from None
+    with archive, tempfile.TemporaryDirectory(prefix="covidct-zip-") as tmp:
+        size = sum(member.file_size for member in archive.infolist())
+        if size > MAX_ZIP_BYTES:
+            raise NotACTError(f"{path.name} would unzip to {size / 2**30:.1f} GiB, more than a chest CT's "
+                              f"{MAX_ZIP_BYTES / 2**30:.0f} GiB; not unzipped ({path})")
+        try:
+            archive.extractall(tmp)  # member names are made safe by zipfile: nothing lands outside tmp
+        except (zipfile.BadZipFile, OSError, RuntimeError) as exc:
+            raise _unreadable(path, f"the zip file cannot be unzipped ({type(exc).__name__})") from None
+        yield Path(tmp)
+
+
+def _read_dicom_series(folder: Path, series_uid: str | None) -> tuple[sitk.Image, str, list[str]]:
+    """The chosen series of a DICOM folder (or of the folders below it, `_dicom_files`), its uid, and notes."""
+    files = _dicom_files(folder)
+    uids = sorted(files)
     if not uids:
-        raise _unreadable(folder, "no DICOM series in this folder (empty, or not DICOM files)")
-    files = {uid: list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid)) for uid in uids}
+        raise _unreadable(folder, "no DICOM series in this folder or below it (empty, or not DICOM files)")
     notes = []
     if series_uid is not None:
         if series_uid not in files:
@@ -526,8 +569,10 @@ def _info(image: sitk.Image, path: Path | None, fmt: str, uid: str | None, notes
 
 
 def read_volume(source: str | Path | sitk.Image, series_uid: str | None = None) -> LoadedVolume:
-    """A CT from a DICOM folder, a volume file (.nii, .nii.gz, .nrrd, .nhdr, .mha, .mhd), a single
-    DICOM or 2-D image file, or an in-memory SimpleITK image; float32 HU in its own geometry.
+    """A CT from a DICOM folder (its files, or those in the folders below it, as on a CD with a
+    DICOMDIR, which may be given instead of its folder), a zipped DICOM folder (.zip), a volume file
+    (.nii, .nii.gz, .nrrd, .nhdr, .mha, .mhd), a single DICOM or 2-D image file, or an in-memory
+    SimpleITK image; float32 HU in its own geometry.
 
     Several DICOM series in a folder: the thin lung-kernel axial CT series (`_choose_series`, with a
     note), unless `series_uid` names one; its localizer images are left out (with a note). Raises InputNotFoundError, UnreadableInputError,
@@ -545,8 +590,15 @@ def read_volume(source: str | Path | sitk.Image, series_uid: str | None = None) 
         path = Path(source)
         if not path.exists():
             raise InputNotFoundError(f"input not found: {path}")
-        if path.is_dir():
-            image, uid, notes = _read_dicom_series(path, series_uid)
+        if path.is_dir() or path.name.upper() == DICOMDIR:
+            image, uid, notes = _read_dicom_series(path if path.is_dir() else path.parent, series_uid)
+            fmt = "dicom"
+        elif path.name.lower().endswith(ZIP_SUFFIX):
+            with _unzipped(path) as folder:
+                try:
+                    image, uid, notes = _read_dicom_series(folder, series_uid)
+                except CovidCTError as exc:  # name the zip file, not the temporary folder
+                    raise type(exc)(str(exc).replace(str(folder), str(path))) from None
             fmt = "dicom"
         else:
             if series_uid is not None:

@@ -10,7 +10,9 @@ from __future__ import annotations
 import csv
 import gzip
 import json
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -370,3 +372,72 @@ def test_thin_lung_kernel_series_is_preferred(p001, tmp_path):
         "use --series UID for another"
     ]
     assert read_volume(folder, series_uid=uid).image.GetSize()[2] == len(p001)
+
+
+# ---- 12. as PACS viewers and CDs export a study: folders below a DICOMDIR, a .zip -----------------
+
+
+def cd_export(p001, root):
+    """A CD-style export: a DICOMDIR beside DICOM/<study>/<series>/ folders; P001's slices split over two of them
+    (one series in two folders, as some exports write more than a folder's limit of files)."""
+    half = len(p001) // 2
+    write_series(root / "DICOM" / "ST000" / "SE000", p001[:half])
+    write_series(root / "DICOM" / "ST000" / "SE001", p001[half:], prefix="more")
+    (root / "DICOMDIR").write_bytes(b"\0" * 128 + b"DICM")  # its records are not needed: the folders are read
+    return root
+
+
+def assert_same_volume(loaded, clean):
+    assert np.array_equal(sitk.GetArrayViewFromImage(loaded.image), sitk.GetArrayViewFromImage(clean.image))
+    for get in ("GetOrigin", "GetSpacing", "GetDirection"):
+        assert getattr(loaded.image, get)() == pytest.approx(getattr(clean.image, get)(), abs=1e-6)
+
+
+def test_cd_export_is_read_from_its_folder_or_its_dicomdir(p001, tmp_path):
+    clean = read_volume(write_series(tmp_path / "clean", p001))
+    root = cd_export(p001, tmp_path / "cd")
+    for source in (root, root / "DICOMDIR"):
+        loaded = read_volume(source)
+        assert_same_volume(loaded, clean)
+        assert loaded.info.format == "dicom"
+
+
+def test_zipped_dicom_folder_is_read_and_its_errors_name_the_zip(p001, tmp_path, small_model, capfd):
+    import zipfile
+
+    clean = read_volume(write_series(tmp_path / "clean", p001))
+    root = cd_export(p001, tmp_path / "cd")
+    archive = tmp_path / "study.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        for f in sorted(root.rglob("*")):
+            if f.is_file():
+                z.write(f, f.relative_to(root))
+    loaded = read_volume(archive)
+    assert_same_volume(loaded, clean)
+    assert loaded.info.path == str(archive)
+    empty = tmp_path / "empty.zip"
+    with zipfile.ZipFile(empty, "w") as z:
+        z.writestr("readme.txt", "no images")
+    capfd.readouterr()
+    assert main(["analyze", str(empty), "--out", str(tmp_path / "out"), "--model", small_model, "--quiet"]) == 3
+    err = capfd.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and str(empty) in err and "covidct-zip-" not in err
+    (tmp_path / "broken.zip").write_bytes(b"PK\x03\x04 not really")
+    assert main(["analyze", str(tmp_path / "broken.zip"), "--out", str(tmp_path / "out"), "--model", small_model, "--quiet"]) == 3
+    assert "not a readable zip file" in capfd.readouterr().err
+
+
+def test_zip_larger_than_a_chest_ct_is_refused_before_unzipping(tmp_path, monkeypatch):
+    import zipfile
+
+    from CovidCTDiagnosisLib import volume_io
+
+    archive = tmp_path / "big.zip"
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("a.dcm", b"\0" * 3000)
+    monkeypatch.setattr(volume_io, "MAX_ZIP_BYTES", 2000)
+    before = set(Path(tempfile.gettempdir()).glob("covidct-zip-*"))
+    with pytest.raises(NotACTError, match="would unzip to .* not unzipped"):
+        read_volume(archive)
+    after = set(Path(tempfile.gettempdir()).glob("covidct-zip-*"))
+    assert after == before  # nothing left behind
