@@ -116,13 +116,15 @@ def _case_progress(progress: Callable[[str, float], None], case_id: str, n: int,
 
 
 def write_summary(outcomes: list[CaseOutcome], path: Path) -> None:
-    """One row per case: status, patient label and class probabilities, or the error."""
+    """One row per case: status, patient label and class probabilities, the measured involvement (% of both
+    lungs, ground-glass + consolidation) and the 6-zone CT severity score (0-30), or the error."""
     classes: list[str] = []
     for o in outcomes:
         for c in (o.report or {}).get("model", {}).get("classes", []):
             if c not in classes:
                 classes.append(c)
-    fields = ["case_id", "path", "status", "label", "aggregation", *classes, "trained_model", "result_folder", "error"]
+    fields = ["case_id", "path", "status", "label", "aggregation", *classes, "involved_percent", "severity_score",
+              "trained_model", "result_folder", "error"]
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         _write_rows(tmp, fields, outcomes, path.parent)
@@ -143,4 +145,7 @@ def _write_rows(tmp: Path, fields: list[str], outcomes: list[CaseOutcome], out_d
                 row.update(label=patient["label"], aggregation=patient["aggregation"], trained_model=o.report["model"]["trained"])
                 row.update({c: f"{p:.4f}" for c, p in patient["probabilities"].items()})
                 row["result_folder"] = str(out_dir / o.case.case_id)
+                severity = o.report.get("severity")  # absent in reports of schema < 1.3
+                if severity:
+                    row.update(involved_percent=f"{severity['lungs']['both']['involved_percent']:.2f}", severity_score=severity["score"])
             writer.writerow(row)

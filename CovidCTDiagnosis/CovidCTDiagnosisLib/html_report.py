@@ -20,6 +20,7 @@ from .bundled_model import MODEL_CARD_FILE
 from .performance import trust_sentence
 from .result import RESEARCH_USE_ONLY, UNTRAINED_WARNING, Result
 from .segmentation_file import lesion_colors
+from .severity import CONSOLIDATION_HU, GROUND_GLASS_HU, METHOD, SCORE_NAME
 
 LUNG_WINDOW_LEVEL = -700  # HU
 LUNG_WINDOW_WIDTH = 1500  # HU
@@ -50,7 +51,9 @@ figure img { max-width: 100%; }
 figcaption { color: #555; font-size: 0.9em; }
 .warnings li { color: #8a4b00; }
 code { font-size: 0.9em; word-break: break-all; }
+.zones td { width: 9em; height: 3.2em; text-align: center; }
 """
+ZONE_SCORE_COLORS = ("#f4f4f4", "#fde9b8", "#f9c46b", "#f09a45", "#de5b2b", "#b3211b")  # score 0 .. 5
 
 
 def render_html(result: Result, ct_image: sitk.Image) -> str:
@@ -64,6 +67,7 @@ def render_html(result: Result, ct_image: sitk.Image) -> str:
         f'<p class="notice">{escape(RESEARCH_USE_ONLY)}</p>',
         _patient_section(result),
         _warnings_section(result),
+        _severity_section(result),
         _figure_section(result, ct_image),
         _slices_section(result),
         _details_section(result),
@@ -120,6 +124,41 @@ def _warnings_section(result: Result) -> str:
         return ""
     items = "".join(f"<li>{escape(w)}</li>" for w in shown)
     return f'<h2>Warnings</h2><ul class="warnings">{items}</ul>'
+
+
+def _severity_section(result: Result) -> str:
+    """Measured involvement: a table per lung and a 3 x 2 picture of the zones (patient's right on the left)."""
+    sev = result.severity
+    if sev is None:
+        return ""
+    lung_rows = "".join(
+        f"<tr><td>{name}</td>" + "".join(f'<td class="num">{v:.1f}</td>' for v in (
+            m.lung_ml, m.ground_glass_ml, m.ground_glass_percent, m.consolidation_ml, m.consolidation_percent, m.involved_percent))
+        + "</tr>"
+        for name, m in sev.lungs.items()
+    )
+    zones = {(z.lung, z.zone): z for z in sev.zones}
+    cells = "".join(
+        "<tr>" + "".join(
+            f'<td style="background:{ZONE_SCORE_COLORS[zones[lung, zone].score]}">{lung} {zone}<br>'
+            f"{zones[lung, zone].involved_percent:.1f} %: <b>{zones[lung, zone].score}</b></td>"
+            if (lung, zone) in zones else "<td></td>"
+            for lung in ("right", "left")
+        ) + "</tr>"
+        for zone in ("upper", "middle", "lower")
+    )
+    coverage = "".join(f'<p class="trust">{escape(n)}</p>' for n in sev.notes)
+    return (
+        "<h2>Lung involvement (measured from HU, not predicted)</h2>"
+        f'<p class="verdict">{sev.score} / 30</p><p>{escape(SCORE_NAME)}: each zone (thirds of each lung\'s height) '
+        "scores 0 (none), 1 (&lt; 5 %), 2 (5-25 %), 3 (26-50 %), 4 (51-75 %) or 5 (&gt; 75 %) by the share of it "
+        f"involved. Bands: ground-glass {GROUND_GLASS_HU[0]:g} to {GROUND_GLASS_HU[1]:g} HU, consolidation "
+        f"{CONSOLIDATION_HU[0]:g} to {CONSOLIDATION_HU[1]:g} HU; {escape(METHOD)}.</p>{coverage}"
+        "<table><tr><th>lung</th><th>volume (mL)</th><th>ground-glass (mL)</th><th>(%)</th><th>consolidation (mL)</th>"
+        f"<th>(%)</th><th>involved (%)</th></tr>{lung_rows}</table>"
+        f'<figure><table class="zones">{cells}</table><figcaption>Zones, as on an axial image: the patient\'s right on '
+        "the left; involved share and score per zone.</figcaption></figure>"
+    )
 
 
 def _figure_section(result: Result, ct_image: sitk.Image) -> str:

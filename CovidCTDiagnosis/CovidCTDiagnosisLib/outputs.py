@@ -1,4 +1,4 @@
-"""The result folder: report.json, slices.csv, lungs.seg.nrrd, gradcam.nrrd, lesions.mrk.json, report.html.
+"""The result folder: report.json, slices.csv, lungs.seg.nrrd, severity.seg.nrrd, gradcam.nrrd, lesions.mrk.json, report.html.
 
 Written atomically: everything goes into a hidden sibling folder that is renamed into place only
 once complete, so a result folder is either the previous one or the new one, never a mixture.
@@ -27,7 +27,7 @@ from .errors import OutputError
 from .html_report import render_html
 from .markups_file import write_lesion_markups
 from .result import MM_DECIMALS, PROBABILITY_DECIMALS, REPORT_SCHEMA_VERSION, WARNING_KEY, Result, untrained_note
-from .segmentation_file import GZIP_LEVEL, write_lung_segmentation
+from .segmentation_file import GZIP_LEVEL, write_lung_segmentation, write_severity_segmentation
 
 REPORT_JSON = "report.json"
 SLICES_CSV = "slices.csv"
@@ -35,7 +35,8 @@ LUNGS_SEG_NRRD = "lungs.seg.nrrd"
 GRADCAM_NRRD = "gradcam.nrrd"
 LESIONS_MRK_JSON = "lesions.mrk.json"
 REPORT_HTML = "report.html"
-OUTPUT_FILES = (REPORT_JSON, SLICES_CSV, LUNGS_SEG_NRRD, GRADCAM_NRRD, LESIONS_MRK_JSON, REPORT_HTML)
+SEVERITY_SEG_NRRD = "severity.seg.nrrd"
+OUTPUT_FILES = (REPORT_JSON, SLICES_CSV, LUNGS_SEG_NRRD, SEVERITY_SEG_NRRD, GRADCAM_NRRD, LESIONS_MRK_JSON, REPORT_HTML)
 _GRID_TOLERANCE = 1e-4  # mm (origin, spacing) and direction cosines
 
 
@@ -48,7 +49,11 @@ def write_outputs(result: Result, ct_image: sitk.Image, out_dir: str | PathLike,
     propagate unchanged.
     """
     out_dir = Path(os.path.realpath(out_dir))  # "." and symlinks become the real folder, renamed as a whole
-    _check_same_grid(ct_image, result.lung_labels, result.gradcam)
+    severity_labels = result.severity_labels
+    if severity_labels is None:  # not measured (a result built by hand): an empty segmentation on the lungs' grid
+        severity_labels = sitk.Image(result.lung_labels.GetSize(), sitk.sitkUInt8)
+        severity_labels.CopyInformation(result.lung_labels)
+    _check_same_grid(ct_image, result.lung_labels, result.gradcam, severity_labels)
     staging = None
     try:
         _check_target(out_dir, overwrite)
@@ -62,6 +67,7 @@ def write_outputs(result: Result, ct_image: sitk.Image, out_dir: str | PathLike,
         # the three slow writers mostly run in zlib and numpy, which release the GIL: overlap them
         with ThreadPoolExecutor(max_workers=3) as pool:
             jobs = [
+                pool.submit(write_severity_segmentation, staging / SEVERITY_SEG_NRRD, severity_labels, warning=note),
                 pool.submit(write_lung_segmentation, staging / LUNGS_SEG_NRRD, result.lung_labels, result.slices, warning=note),
                 pool.submit(write_volume_nrrd, staging / GRADCAM_NRRD, result.gradcam, warning=note),
                 pool.submit(lambda: (staging / REPORT_HTML).write_text(render_html(result, ct_image), encoding="utf-8")),
@@ -119,7 +125,7 @@ def read_report(out_dir: str | PathLike) -> dict[str, Any]:
 
 
 def is_complete(out_dir: str | PathLike) -> bool:
-    """Whether `out_dir` holds every result file and a readable report.json (batch re-runs skip it)."""
+    """Whether `out_dir` holds every result file (folders written before severity.seg.nrrd existed do not) and a readable report.json (batch re-runs skip it)."""
     out_dir = Path(out_dir)
     if not all((out_dir / name).is_file() for name in OUTPUT_FILES):
         return False
@@ -209,7 +215,7 @@ def _check_same_grid(reference: sitk.Image, *images: sitk.Image) -> None:
             and np.allclose(image.GetDirection(), reference.GetDirection(), atol=_GRID_TOLERANCE)
         )
         if not same:
-            raise ValueError("lung labels / Grad-CAM are not on the CT's voxel grid")
+            raise ValueError("lung labels / Grad-CAM / severity labels are not on the CT's voxel grid")
 
 
 def _sibling(out_dir: Path, tag: str) -> Path:

@@ -1,7 +1,7 @@
 """The whole analysis of one chest CT, as a Python API: `Analyzer(...).analyze(path_or_image)`.
 
 Stages: read -> lungs -> choose slices -> prepare input (all four in `preparation.prepare_ct`,
-shared with training) -> DRENet -> Grad-CAM -> map back to
+shared with training) -> severity (measured from HU, `severity.measure_severity`) -> DRENet -> Grad-CAM -> map back to
 the input's voxels and patient coordinates -> aggregate. Nothing is printed and nothing global
 is kept: an `Analyzer` holds one loaded model and can be reused for many cases. Writing files
 is separate (`outputs.write_outputs`).
@@ -23,8 +23,9 @@ from . import aggregation, geometry
 from .checkpoint import check_ensemble, resolve_model
 from .errors import AnalysisCancelled
 from .inference import SliceScorer
-from .preparation import prepare_ct
+from .preparation import PARTIAL_COVERAGE, prepare_ct
 from .preprocessing import CropTransform
+from .severity import measure_severity
 from .result import UNTRAINED_WARNING, LesionBox, ModelInfo, PatientResult, Result, SliceResult
 from .slice_selection import lung_fraction
 
@@ -87,6 +88,13 @@ class Analyzer:
         image, oriented, hu, mask = ct.loaded.image, ct.oriented, ct.hu, lungs.mask
         fractions = lung_fraction(lungs.area_mm2)
         positive = cfg.classes.index(cfg.positive_class)
+        mapper = _BoxMapper(oriented, image)
+        with stage("severity", 0.4):  # measured from HU, independent of the network
+            partial = any(w.startswith(PARTIAL_COVERAGE) for w in prepared.warnings)
+            z_mm = np.array([mapper.slice_z(k) for k in range(hu.shape[0])])
+            severity = measure_severity(hu, lungs, z_mm, partial_coverage=partial)
+            severity_labels = geometry.to_original_grid(severity.labels, oriented, image)
+            severity.labels = severity.slice_involved_ml = None  # the file's labels are severity_labels
         with stage("network", 0.9):
             scores = self.scorer.score(batch, explain_class=positive)
             if self.ensemble:  # an ensemble averages its members' slice probabilities; boxes and heat are the first model's
@@ -98,7 +106,6 @@ class Analyzer:
                 heat[k] = _cam_to_slice(scores.cams[n], crops[n], hu.shape[1:]) * mask[k]
             gradcam = geometry.to_original_grid(heat, oriented, image)
             lung_labels = geometry.to_original_grid(lungs.labels, oriented, image)
-            mapper = _BoxMapper(oriented, image)
             slice_results = [
                 SliceResult(
                     index=mapper.slice_index(k),
@@ -135,6 +142,8 @@ class Analyzer:
             gradcam=gradcam,
             warnings=warnings,
             ct=image,
+            severity=severity,
+            severity_labels=severity_labels,
         )
 
 

@@ -30,6 +30,7 @@ MIN_ANALYSABLE_LUNG_ML = 500.0
 # A full scan's first and last slices hold at most 2 % of the largest slice's lung area; a scan
 # cut through the lungs 97 % or more.
 EDGE_LUNG_FRACTION = 0.25
+PARTIAL_COVERAGE = "partial lung coverage"  # the coverage warning starts so (severity.py says it too)
 # 2-D images: lung_mask_2d must find lung on at least this fraction of the image's pixels.
 MIN_LUNG_FRACTION_2D = 0.05
 
@@ -105,7 +106,7 @@ def check_coverage(lungs: Lungs) -> list[str]:
         return []
     extent_mm = np.count_nonzero(area) * lungs.spacing_ijk[2]
     return [
-        f"partial lung coverage: the scan ends inside the lungs at its {' and its '.join(cut)}; "
+        f"{PARTIAL_COVERAGE}: the scan ends inside the lungs at its {' and its '.join(cut)}; "
         f"only the scanned {volume_ml / 1000:.1f} L of lung over {extent_mm:.0f} mm was analysed"
     ]
 

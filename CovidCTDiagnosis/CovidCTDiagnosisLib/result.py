@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk
 
-REPORT_SCHEMA_VERSION = "1.2"  # 1.1: model.performance; 1.2: its sensitivity, specificity and ci95
+REPORT_SCHEMA_VERSION = "1.3"  # 1.1: model.performance; 1.2: its sensitivity, specificity and ci95; 1.3: severity
 RESEARCH_USE_ONLY = "Research use only. Not for diagnosis or any clinical decision."
 UNTRAINED_WARNING = (
     "UNTRAINED NETWORK: the model's weights are random, so every probability, label and box "
@@ -119,6 +119,8 @@ class Result:
     gradcam: sitk.Image = field(repr=False)  # float32 in [0, 1], input geometry, 0 where not analysed
     warnings: list[str] = field(default_factory=list)
     ct: sitk.Image | None = field(default=None, repr=False)  # the analysed CT (HU, input geometry), for writing figures
+    severity: Any = None  # severity.Severity: measured ground-glass / consolidation and the 6-zone score; None: not measured
+    severity_labels: sitk.Image | None = field(default=None, repr=False)  # uint8, input geometry: 0, 1 ground-glass, 2 consolidation
 
     def to_report(self) -> dict[str, Any]:
         """The JSON-ready report (schema REPORT_SCHEMA_VERSION, documented in docs/report-schema.md).
@@ -136,6 +138,7 @@ class Result:
             "top_slices": list(self.top_slices),
             "timings": dict(self.timings),
             "warnings": list(self.warnings),
+            "severity": None if self.severity is None else self.severity.to_report(),
         }
         return _to_json_types(report)
 
