@@ -482,7 +482,8 @@ class CovidCTDiagnosisLogic(ScriptedLoadableModuleLogic):
         heatArray = np.ascontiguousarray(heatToScene.array(sitk.GetArrayViewFromImage(heatImage)))
 
         shNode = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(slicer.mrmlScene)
-        parentItem = shNode.GetItemParent(shNode.GetItemByDataNode(volumeNode)) if volumeNode else shNode.GetSceneItemID()
+        volumeItem = shNode.GetItemByDataNode(volumeNode) if volumeNode else 0
+        parentItem = shNode.GetItemParent(volumeItem) if volumeItem else shNode.GetSceneItemID()
         previous = shNode.GetItemChildWithName(parentItem, plan.folder_name)
         if previous:
             shNode.RemoveItem(previous)
@@ -504,8 +505,12 @@ class CovidCTDiagnosisLogic(ScriptedLoadableModuleLogic):
         transformID = volumeNode.GetTransformNodeID() if volumeNode else None
         for node in [segmentation, heat, *rois]:
             node.SetAndObserveTransformNodeID(transformID)
-        for node in [segmentation, heat, table, *rois]:
-            shNode.SetItemParent(shNode.GetItemByDataNode(node), folderItem)
+        for node in [segmentation, heat, table, *rois]:  # Slicer's subject-hierarchy plugins (Qt) make items for new
+            item = shNode.GetItemByDataNode(node)       # nodes; without them (a bare MRML scene) make them here
+            if item:
+                shNode.SetItemParent(item, folderItem)
+            else:
+                shNode.CreateItem(folderItem, node)
         background = volumeNode if volumeNode else "keep-current"
         slicer.util.setSliceViewerLayers(background=background, foreground=heat, foregroundOpacity=DEFAULT_HEAT_OPACITY)
         self.shownResults = ShownResults(plan, folderItem, segmentation, heat, table, rois)
@@ -515,7 +520,8 @@ class CovidCTDiagnosisLogic(ScriptedLoadableModuleLogic):
         """Centre every slice view on the analysed slice in row `rowIndex` of the results' table."""
         world = [0.0, 0.0, 0.0]
         results.heat.TransformPointToWorld(results.plan.rows[rowIndex].center_ras, world)
-        slicer.modules.markups.logic().JumpSlicesToLocation(world[0], world[1], world[2], True)
+        # What Markups' JumpSlicesToLocation(..., centered=True) does, without needing the application's module logics.
+        slicer.vtkMRMLSliceNode.JumpAllSlices(slicer.mrmlScene, *world, slicer.vtkMRMLSliceNode.CenteredJumpSlice)
 
     @staticmethod
     def _checkAggregate(aggregate):
@@ -539,8 +545,15 @@ class CovidCTDiagnosisLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def _addSegmentation(path, plan):
-        segmentationNode = slicer.util.loadSegmentation(path)
-        segmentationNode.SetName(plan.segmentation_name)
+        """Read `path` through Slicer's segmentation storage node (what the application's reader uses; needs no
+        application, so the Logic also runs on a bare MRML scene), then name, colour and tag the planned segments."""
+        segmentationNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", plan.segmentation_name)
+        storageNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationStorageNode")
+        storageNode.SetFileName(path)
+        segmentationNode.SetAndObserveStorageNodeID(storageNode.GetID())
+        if not storageNode.ReadData(segmentationNode):
+            raise ValueError(_("{path} cannot be read as a segmentation.").format(path=path))
+        segmentationNode.CreateDefaultDisplayNodes()
         segmentation = segmentationNode.GetSegmentation()
         display = segmentationNode.GetDisplayNode()
         for planned in plan.segments:

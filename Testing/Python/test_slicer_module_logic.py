@@ -113,8 +113,7 @@ def test_load_results_builds_the_planned_nodes_under_the_volume_transform(module
     plan = plan_scene(result, "CT")
     slicer = module.fakeSlicer
     volume = _volume(plan.geometry.ijk_to_ras(), plan.geometry.size)
-    segmentation = slicer.util.loadSegmentation.return_value
-    segmentation.GetSegmentation.return_value.GetSegment.return_value = mock.MagicMock()
+    segmentation = slicer.mrmlScene.AddNewNodeByClass.return_value  # the stand-in scene's one node of every class
     shown = module.CovidCTDiagnosisLogic().loadResults(str(folder), volume)
 
     array, matrix, name = slicer.util.addVolumeFromArray.call_args.args
@@ -154,7 +153,7 @@ def test_load_results_over_the_right_handed_volume_slicer_reads_from_a_left_hand
     slicer_matrix = slicer_right_handed(on_file.ijk_to_ras(), on_file.size)
     assert np.linalg.det(slicer_matrix[:3, :3]) > 0 > np.linalg.det(on_file.ijk_to_ras()[:3, :3])
     slicer = module.fakeSlicer
-    segment = slicer.util.loadSegmentation.return_value.GetSegmentation.return_value.GetSegment.return_value
+    segment = slicer.mrmlScene.AddNewNodeByClass.return_value.GetSegmentation.return_value.GetSegment.return_value
     shown = module.CovidCTDiagnosisLogic().loadResults(str(folder), _volume(slicer_matrix, on_file.size))
 
     array, matrix, _ = slicer.util.addVolumeFromArray.call_args.args
@@ -207,7 +206,8 @@ def test_load_results_without_a_volume_and_jump_to_slice(module, result_folder):
     shown.heat.TransformPointToWorld.side_effect = lambda local, world: world.__setitem__(slice(None), [v + 1 for v in local])
     logic.jumpToSlice(shown, 1)
     expected = [v + 1 for v in shown.plan.rows[1].center_ras]
-    assert list(slicer.modules.markups.logic.return_value.JumpSlicesToLocation.call_args.args) == [*expected, True]
+    jump = slicer.vtkMRMLSliceNode.JumpAllSlices.call_args.args
+    assert jump == (slicer.mrmlScene, *expected, slicer.vtkMRMLSliceNode.CenteredJumpSlice)
 
 
 def test_dependencies_are_installed_only_after_asking(module, monkeypatch):

@@ -1,0 +1,217 @@
+"""The module's Logic on Slicer's real MRML: the pip package `slicer-core` (Slicer's C++ core: vtkMRMLScene, node
+classes, storage nodes) with Slicer's own pure-Python modules from ../shared/slicer-api/python (never copied here).
+
+The engine analyses the synthetic phantom (a tiny untrained DRENet, fast) on an identity, an oblique and an oblique
+left-handed grid; its CT is read into the scene by Slicer's volume reader (vtkMRMLVolumeArchetypeStorageNode, which
+makes a left-handed grid right-handed), and `loadResults` puts the result folder over it. Every output file is read
+back through Slicer's storage nodes and compared with what the engine wrote. Frames: report.json and the files are
+LPS, the scene RAS; IJK is the CT's voxel grid as Slicer holds it.
+
+Stand-ins, the only ones (Slicer has no Qt here): the modules `qt` and `ctk` (MagicMocks; Slicer's
+ScriptedLoadableModule and parameterNodeWrapper import them at load) and the Qt widget classes that
+parameterNodeWrapper names at load (QT_WIDGET_CLASSES, empty classes put on `slicer`). No `slicer.app`: loadResults
+and jumpToSlice do not need it.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from unittest import mock
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+pytest.importorskip("slicer_core", reason="slicer-core (Slicer's MRML; Python >= 3.10, Linux/Windows/macOS arm64) is not installed")
+import slicer  # noqa: E402  (slicer-core's package)
+import vtk  # noqa: E402
+
+from CovidCTDiagnosisLib import outputs  # noqa: E402
+from CovidCTDiagnosisLib.checkpoint import save_checkpoint  # noqa: E402
+from CovidCTDiagnosisLib.drenet import DRENet, DRENetConfig  # noqa: E402
+from CovidCTDiagnosisLib.phantom import make_chest_phantom  # noqa: E402
+from CovidCTDiagnosisLib.pipeline import Analyzer  # noqa: E402
+from CovidCTDiagnosisLib.scene_plan import LPS_TO_RAS, folder_name, plan_scene  # noqa: E402
+from helpers_results import left_handed_oblique_direction, oblique_direction, slicer_right_handed  # noqa: E402
+from slicer_stand_ins import load_module_file  # noqa: E402
+from test_slicer_module_files import MODULE_FILE  # noqa: E402
+from test_slicer_module_logic import SLICER_PYTHON  # noqa: E402
+
+QT_WIDGET_CLASSES = ["qMRMLNodeComboBox", "qMRMLRangeWidget", "qMRMLSliderWidget", "qMRMLSpinBox", "qMRMLUtils",
+                     "qMRMLWidget", "qSlicerWidget"]
+GRIDS = {"phantom": None, "oblique": oblique_direction(), "oblique left-handed": left_handed_oblique_direction()}
+TILT = np.array([[1.0, 0.0, 0.0, 10.0], [0.0, 0.94, -0.342, -20.0], [0.0, 0.342, 0.94, 30.0], [0.0, 0.0, 0.0, 1.0]])
+
+
+@pytest.fixture(scope="module")
+def module():
+    """The module file imported against slicer-core and Slicer's own ScriptedLoadableModule, i18n, parameterNodeWrapper."""
+    if not (SLICER_PYTHON / "slicer" / "ScriptedLoadableModule.py").is_file():
+        pytest.skip(f"Slicer's Python modules are not at {SLICER_PYTHON}")
+    before = set(sys.modules)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(sys.modules, "qt", mock.MagicMock(name="qt"))
+        patch.setitem(sys.modules, "ctk", mock.MagicMock(name="ctk"))
+        patch.setattr(slicer, "__path__", [*slicer.__path__, str(SLICER_PYTHON / "slicer")])
+        for name in QT_WIDGET_CLASSES:
+            patch.setattr(slicer, name, type(name, (), {}), raising=False)
+        yield load_module_file(MODULE_FILE, "CovidCTDiagnosisOnMRML")
+    for name in set(sys.modules) - before:  # Slicer's Python modules and the module file, bound to these stand-ins
+        if name.startswith("slicer.") or name == "CovidCTDiagnosisOnMRML":
+            del sys.modules[name]
+
+
+@pytest.fixture
+def scene(module, monkeypatch):
+    """A new vtkMRMLScene as `slicer.mrmlScene`, with the Red slice view's nodes (axial) that a layout would add."""
+    scene = slicer.vtkMRMLScene()
+    monkeypatch.setattr(slicer, "mrmlScene", scene, raising=False)
+    scene.AddNewNodeByClass("vtkMRMLSliceNode").SetLayoutName("Red")
+    scene.AddNewNodeByClass("vtkMRMLSliceCompositeNode").SetLayoutName("Red")
+    yield scene
+    scene.Clear(True)
+
+
+@pytest.fixture(scope="module")
+def analysed(tmp_path_factory):
+    """Grid name -> (CT file, result folder, lung labels k, j, i on the file's grid) of the engine on the phantom on that grid (tiny untrained DRENet)."""
+    import torch
+
+    work = tmp_path_factory.mktemp("mrml")
+    torch.manual_seed(0)
+    model = save_checkpoint(work / "tiny.pt", DRENet(DRENetConfig(input_size=64)), trained=False, metadata={"name": "tiny"})
+    analyzer, done = Analyzer(str(model), "cpu"), {}
+
+    def analyse(grid):
+        if grid not in done:
+            kwargs = {"direction": GRIDS[grid]} if GRIDS[grid] else {}
+            image = make_chest_phantom(**kwargs).image
+            ct = work / f"{grid}.nrrd".replace(" ", "-")
+            sitk.WriteImage(image, str(ct))
+            result = analyzer.analyze(image, slices=5)
+            folder = outputs.write_outputs(result, image, work / grid.replace(" ", "-"))
+            done[grid] = ct, folder, sitk.GetArrayFromImage(result.lung_labels)
+        return done[grid]
+
+    return analyse
+
+
+def _read(scene, node_class, storage_class, path, name="read"):
+    """A node of `node_class` read from `path` by Slicer's storage node `storage_class`."""
+    node = scene.AddNewNodeByClass(node_class, name)
+    storage = scene.AddNewNodeByClass(storage_class)
+    storage.SetFileName(str(path))
+    node.SetAndObserveStorageNodeID(storage.GetID())
+    assert storage.ReadData(node), f"{storage_class} cannot read {path}"
+    return node
+
+
+def _ijk_to_ras(volume) -> np.ndarray:
+    matrix = vtk.vtkMatrix4x4()
+    volume.GetIJKToRASMatrix(matrix)
+    return slicer.util.arrayFromVTKMatrix(matrix)
+
+
+def _ct_in_scene(scene, ct_file, transformed=False):
+    """The CT read by Slicer's volume reader, with the subject-hierarchy item Slicer's (Qt) plugins would give it."""
+    volume = _read(scene, "vtkMRMLScalarVolumeNode", "vtkMRMLVolumeArchetypeStorageNode", ct_file, "CT")
+    shNode = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
+    shNode.CreateItem(shNode.GetSceneItemID(), volume)
+    if transformed:
+        transform = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "tilt")
+        transform.SetMatrixTransformToParent(slicer.util.vtkMatrixFromArray(TILT))
+        volume.SetAndObserveTransformNodeID(transform.GetID())
+    return volume
+
+
+@pytest.mark.parametrize("grid, transformed", [("phantom", False), ("oblique", False), ("oblique left-handed", False),
+                                               ("phantom", True)], ids=[*GRIDS, "under a parent transform"])
+def test_load_results_on_a_real_scene(module, scene, analysed, grid, transformed):
+    ct_file, folder, lung_labels = analysed(grid)
+    volume = _ct_in_scene(scene, ct_file, transformed)
+    report = json.loads((folder / outputs.REPORT_JSON).read_text())
+    ct_matrix = _ijk_to_ras(volume)
+    if grid == "oblique left-handed":  # Slicer's reader made it right-handed: the k axis reversed
+        on_file = sitk.ReadImage(str(ct_file))
+        assert np.linalg.det(ct_matrix[:3, :3]) > 0 > np.linalg.det(np.reshape(on_file.GetDirection(), (3, 3)))
+    shown = module.CovidCTDiagnosisLogic().loadResults(str(folder), volume)
+
+    shNode = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
+    assert shNode.GetItemChildWithName(shNode.GetSceneItemID(), folder_name("CT")) == shown.folderItem
+    children = vtk.vtkIdList()
+    shNode.GetItemChildren(shown.folderItem, children)
+    nodes = [shown.segmentation, shown.heat, shown.table, *shown.rois]
+    assert sorted(children.GetId(i) for i in range(children.GetNumberOfIds())) == sorted(shNode.GetItemByDataNode(n) for n in nodes)
+
+    boxes_lps = np.array([b["center_lps"] for s in report["slices"] for b in s["boxes"]])
+    segmentation = shown.segmentation.GetSegmentation()
+    assert segmentation.GetNumberOfSegments() == 2 + len(boxes_lps)
+    for planned in shown.plan.segments:
+        segment = segmentation.GetSegment(planned.segment_id)
+        assert segment.GetName() == planned.name and segment.GetColor() == pytest.approx(planned.color)
+    assert [segmentation.GetNthSegment(i).GetName() for i in range(2)] == ["Right lung", "Left lung"]
+
+    np.testing.assert_allclose(_ijk_to_ras(shown.heat), ct_matrix, atol=1e-6)  # the heat map on the CT's IJK grid
+    assert shown.heat.GetImageData().GetDimensions() == volume.GetImageData().GetDimensions()
+    centres = np.array([r.GetCenter() for r in shown.rois])  # RAS, in the volume's (parent transform's) frame
+    np.testing.assert_allclose(np.sort(centres, axis=0), np.sort(boxes_lps @ LPS_TO_RAS, axis=0), atol=1e-6)
+    slices = slicer.util.arrayFromTableColumn(shown.table, "Slice").tolist()
+    nk = volume.GetImageData().GetDimensions()[2]
+    flipped = grid == "oblique left-handed"
+    assert slices == [nk - 1 - s["index"] if flipped else s["index"] for s in report["slices"]]
+    for node in [shown.segmentation, shown.heat, *shown.rois]:
+        assert node.GetTransformNodeID() == volume.GetTransformNodeID()
+
+    # Every output file through Slicer's own storage nodes, against what the engine wrote (sitk: LPS, the file's grid)
+    def on_ct_grid(array_kji):
+        return np.flip(array_kji, axis=0) if flipped else array_kji
+
+    lungs = vtk.vtkStringArray()  # exported in this order: label 1 the right lung, 2 the left, as the engine numbers them
+    for name in ["Right lung", "Left lung"]:
+        lungs.InsertNextValue(segmentation.GetSegmentIdBySegmentName(name))
+    labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode")
+    assert slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(shown.segmentation, lungs, labelmap, volume)
+    np.testing.assert_array_equal(slicer.util.arrayFromVolume(labelmap), on_ct_grid(lung_labels))
+    heat = _read(scene, "vtkMRMLScalarVolumeNode", "vtkMRMLVolumeArchetypeStorageNode", folder / outputs.GRADCAM_NRRD)
+    np.testing.assert_allclose(_ijk_to_ras(heat), ct_matrix, atol=1e-6)
+    engine_heat = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / outputs.GRADCAM_NRRD)))
+    np.testing.assert_array_equal(slicer.util.arrayFromVolume(heat), on_ct_grid(engine_heat))
+    np.testing.assert_array_equal(slicer.util.arrayFromVolume(shown.heat), on_ct_grid(engine_heat))
+    markups = scene.AddNode(slicer.vtkMRMLMarkupsJsonStorageNode())  # a class the scene registers only with Markups' logic
+    path = str(folder / outputs.LESIONS_MRK_JSON)
+    read_rois = [markups.AddNewMarkupsNodeFromFile(path, "", i) for i in range(len(boxes_lps))]
+    assert all(r is not None and r.IsA("vtkMRMLMarkupsROINode") for r in read_rois)
+    np.testing.assert_allclose([r.GetCenter() for r in read_rois], boxes_lps @ LPS_TO_RAS, atol=1e-6)
+    table = _read(scene, "vtkMRMLTableNode", "vtkMRMLTableStorageNode", folder / outputs.SLICES_CSV)
+    assert table.GetNumberOfRows() == len(report["slices"])
+    assert [int(table.GetCellText(r, 0)) for r in range(table.GetNumberOfRows())] == [s["index"] for s in report["slices"]]
+
+
+def test_reload_replaces_and_jump_lands_on_the_transformed_slice(module, scene, analysed):
+    """Loading again replaces the folder and its nodes; jumpToSlice centres the slice views on the row's slice in world RAS."""
+    ct_file, folder, _ = analysed("phantom")
+    volume = _ct_in_scene(scene, ct_file, transformed=True)
+    logic = module.CovidCTDiagnosisLogic()
+    logic.loadResults(str(folder), volume)
+    shown = logic.loadResults(str(folder), volume)
+    shNode = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
+    top = vtk.vtkIdList()
+    shNode.GetItemChildren(shNode.GetSceneItemID(), top)
+    named = [shNode.GetItemName(top.GetId(i)) for i in range(top.GetNumberOfIds())]
+    assert named.count(folder_name("CT")) == 1 and named.count("CT") == 1
+    # Found with slicer-core: the removed results' items stay, empty (no data node), at the scene level.
+    assert all(shNode.GetItemDataNode(top.GetId(i)) is None for i, n in enumerate(named) if n not in ("CT", folder_name("CT")))
+    counts = {c: scene.GetNumberOfNodesByClass(c) for c in
+              ["vtkMRMLSegmentationNode", "vtkMRMLTableNode", "vtkMRMLMarkupsROINode", "vtkMRMLColorTableNode"]}
+    assert counts == {"vtkMRMLSegmentationNode": 1, "vtkMRMLTableNode": 1, "vtkMRMLMarkupsROINode": len(shown.rois),
+                      "vtkMRMLColorTableNode": 1}
+    assert scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode") == 2  # the CT and one heat map
+    composite = scene.GetFirstNodeByClass("vtkMRMLSliceCompositeNode")
+    assert (composite.GetBackgroundVolumeID(), composite.GetForegroundVolumeID()) == (volume.GetID(), shown.heat.GetID())
+
+    row = 1
+    logic.jumpToSlice(shown, row)
+    world = TILT @ np.append(shown.plan.rows[row].center_ras, 1.0)
+    red = scene.GetFirstNodeByClass("vtkMRMLSliceNode")
+    np.testing.assert_allclose(slicer.util.arrayFromVTKMatrix(red.GetSliceToRAS())[:3, 3], world[:3], atol=1e-6)
