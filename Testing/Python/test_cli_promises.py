@@ -17,36 +17,17 @@ import SimpleITK as sitk
 import torch
 
 from CovidCTDiagnosisLib import cli
-from CovidCTDiagnosisLib.checkpoint import save_checkpoint
-from CovidCTDiagnosisLib.drenet import DRENet, DRENetConfig
 from CovidCTDiagnosisLib.errors import BATCH_CASES_FAILED, EXIT_CODES
 from CovidCTDiagnosisLib.result import UNTRAINED_NOTE, WARNING_KEY
 from CovidCTDiagnosisLib.volume_io import read_volume
 
+from test_cli import ct_file, run, tiny_model  # noqa: F401  (fixtures: the phantom as NRRD, a 64-px model file)
 from test_training import synthetic_csv  # noqa: F401  (a fixture: 16 labelled slice images)
 from test_volume_io import OTHER_SERIES_UID, SERIES_UID, small_ct, write_dicom_series  # noqa: F401
 
 ERROR = re.compile(r"^covidct: error: .+\n$")
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    torch.manual_seed(0)
-    net = DRENet(DRENetConfig(input_size=64))
-    return str(save_checkpoint(tmp_path_factory.mktemp("model") / "tiny.pt", net, trained=False, metadata={"name": "tiny"}))
-
-
-@pytest.fixture(scope="module")
-def ct_file(tmp_path_factory, phantom):
-    path = tmp_path_factory.mktemp("ct") / "phantom.nrrd"
-    sitk.WriteImage(phantom.image, str(path))
-    return path
-
-
-def run(argv, capsys):
-    code = cli.main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def one_line_error(code, err, expected_code, *words):
