@@ -121,7 +121,7 @@ def anchor_lung_fraction(anchors: torch.Tensor, lung_mask: torch.Tensor) -> torc
     belongs to an anchor when its centre lies inside, as in `DRENet.generate_image`; the
     anchor's pixels beyond the image count in its area and are not lung.
     """
-    b, h, w = lung_mask.shape
+    _, h, w = lung_mask.shape
     integral = F.pad(lung_mask.float().cumsum(1).cumsum(2), (1, 0, 1, 0))  # (B, S+1, S+1): sum of mask[:y, :x]
     first = torch.ceil(anchors - 0.5)  # (A, 4): first pixel index with centre >= edge, per edge
     x0, y0, x1, y1 = first.unbind(1)

@@ -234,8 +234,12 @@ def load_test_items(model_path, classes, data=None):
     return subset(items, meta["split"], "test")
 
 
-def evaluate(models, data, out_dir, device: str = "auto", batch_size: int = EVAL_BATCH, progress: bool = False) -> dict:
+def evaluate(models, data, out_dir, device: str = "auto", batch_size: int = EVAL_BATCH, progress: bool = False,
+             regions_over_lungs: bool = True) -> dict:
     """Score `data` with one model or an ensemble; write metrics JSON, plots, predictions and a summary.
+
+    regions_over_lungs: DRENet chooses its regions among the anchors over the lungs, as in use;
+    False: among all anchors, as before that rule (how models published before it were measured).
 
     models: a DRENet or plain classifier, a model file of either, or a list (an ensemble: slice probabilities averaged).
     data: labels CSV(s), a list of LabelledImage, or a PreparedSet.
@@ -256,7 +260,8 @@ def evaluate(models, data, out_dir, device: str = "auto", batch_size: int = EVAL
         raise ValueError("no images to evaluate")
     patients = [p if p is not None else path for p, path in zip(prepared.patients, prepared.paths)]
     dev = resolve_device(device)
-    outputs = [predict(m, prepared.images, dev, batch_size, prepared.masks) for m in loaded]
+    masks = prepared.masks if regions_over_lungs else None
+    outputs = [predict(m, prepared.images, dev, batch_size, masks) for m in loaded]
     probs = np.mean([o[0] for o in outputs], 0)
     backbone_probs = np.mean([o[1] for o in outputs], 0)
     labels = prepared.labels
