@@ -6,7 +6,8 @@ slice:
    own classifier;
 2. a navigator on that (detached) feature map scores one square anchor per cell of the 14x14
    map (48 px, stride 32) and of a 7x7 map below it (96 px, stride 64); hard NMS keeps the
-   top K regions;
+   top K regions, chosen only among the anchors over the lungs when the lung mask is given
+   (`anchors_over_lungs`: a region over no lung is never a lesion region);
 3. the K regions, cropped and resized to half the input size, each read by the backbone
    ("part" features, each with the shared part classifier);
 4. the paper's "generated image": the input with the K regions kept, each weighted by its
@@ -43,6 +44,10 @@ PAPER_INPUT_SIZE = 448
 ANCHOR_SIZES_AT_PAPER_INPUT = (48, 96)  # one square anchor per cell of the 1/32 and 1/64 maps
 NAVIGATOR_STRIDES = (FEATURE_STRIDE, 2 * FEATURE_STRIDE)
 NMS_IOU = 0.1  # the authors' threshold: regions barely overlap
+# An anchor is "over the lungs" when at least this fraction of its area is lung (of the model
+# input's lung mask; the anchor's part beyond the image counts as not lung). Half: the region
+# is mostly lung, yet one centred on a subpleural lesion, half lung and half chest wall, still counts.
+MIN_ANCHOR_LUNG_FRACTION = 0.5
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 MLP_HIDDEN = 512
@@ -108,6 +113,39 @@ def make_anchors(input_size: int) -> torch.Tensor:
     return torch.cat(boxes)
 
 
+def anchor_lung_fraction(anchors: torch.Tensor, lung_mask: torch.Tensor) -> torch.Tensor:
+    """(B, A) fraction of each anchor's area that is lung.
+
+    anchors: (A, 4) (x0, y0, x1, y1) in input pixels (pixel edges: pixel i spans [i, i + 1));
+    lung_mask: (B, S, S) bool or {0, 1}, the model input's lung mask (rows y, columns x). A pixel
+    belongs to an anchor when its centre lies inside, as in `DRENet.generate_image`; the
+    anchor's pixels beyond the image count in its area and are not lung.
+    """
+    _, h, w = lung_mask.shape
+    integral = F.pad(lung_mask.float().cumsum(1).cumsum(2), (1, 0, 1, 0))  # (B, S+1, S+1): sum of mask[:y, :x]
+    first = torch.ceil(anchors - 0.5)  # (A, 4): first pixel index with centre >= edge, per edge
+    x0, y0, x1, y1 = first.unbind(1)
+    area = ((x1 - x0) * (y1 - y0)).clamp_min(1)  # (A,) pixels whose centres lie inside, in or beyond the image
+    cx0, cx1 = x0.clamp(0, w).long(), x1.clamp(0, w).long()
+    cy0, cy1 = y0.clamp(0, h).long(), y1.clamp(0, h).long()
+    lung = integral[:, cy1, cx1] - integral[:, cy0, cx1] - integral[:, cy1, cx0] + integral[:, cy0, cx0]  # (B, A)
+    return lung / area
+
+
+def anchors_over_lungs(anchors: torch.Tensor, lung_mask: torch.Tensor, count: int,
+                       min_fraction: float = MIN_ANCHOR_LUNG_FRACTION) -> torch.Tensor:
+    """(B, A) bool: the anchors regions may be chosen from.
+
+    An anchor qualifies when at least `min_fraction` of its area is lung (`anchor_lung_fraction`).
+    Fallback, where fewer than `count` anchors qualify (little lung in the image): the `count`
+    anchors with the most lung (and any tied with the last of them) qualify. An image without
+    lung (an all-zero mask) therefore leaves every anchor free, as without a mask.
+    """
+    fraction = anchor_lung_fraction(anchors, lung_mask)  # (B, A)
+    kth = fraction.topk(min(count, fraction.shape[1]), dim=1).values[:, -1:]  # (B, 1) the count-th largest
+    return fraction >= torch.minimum(kth, torch.full_like(kth, min_fraction))
+
+
 @contextmanager
 def batchnorm_statistics_frozen(module: nn.Module):
     """BatchNorm layers that are training use (and leave unchanged) their running statistics inside.
@@ -171,13 +209,21 @@ class DRENet(nn.Module):
         """Backbone feature map of images in [0, 1] (ImageNet normalisation applied here)."""
         return self.backbone((x - self.mean) / self.std)
 
-    def select_regions(self, anchor_scores: torch.Tensor, count: int) -> torch.Tensor:
-        """(B, count) anchor indices: hard NMS over the anchors, best first."""
+    def select_regions(self, anchor_scores: torch.Tensor, count: int, allowed: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, count) anchor indices: hard NMS over the anchors, best first.
+
+        anchor_scores: (B, A); allowed: optional (B, A) bool, the anchors each image's regions may
+        come from (`anchors_over_lungs`); NMS then runs over those only. Where NMS keeps fewer
+        than `count`, the best remaining allowed anchors top it up, then the best of the rest.
+        """
         picks = []
-        for scores in anchor_scores.detach().float():
-            keep = nms(self.anchors, scores, NMS_IOU)[:count]
-            if keep.numel() < count:  # tiny inputs: top up with the best remaining anchors
+        allowed = torch.ones_like(anchor_scores, dtype=torch.bool) if allowed is None else allowed.to(anchor_scores.device)
+        for scores, ok in zip(anchor_scores.detach().float(), allowed):
+            candidates = ok.nonzero().squeeze(1)
+            keep = candidates[nms(self.anchors[candidates], scores[candidates], NMS_IOU)][:count]
+            if keep.numel() < count:  # tiny inputs, few allowed anchors: top up, allowed ones first
                 rest = scores.argsort(descending=True)
+                rest = rest[(~ok[rest]).int().argsort(stable=True)]
                 rest = rest[~torch.isin(rest, keep)]
                 keep = torch.cat([keep, rest[: count - keep.numel()]])
             picks.append(keep)
@@ -200,15 +246,21 @@ class DRENet(nn.Module):
         weight_map = (inside.to(x.dtype) * weight[..., None, None].to(x.dtype)).amax(1, keepdim=True)  # (B, 1, S, S)
         return x * weight_map
 
-    def forward(self, x: torch.Tensor, proposals: int | None = None) -> DRENetOutput:
-        """x: (B, 3, S, S) in [0, 1]. `proposals` >= K regions get part logits (for the ranking loss)."""
+    def forward(self, x: torch.Tensor, proposals: int | None = None, lung_mask: torch.Tensor | None = None) -> DRENetOutput:
+        """x: (B, 3, S, S) in [0, 1]. `proposals` >= K regions get part logits (for the ranking loss).
+
+        lung_mask: optional (B, S, S) bool, the input's lung mask (`preprocessing.crop_mask`): the
+        regions are then chosen among the anchors over the lungs (`anchors_over_lungs`); None
+        chooses among all anchors.
+        """
         k = self.config.top_k
         m = max(k, proposals or k)
         b = x.shape[0]
         fmap = self.features(x)  # (B, C, S/32, S/32)
         global_feat = fmap.mean((2, 3))  # (B, C)
         anchor_scores = self.navigator(fmap.detach())  # (B, A)
-        idx = self.select_regions(anchor_scores, m)  # (B, M)
+        allowed = None if lung_mask is None else anchors_over_lungs(self.anchors, lung_mask.to(x.device), m)
+        idx = self.select_regions(anchor_scores, m, allowed)  # (B, M)
         boxes = self.anchors[idx]  # (B, M, 4)
         region_scores = anchor_scores.gather(1, idx)  # (B, M)
         with batchnorm_statistics_frozen(self.backbone):

@@ -66,17 +66,26 @@ class SliceScorer:
     def config(self):
         return self.model.config
 
-    def score(self, images: np.ndarray, explain_class: int, with_cam: bool = True) -> SliceScores:
-        """images: (N, S, S) float32 in [0, 1]; Grad-CAM explains class index `explain_class`."""
-        parts = [self._score_chunk(images[i : i + self.chunk], explain_class, with_cam) for i in range(0, len(images), self.chunk)]
+    def score(self, images: np.ndarray, explain_class: int, with_cam: bool = True, lung_masks: np.ndarray | None = None) -> SliceScores:
+        """images: (N, S, S) float32 in [0, 1]; Grad-CAM explains class index `explain_class`.
+
+        lung_masks: (N, S, S) bool, each input's lung mask in model-input pixels
+        (`preprocessing.crop_mask`): the regions are then chosen among the anchors over the
+        lungs (`drenet.anchors_over_lungs`). None: among all anchors.
+        """
+        parts = [
+            self._score_chunk(images[i : i + self.chunk], explain_class, with_cam, None if lung_masks is None else lung_masks[i : i + self.chunk])
+            for i in range(0, len(images), self.chunk)
+        ]
         return SliceScores(*(np.concatenate(arrays) for arrays in zip(*parts)))
 
-    def _score_chunk(self, images: np.ndarray, explain_class: int, with_cam: bool):
+    def _score_chunk(self, images: np.ndarray, explain_class: int, with_cam: bool, lung_masks: np.ndarray | None):
         size = images.shape[-1]
         x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)).to(self.device)
         x = x[:, None].expand(-1, 3, -1, -1).contiguous(memory_format=torch.channels_last)  # (B, 3, S, S)
+        mask = None if lung_masks is None else torch.from_numpy(np.ascontiguousarray(lung_masks, dtype=bool)).to(self.device)
         with torch.no_grad(), full_float32(self.device):
-            out = self.model(x)
+            out = self.model(x, lung_mask=mask)
         probs = torch.softmax(out.logits.float(), 1)
         k = self.config.top_k
         box_scores = torch.softmax(out.region_scores[:, :k].float(), 1)

@@ -84,7 +84,9 @@ class Analyzer:
         prepared = prepare_ct(
             source, cfg.input_size, cfg.window_level, cfg.window_width, count=count, series_uid=series_uid, stage=stage
         )
-        ct, lungs, chosen, crops, batch = prepared.ct, prepared.lungs, prepared.chosen, prepared.crops, prepared.inputs
+        ct, lungs, chosen, crops, batch, input_masks = (
+            prepared.ct, prepared.lungs, prepared.chosen, prepared.crops, prepared.inputs, prepared.masks
+        )
         image, oriented, hu, mask = ct.loaded.image, ct.oriented, ct.hu, lungs.mask
         fractions = lung_fraction(lungs.area_mm2)
         positive = cfg.classes.index(cfg.positive_class)
@@ -96,9 +98,11 @@ class Analyzer:
             severity_labels = geometry.to_original_grid(severity.labels, oriented, image)
             severity.labels = severity.slice_involved_ml = None  # the file's labels are severity_labels
         with stage("network", 0.9):
-            scores = self.scorer.score(batch, explain_class=positive)
+            scores = self.scorer.score(batch, explain_class=positive, lung_masks=input_masks)
             if self.ensemble:  # an ensemble averages its members' slice probabilities; boxes and heat are the first model's
-                members = [scores.probabilities] + [m.score(batch, positive, with_cam=False).probabilities for m in self.ensemble]
+                members = [scores.probabilities] + [
+                    m.score(batch, positive, with_cam=False, lung_masks=input_masks).probabilities for m in self.ensemble
+                ]
                 scores.probabilities = np.mean(members, axis=0)
         with stage("explain", 0.97):
             heat = np.zeros(hu.shape, dtype=np.float32)
@@ -227,8 +231,11 @@ def score_images(analyzer: Analyzer, paths: Sequence) -> list[dict[str, float]]:
     Raises NoLungsError for an image without lungs (nothing is scored then), and read errors.
     """
     from .preparation import prepare_image
+    from .preprocessing import crop_mask
 
     cfg = analyzer.config
-    batch = [prepare_image(Path(path), cfg.input_size)[0] for path in paths]
-    scores = analyzer.scorer.score(np.stack(batch), explain_class=0, with_cam=False)
+    prepared = [prepare_image(Path(path), cfg.input_size) for path in paths]
+    batch = np.stack([image for image, _, _ in prepared])
+    masks = np.stack([crop_mask(mask, cfg.input_size) for _, mask, _ in prepared])
+    scores = analyzer.scorer.score(batch, explain_class=0, with_cam=False, lung_masks=masks)
     return [{c: float(p) for c, p in zip(cfg.classes, row)} for row in scores.probabilities]

@@ -19,7 +19,7 @@ import SimpleITK as sitk
 from . import geometry
 from .errors import NoLungsError
 from .lungs import Lungs, extract_lungs, lung_mask_2d
-from .preprocessing import CropTransform, prepare_image_2d, prepare_slice
+from .preprocessing import CropTransform, crop_mask, prepare_image_2d, prepare_slice
 from .slice_selection import DEFAULT_COUNT, choose_slices
 from .volume_io import LoadedVolume, check_ct, read_image_2d, read_volume
 
@@ -63,6 +63,7 @@ class PreparedCT:
     chosen: list[int]  # k indices of the LPS-oriented grid, ascending
     inputs: np.ndarray  # float32 (N, S, S) in [0, 1], one per chosen slice
     crops: list[CropTransform]  # model-input pixels -> slice pixels, one per chosen slice
+    masks: np.ndarray  # bool (N, S, S): each input's lung mask (`preprocessing.crop_mask`), in model-input pixels
     warnings: list[str] = field(default_factory=list)  # e.g. partial lung coverage
 
 
@@ -136,8 +137,9 @@ def prepare_ct(
     with stage("prepare", 0.35):
         hu, mask = ct.hu, lungs.mask
         prepared = [prepare_slice(hu[k], mask[k], size, window_level, window_width) for k in chosen]
+        masks = np.stack([crop_mask(mask[k], size) for k in chosen]) if chosen else np.zeros((0, size, size), bool)
     inputs = np.stack([p[0] for p in prepared]) if prepared else np.zeros((0, size, size), np.float32)
-    return PreparedCT(ct, lungs, chosen, inputs, [p[1] for p in prepared], warnings)
+    return PreparedCT(ct, lungs, chosen, inputs, [p[1] for p in prepared], masks, warnings)
 
 
 def prepare_image(path: str | Path, size: int) -> tuple[np.ndarray, np.ndarray, CropTransform]:

@@ -59,6 +59,14 @@ def crop_square(image: np.ndarray, mask: np.ndarray, size: int) -> tuple[np.ndar
     return out, transform
 
 
+def crop_mask(mask: np.ndarray, size: int) -> np.ndarray:
+    """A slice's (H, W) lung mask -> the model input's (size, size) bool lung mask: cropped and
+    resized exactly as its image (`crop_square`, pixels over half lung); all True without lungs."""
+    if not mask.any():
+        return np.ones((size, size), bool)
+    return crop_square(mask.astype(np.float32), mask, size)[0] > 0.5
+
+
 def prepare_slice(hu: np.ndarray, lung_mask: np.ndarray, size: int, level: float, width: float) -> tuple[np.ndarray, CropTransform]:
     """An axial HU slice (J, I) and its lung mask -> (size, size) float32 in [0, 1], and the crop."""
     return crop_square(lung_window(hu, level, width), lung_mask, size)

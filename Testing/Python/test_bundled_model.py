@@ -17,13 +17,13 @@ def test_bundled_model_scores_its_recorded_test_split_as_its_card_says(shared_da
     meta = read_checkpoint(model)["metadata"]
     items = load_test_items(model, ("COVID-19", "Non-COVID-19"), [shared_data / "slices" / "ucsd-covid-ct" / "labels.csv"])
     assert len({it.patient_id for it in items}) == len(meta["split"]["test"]) == 115
-    result = evaluate(model, items, tmp_path)
+    result = evaluate(model, items, tmp_path)  # as the analysis runs: regions over the lungs
     patient_auc = result["patient_level"]["mean"]["positive"]["auc"]
     image_auc = result["image_level"]["positive"]["auc"]
     # the numbers stored in the file (and printed in MODEL_CARD.md) are this file's own
     assert patient_auc == pytest.approx(meta["test"]["patient_level_mean"]["auc"], abs=1e-6)
     assert image_auc == pytest.approx(meta["test"]["image_level"]["auc"], abs=1e-6)
-    # below the 0.90 target (see the card): 0.833 / 0.825 measured; the model before the retrain on the
+    # below the 0.90 target (see the card): 0.832 / 0.822 measured; the model before the retrain on the
     # lung network's masks scored 0.73 / 0.72 with them
     assert patient_auc >= 0.80 and image_auc >= 0.80
 

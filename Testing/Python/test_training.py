@@ -123,6 +123,10 @@ def test_fill_blank_keeps_the_lungs_and_fills_around_them():
     assert (filled[~mask] > 0).mean() > 0.3  # the blank now holds rotated lung tissue
     out = augment(image, mask, rng)
     assert out.shape == (64, 64) and out.dtype == np.float32 and 0 <= out.min() and out.max() <= 1
+    same, moved = augment(image, mask, np.random.default_rng(1), with_mask=True)  # the mask follows flip and rotation
+    assert np.array_equal(same, augment(image, mask, np.random.default_rng(1)))
+    assert moved.dtype == bool and abs(int(moved.sum()) - int(mask.sum())) < 0.1 * mask.sum()
+    assert (same[moved] > 0).mean() > 0.9  # the transformed lungs hold the transformed lung tissue
 
 
 def test_scanner_variation_changes_kernel_and_noise_inside_the_lungs_only():

@@ -68,14 +68,21 @@ def scanner_variation(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return np.where(outside, 0.0, np.clip(x, 0.0, 1.0)).astype(np.float32)
 
 
-def augment(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator, scanner: bool = False) -> np.ndarray:
+def augment(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator, scanner: bool = False, with_mask: bool = False):
     """(S, S) uint8 image and bool lung mask -> augmented (S, S) float32 in [0, 1] (`scanner`: add
-    `scanner_variation`)."""
+    `scanner_variation`); `with_mask`: also the (S, S) bool lung mask flipped and rotated with it
+    (the filled blank is not lung). The same random draws either way."""
     out = fill_blank(image, mask, rng) if rng.random() < FILL_PROBABILITY else image
-    if rng.random() < FLIP_PROBABILITY:
+    flip = rng.random() < FLIP_PROBABILITY
+    if flip:
         out = out[:, ::-1]
-    out = _rotate(np.ascontiguousarray(out), rng.uniform(-MAX_ROTATION_DEG, MAX_ROTATION_DEG), cv2.INTER_LINEAR)
+    angle = rng.uniform(-MAX_ROTATION_DEG, MAX_ROTATION_DEG)
+    out = _rotate(np.ascontiguousarray(out), angle, cv2.INTER_LINEAR)
     x = out.astype(np.float32) / 255.0
     x = np.clip(x * rng.uniform(*GAIN_RANGE) + rng.uniform(*OFFSET_RANGE), 0.0, 1.0)
     x = x ** rng.uniform(*GAMMA_RANGE)
-    return scanner_variation(x, rng) if scanner else x
+    x = scanner_variation(x, rng) if scanner else x
+    if not with_mask:
+        return x
+    m = np.ascontiguousarray(mask[:, ::-1] if flip else mask).astype(np.uint8)
+    return x, _rotate(m, angle, cv2.INTER_NEAREST).astype(bool)

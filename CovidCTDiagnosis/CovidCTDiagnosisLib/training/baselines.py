@@ -61,8 +61,9 @@ class PlainClassifier(nn.Module):
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
 
-    def forward(self, x: torch.Tensor, proposals: int | None = None) -> ClassifierOutput:
-        """x: (B, 3, S, S) in [0, 1]; `proposals` is accepted (and unused) so the training loop can treat all models alike."""
+    def forward(self, x: torch.Tensor, proposals: int | None = None, lung_mask: torch.Tensor | None = None) -> ClassifierOutput:
+        """x: (B, 3, S, S) in [0, 1]; `proposals` and `lung_mask` (DRENet's region options) are accepted
+        and unused, so the training loop can treat all models alike."""
         feat = self.backbone((x - self.mean) / self.std).mean((2, 3))  # (B, C)
         return ClassifierOutput(self.head(self.dropout(feat)))
 

@@ -25,7 +25,7 @@ from .. import preparation
 from ..batch import VOLUME_SUFFIXES
 from ..drenet import DRENetConfig
 from ..errors import InputNotFoundError, NoLungsError, UnreadableInputError
-from ..preprocessing import crop_square
+from ..preprocessing import crop_mask
 
 SPLIT_NAMES = ("train", "val", "test")
 SPLIT_FRACTIONS = (0.6, 0.1, 0.3)
@@ -152,19 +152,12 @@ def _as_u8(image: np.ndarray) -> np.ndarray:
     return np.round(image * 255).astype(np.uint8)
 
 
-def _crop_mask(mask: np.ndarray, size: int) -> np.ndarray:
-    """The lung mask cropped and resized exactly as its image (all True if no lungs were found)."""
-    if not mask.any():
-        return np.ones((size, size), bool)
-    return crop_square(mask.astype(np.float32), mask, size)[0] > 0.5
-
-
 def prepare_image(path: Path, size: int) -> tuple[np.ndarray, np.ndarray]:
     """One slice image -> (S, S) uint8 model input (lungs only, cropped) and its (S, S) bool lung mask.
 
     Raises NoLungsError for an image without lungs (`preparation.prepare_image`)."""
     image, mask, _ = preparation.prepare_image(path, size)
-    return _as_u8(image), _crop_mask(mask, size)
+    return _as_u8(image), crop_mask(mask, size)
 
 
 def prepare_volume(path: Path, size: int, window=DEFAULT_WINDOW) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -172,8 +165,7 @@ def prepare_volume(path: Path, size: int, window=DEFAULT_WINDOW) -> list[tuple[n
 
     Raises NoLungsError when the volume holds too little lung (`preparation.check_coverage`)."""
     prepared = preparation.prepare_ct(path, size, *window)
-    mask = prepared.lungs.mask
-    return [(_as_u8(image), _crop_mask(mask[k], size)) for image, k in zip(prepared.inputs, prepared.chosen)]
+    return [(_as_u8(image), mask) for image, mask in zip(prepared.inputs, prepared.masks)]
 
 
 def prepare_set(items, classes, size: int, progress: bool = False, window=DEFAULT_WINDOW) -> PreparedSet:

@@ -150,13 +150,17 @@ def reliability(truth: np.ndarray, score: np.ndarray, bins: int = CALIBRATION_BI
 
 
 @torch.no_grad()
-def predict(model: nn.Module, images: np.ndarray, device: torch.device, batch_size: int = EVAL_BATCH) -> tuple[np.ndarray, np.ndarray]:
-    """(N, S, S) uint8 prepared images -> softmax of the image-level prediction and of the backbone's head, each (N, n)."""
+def predict(model: nn.Module, images: np.ndarray, device: torch.device, batch_size: int = EVAL_BATCH,
+            masks: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(N, S, S) uint8 prepared images -> softmax of the image-level prediction and of the backbone's head, each (N, n).
+
+    masks: (N, S, S) bool lung masks of the inputs: DRENet then chooses its regions over the lungs, as in use."""
     model = model.eval().to(device, memory_format=torch.channels_last)
     main, backbone = [], []
     for i in range(0, len(images), batch_size):
         x = torch.from_numpy(to_three_channels(images[i : i + batch_size].astype(np.float32) / 255.0))
-        out = model(x.to(device).contiguous(memory_format=torch.channels_last))
+        lung = None if masks is None else torch.from_numpy(np.ascontiguousarray(masks[i : i + batch_size])).to(device)
+        out = model(x.to(device).contiguous(memory_format=torch.channels_last), lung_mask=lung)
         main.append(torch.softmax(out.logits.float(), 1).cpu().numpy())
         backbone.append(torch.softmax(out.global_logits.float(), 1).cpu().numpy())
     return np.concatenate(main), np.concatenate(backbone)
@@ -266,8 +270,12 @@ def load_test_items(model_path, classes, data=None):
     return subset(items, meta["split"], "test")
 
 
-def evaluate(models, data, out_dir, device: str = "auto", batch_size: int = EVAL_BATCH, progress: bool = False) -> dict:
+def evaluate(models, data, out_dir, device: str = "auto", batch_size: int = EVAL_BATCH, progress: bool = False,
+             regions_over_lungs: bool = True) -> dict:
     """Score `data` with one model or an ensemble; write metrics JSON, plots, predictions and a summary.
+
+    regions_over_lungs: DRENet chooses its regions among the anchors over the lungs, as in use;
+    False: among all anchors, as before that rule (how models published before it were measured).
 
     models: a DRENet or plain classifier, a model file of either, or a list (an ensemble: slice probabilities averaged).
     data: labels CSV(s), a list of LabelledImage, or a PreparedSet.
@@ -288,7 +296,8 @@ def evaluate(models, data, out_dir, device: str = "auto", batch_size: int = EVAL
         raise ValueError("no images to evaluate")
     patients = [p if p is not None else path for p, path in zip(prepared.patients, prepared.paths)]
     dev = resolve_device(device)
-    outputs = [predict(m, prepared.images, dev, batch_size) for m in loaded]
+    masks = prepared.masks if regions_over_lungs else None
+    outputs = [predict(m, prepared.images, dev, batch_size, masks) for m in loaded]
     probs = np.mean([o[0] for o in outputs], 0)
     backbone_probs = np.mean([o[1] for o in outputs], 0)
     labels = prepared.labels

@@ -352,10 +352,11 @@ def train(data, out_dir, config: TrainConfig | None = None, *, extra_train=(), r
         batches = [order[i : i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
         sums, bar = {}, tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress, mininterval=5)
         for step, idx in enumerate(bar, 1):
-            x = np.stack([augment(train_set.images[i], train_set.masks[i], rng, cfg.scanner_augmentation) for i in idx])
-            x = torch.from_numpy(to_three_channels(x)).to(dev).contiguous(memory_format=torch.channels_last)
+            x, masks = zip(*(augment(train_set.images[i], train_set.masks[i], rng, cfg.scanner_augmentation, with_mask=True) for i in idx))
+            x = torch.from_numpy(to_three_channels(np.stack(x))).to(dev).contiguous(memory_format=torch.channels_last)
+            masks = torch.from_numpy(np.stack(masks)).to(dev)  # regions chosen over the lungs, as in use
             y = torch.from_numpy(train_set.labels[idx]).to(dev)
-            loss, terms = _loss(model(x, proposals=cfg.proposals), y)
+            loss, terms = _loss(model(x, proposals=cfg.proposals, lung_mask=masks), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -364,7 +365,7 @@ def train(data, out_dir, config: TrainConfig | None = None, *, extra_train=(), r
                 sums[k] = sums.get(k, 0.0) + v
             bar.set_postfix(loss=f"{sums['loss'] / step:.3f}", val_auc=history[-1]["val_patient_auc"] if history else None)
 
-        probs, _ = predict(model, val_set.images, dev, EVAL_BATCH)
+        probs, _ = predict(model, val_set.images, dev, EVAL_BATCH, val_set.masks)
         scores = score_set(val_set.labels, probs, val_set.patients, list(cfg.classes), cfg.positive_class)
         image_auc = scores["image_level"]["positive"]["auc"]
         patient_auc = scores["patient_level"]["mean"]["positive"]["auc"]
