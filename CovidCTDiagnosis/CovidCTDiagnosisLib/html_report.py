@@ -20,7 +20,6 @@ from .bundled_model import MODEL_CARD_FILE
 from .performance import trust_sentence
 from .result import RESEARCH_USE_ONLY, UNTRAINED_WARNING, Result
 from .segmentation_file import lesion_colors
-from .severity import CONSOLIDATION_HU, GROUND_GLASS_HU, METHOD, SCORE_NAME
 
 LUNG_WINDOW_LEVEL = -700  # HU
 LUNG_WINDOW_WIDTH = 1500  # HU
@@ -128,6 +127,7 @@ def _warnings_section(result: Result) -> str:
 
 def _severity_section(result: Result) -> str:
     """Measured involvement: a table per lung and a 3 x 2 picture of the zones (patient's right on the left)."""
+    from .severity import CONSOLIDATION_HU, GROUND_GLASS_HU, METHOD, SCORE_NAME  # OpenCV: not for Load results
     sev = result.severity
     if sev is None:
         return ""

@@ -35,7 +35,7 @@ P001_FIRST_ROW_Z_MM, P001_ROW_STEP_MM = -52.1, -2.0
 
 def test_bundled_model_separates_the_real_ct_volumes(shared_data):
     """The COVID-19 patient P001 above 0.5, the normal CT below it, and P001's radiologist-labelled infected
-    slices above normal001's lung slices (measured: 0.75, 0.22 and slice AUC 0.89 at every lung slice)."""
+    slices above normal001's lung slices (measured: 0.71, 0.21 and slice AUC 0.89 at every lung slice)."""
     from CovidCTDiagnosisLib.pipeline import Analyzer
 
     folder = shared_data / "ct" / "covid-ct-md"
