@@ -22,9 +22,12 @@ Choices where the authors' released code departs from the paper, made explicit:
   inside `forward`, which stayed active in eval mode);
 - when BatchNorm trains, only the whole image updates its statistics; crops and the generated
   image are normalised with them (`batchnorm_statistics_frozen`), as they are at inference;
-- crops are taken with `roi_align` on the unpadded image; samples beyond the border read zero,
-  which is what the released code's 224 px zero padding achieves, without materialising a
-  padded copy of the batch.
+- crops are taken with RoIAlign (He et al., Mask R-CNN 2017; `roi_align` below, the semantics of
+  torchvision.ops.roi_align with aligned=True) on the unpadded image; samples beyond the border
+  read zero, which is what the released code's 224 px zero padding achieves, without
+  materialising a padded copy of the batch. RoIAlign and NMS are written here because importing
+  torchvision loads torch._dynamo, which doubled the start-up of `covidct analyze`; tests hold
+  both to torchvision's results.
 Anchor sizes and the part size scale with `input_size` (given here for 448 px, the paper's).
 """
 
@@ -36,7 +39,6 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.ops import nms, roi_align
 
 from .backbones import FEATURE_STRIDE, build_backbone
 
@@ -44,6 +46,7 @@ PAPER_INPUT_SIZE = 448
 ANCHOR_SIZES_AT_PAPER_INPUT = (48, 96)  # one square anchor per cell of the 1/32 and 1/64 maps
 NAVIGATOR_STRIDES = (FEATURE_STRIDE, 2 * FEATURE_STRIDE)
 NMS_IOU = 0.1  # the authors' threshold: regions barely overlap
+ROI_SAMPLING_RATIO = 2  # bilinear samples per crop pixel along each axis
 # An anchor is "over the lungs" when at least this fraction of its area is lung (of the model
 # input's lung mask; the anchor's part beyond the image counts as not lung). Half: the region
 # is mostly lung, yet one centred on a subpleural lesion, half lung and half chest wall, still counts.
@@ -98,6 +101,61 @@ class DRENetOutput:
     feature_map: torch.Tensor  # (B, C, S/32, S/32) of the whole image
     part_features: torch.Tensor  # (B, K, C)
     generated_features: torch.Tensor  # (B, C)
+
+
+def nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float) -> torch.Tensor:
+    """Greedy non-maximum suppression: indices of the kept (N, 4) x1, y1, x2, y2 boxes, by
+    decreasing score (equal scores: the lower index first); a box is dropped when its IoU with a
+    kept one exceeds `iou_threshold`."""
+    order = scores.argsort(descending=True, stable=True)
+    boxes = boxes[order]
+    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    lo = torch.maximum(boxes[:, None, :2], boxes[None, :, :2])
+    hi = torch.minimum(boxes[:, None, 2:], boxes[None, :, 2:])
+    inter = (hi - lo).clamp(min=0).prod(-1)
+    overlaps = inter / (area[:, None] + area[None, :] - inter) > iou_threshold
+    keep = []
+    suppressed = torch.zeros(len(boxes), dtype=torch.bool)
+    for i in range(len(boxes)):
+        if not suppressed[i]:
+            keep.append(i)
+            suppressed |= overlaps[i].cpu()
+    return order[torch.tensor(keep, dtype=torch.long, device=order.device)]
+
+
+def roi_align(x: torch.Tensor, rois: torch.Tensor, output_size: int, sampling_ratio: int) -> torch.Tensor:
+    """RoIAlign with pixel-centre alignment: (B, C, H, W) images and (R, 5) rois (batch index,
+    x1, y1, x2, y2 in pixels) -> (R, C, S, S); each output bin is the mean of sampling_ratio^2
+    bilinear samples; samples more than a pixel beyond the image read zero, nearer ones the edge."""
+    h, w = x.shape[-2:]
+    r = rois.shape[0]
+    steps = (torch.arange(output_size * sampling_ratio, device=x.device, dtype=x.dtype) + 0.5) / (output_size * sampling_ratio)
+    start, extent = rois[:, 1:3] - 0.5, rois[:, 3:5] - rois[:, 1:3]
+    xs = start[:, 0:1] + steps[None] * extent[:, 0:1]  # (R, n) sample columns
+    ys = start[:, 1:2] + steps[None] * extent[:, 1:2]  # (R, n) sample rows
+
+    def corners(t: torch.Tensor, size: int):
+        inside = (t >= -1.0) & (t <= size)
+        t = t.clamp(min=0.0, max=size - 1)
+        low = t.floor().long().clamp(max=size - 1)
+        high = (low + 1).clamp(max=size - 1)
+        frac = t - low.to(t.dtype)
+        return low, high, frac, inside
+
+    y0, y1, fy, iny = corners(ys, h)
+    x0, x1, fx, inx = corners(xs, w)
+    images = x[rois[:, 0].long()]  # (R, C, H, W)
+    c = images.shape[1]
+
+    def gather(rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        flat = (rows[:, :, None] * w + cols[:, None, :]).reshape(r, 1, -1).expand(r, c, -1)
+        return images.reshape(r, c, -1).gather(2, flat).reshape(r, c, rows.shape[1], cols.shape[1])
+
+    fy, fx = fy[:, None, :, None], fx[:, None, None, :]
+    samples = ((1 - fy) * (1 - fx) * gather(y0, x0) + (1 - fy) * fx * gather(y0, x1)
+               + fy * (1 - fx) * gather(y1, x0) + fy * fx * gather(y1, x1))
+    samples = samples * (iny[:, None, :, None] & inx[:, None, None, :]).to(x.dtype)
+    return F.avg_pool2d(samples, sampling_ratio)
 
 
 def make_anchors(input_size: int) -> torch.Tensor:
@@ -233,7 +291,7 @@ class DRENet(nn.Module):
         """(B, M, 4) boxes -> (B*M, 3, P, P) crops, bilinear; zero outside the image."""
         b, m, _ = boxes.shape
         rois = torch.cat([torch.arange(b, device=x.device, dtype=boxes.dtype).repeat_interleave(m)[:, None], boxes.reshape(-1, 4)], 1)
-        return roi_align(x, rois.to(x.dtype), self.config.part_size, 1.0, 2, aligned=True)
+        return roi_align(x, rois.to(x.dtype), self.config.part_size, ROI_SAMPLING_RATIO)
 
     def generate_image(self, x: torch.Tensor, boxes: torch.Tensor, confidence: torch.Tensor) -> torch.Tensor:
         """The paper's generated image: the regions weighted by confidence (best = 1), the rest zero."""

@@ -111,3 +111,25 @@ def test_cuda_inference_turns_tf32_off_and_restores_it():
     assert torch.backends.cudnn.allow_tf32 == before
     with full_float32(torch.device("cpu")):
         assert torch.backends.cudnn.allow_tf32 == before
+
+
+def test_roi_align_and_nms_match_torchvision():
+    """drenet's own RoIAlign and NMS (written to keep torchvision, and the torch._dynamo it loads, out of the
+    analysis) give torchvision's results: boxes inside, across and beyond the image border, several images."""
+    import torchvision.ops
+
+    from CovidCTDiagnosisLib.drenet import nms, roi_align
+
+    torch.manual_seed(0)
+    x = torch.rand(3, 3, 64, 48)
+    corner = torch.rand(40, 2) * torch.tensor([70.0, 90.0]) - 12
+    boxes = torch.cat([corner, corner + torch.rand(40, 2) * 40 + 1], 1)
+    rois = torch.cat([torch.randint(0, 3, (40, 1)).float(), boxes], 1)
+    ours, theirs = roi_align(x, rois, 12, 2), torchvision.ops.roi_align(x, rois, 12, 1.0, 2, aligned=True)
+    assert ours.shape == theirs.shape and torch.allclose(ours, theirs, atol=1e-5)
+    for _ in range(10):
+        scores = torch.rand(300)
+        corner = torch.rand(300, 2) * 100
+        boxes = torch.cat([corner, corner + torch.rand(300, 2) * 40 + 1], 1)
+        for iou in (0.1, 0.5):
+            assert torch.equal(nms(boxes, scores, iou), torchvision.ops.nms(boxes, scores, iou))
