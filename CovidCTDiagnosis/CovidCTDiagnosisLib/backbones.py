@@ -166,9 +166,7 @@ def build_backbone(name: str, pretrained: bool = False) -> nn.Module:
     if name == "efficientnet_lite0":
         net = EfficientNetLite0()
     elif name in TORCHVISION_FEATURE_CHANNELS:
-        if pretrained:  # before any model is built: refuse at once rather than try a download
-            require_cached_weights(name)
-        net = TorchvisionFeatures(name)
+        net = TorchvisionFeatures(name)  # built without weights; load_imagenet_weights refuses uncached ones
     else:
         raise ModelFileError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
     if pretrained:

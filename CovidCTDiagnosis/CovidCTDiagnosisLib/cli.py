@@ -251,9 +251,7 @@ def cmd_analyze(args) -> int:
 
 
 def cmd_batch(args) -> int:
-    from .batch import SUMMARY_CSV, run_batch
-
-    from .batch import find_cases
+    from .batch import SUMMARY_CSV, find_cases, run_batch
     from .result import UNTRAINED_WARNING
 
     slices, aggregate = _analysis_options(args)

@@ -113,13 +113,13 @@ def nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float) -> torc
     lo = torch.maximum(boxes[:, None, :2], boxes[None, :, :2])
     hi = torch.minimum(boxes[:, None, 2:], boxes[None, :, 2:])
     inter = (hi - lo).clamp(min=0).prod(-1)
-    overlaps = inter / (area[:, None] + area[None, :] - inter) > iou_threshold
+    overlaps = (inter / (area[:, None] + area[None, :] - inter) > iou_threshold).cpu()
     keep = []
     suppressed = torch.zeros(len(boxes), dtype=torch.bool)
     for i in range(len(boxes)):
         if not suppressed[i]:
             keep.append(i)
-            suppressed |= overlaps[i].cpu()
+            suppressed |= overlaps[i]
     return order[torch.tensor(keep, dtype=torch.long, device=order.device)]
 
 

@@ -132,11 +132,16 @@ def test_score_images_csv(tmp_path, tiny_model, capsys, phantom):
     assert float(rows[1][1]) + float(rows[1][2]) == pytest.approx(1, abs=1e-4)
 
 
+def good_and_broken_cases(folder, ct_file):
+    """A batch input folder: good.nrrd (the phantom) and broken.nii.gz (not a NIfTI)."""
+    folder.mkdir()
+    (folder / "good.nrrd").write_bytes(ct_file.read_bytes())
+    (folder / "broken.nii.gz").write_bytes(b"garbage")
+    return folder
+
+
 def test_batch_skips_bad_cases_and_finished_ones(tmp_path, ct_file, tiny_model, capsys):
-    cases = tmp_path / "cases"
-    cases.mkdir()
-    (cases / "good.nrrd").write_bytes(ct_file.read_bytes())
-    (cases / "broken.nii.gz").write_bytes(b"garbage")
+    cases = good_and_broken_cases(tmp_path / "cases", ct_file)
     out = tmp_path / "results"
     code, _, err = run(["batch", cases, "--out", out, "--model", tiny_model], capsys)
     assert code == 9, err  # some cases failed (BATCH_CASES_FAILED)

@@ -21,7 +21,7 @@ from CovidCTDiagnosisLib.errors import BATCH_CASES_FAILED, EXIT_CODES
 from CovidCTDiagnosisLib.result import UNTRAINED_NOTE, WARNING_KEY
 from CovidCTDiagnosisLib.volume_io import read_volume
 
-from test_cli import ct_file, run, tiny_model  # noqa: F401  (fixtures: the phantom as NRRD, a 64-px model file)
+from test_cli import ct_file, good_and_broken_cases, run, tiny_model  # noqa: F401  (fixtures: the phantom as NRRD, a 64-px model file)
 from test_training import synthetic_csv  # noqa: F401  (a fixture: 16 labelled slice images)
 from test_volume_io import OTHER_SERIES_UID, SERIES_UID, small_ct, write_dicom_series  # noqa: F401
 
@@ -288,10 +288,7 @@ def test_the_series_note_names_the_other_series(tmp_path, small_ct):  # noqa: F8
 
 
 def test_batch_failures_exit_9_progress_names_the_case_and_result_folder_is_the_folder(tmp_path, ct_file, tiny_model, capsys):
-    cases = tmp_path / "cases"
-    cases.mkdir()
-    (cases / "good.nrrd").write_bytes(ct_file.read_bytes())
-    (cases / "broken.nii.gz").write_bytes(b"garbage")
+    cases = good_and_broken_cases(tmp_path / "cases", ct_file)
     out = tmp_path / "results"
     code, stdout, err = run(["batch", cases, "--out", out, "--model", tiny_model, "--progress", "lines"], capsys)
     assert code == BATCH_CASES_FAILED and "1 of 2 cases failed" in err.splitlines()[-1]

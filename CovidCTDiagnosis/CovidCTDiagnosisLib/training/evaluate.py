@@ -117,7 +117,8 @@ def bootstrap_intervals(labels: np.ndarray, probs: np.ndarray, patients, classes
     """
     pos = list(classes).index(positive_class)
     ids, p_labels, p_probs = patient_probabilities(probs, labels, patients, classes, positive_class, "mean")
-    rows = {pid: np.flatnonzero(np.asarray(patients, dtype=object) == pid) for pid in ids}
+    patient_of = np.asarray(patients, dtype=object)
+    rows = {pid: np.flatnonzero(patient_of == pid) for pid in ids}
     p_truth, p_score, p_called = p_labels == pos, p_probs[:, pos], p_probs.argmax(1) == pos
     rng = np.random.default_rng(seed)
     draws = defaultdict(list)
