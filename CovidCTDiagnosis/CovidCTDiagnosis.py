@@ -435,10 +435,13 @@ class CovidCTDiagnosisLogic(ScriptedLoadableModuleLogic):
                                                  slices=slices, aggregate=aggregate)
         return AnalysisJob(self, volumeNode, workDir, command, onProgress, onFinished)
 
-    def processFiles(self, pathsOrFolder, outputFolder, model=None, device="auto", slices=15, aggregate="mean"):
+    def processFiles(self, pathsOrFolder, outputFolder, model=None, device="auto", slices=15, aggregate="mean", ray=None,
+                     workers=None, threadsPerWorker=None):
         """Analyse many CTs (a folder, a CSV manifest, or a list of paths) into one result folder each and
         summary.csv in `outputFolder`, carrying on past bad cases; the scene is not touched. `aggregate` as
-        for process()."""
+        for process(). `ray`: None analyses here, one case after the other; a Ray address ("auto",
+        "ray://host:port", or "local") analyses on Ray workers (needs `pip install ray` in Slicer's Python;
+        `workers`, `threadsPerWorker` as `covidct batch --workers`, `--threads-per-worker`, docs/ray.md)."""
         self._checkAggregate(aggregate)
         self.setupDependencies()
         from CovidCTDiagnosisLib.batch import SUMMARY_CSV, run_batch
@@ -450,7 +453,8 @@ class CovidCTDiagnosisLogic(ScriptedLoadableModuleLogic):
             slicer.app.processEvents()
 
         source = slicer_runtime.batch_source(pathsOrFolder, os.path.join(slicer.app.temporaryPath, TEMP_KEY))
-        outcomes = run_batch(Analyzer(model, device), source, outputFolder, on_case=logOutcome, slices=slices, aggregate=aggregate)
+        outcomes = run_batch(Analyzer(model, device), source, outputFolder, on_case=logOutcome, slices=slices, aggregate=aggregate,
+                             ray=ray, workers=workers, threads_per_worker=threadsPerWorker)
         logging.info(f"{len(outcomes)} cases; summary in {os.path.join(outputFolder, SUMMARY_CSV)}")
         return outcomes
 

@@ -1,20 +1,22 @@
 """Many cases in one run: one result folder per case and a summary CSV; bad cases are skipped.
 
 A batch input is a folder (each DICOM sub-folder or volume file in it is a case) or a CSV
-manifest with a `path` column (and optionally `case_id`). Cases whose folder is already complete
-are not analysed again, so an interrupted batch can simply be re-run.
+manifest with a `path` column (and optionally `case_id`). Cases whose folder is already complete,
+analysed with the same options and model (the resume key in report.json), are not analysed again,
+so an interrupted batch can simply be re-run. The cases run here one after the other, or on a Ray
+cluster (`ray_batch`); both analyse and write each case through `analyse_case`.
 """
 
 from __future__ import annotations
 
 import csv
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .errors import EXIT_CODES, CovidCTError, InputNotFoundError, OutputError
-from .outputs import check_writable, is_complete, read_report, write_outputs
-from .pipeline import Analyzer
+from .outputs import check_writable, discard_leftovers, is_complete, read_report, write_outputs
+from .pipeline import Analyzer, analysis_options
 
 VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd", ".zip")  # .zip: a zipped DICOM folder
 SUMMARY_CSV = "summary.csv"
@@ -71,41 +73,96 @@ def run_batch(
     out_dir,
     on_case: Callable[[CaseOutcome], None] | None = None,
     progress: Callable[[str, float], None] | None = None,
+    *,
+    ray: str | None = None,
+    workers: int | None = None,
+    threads_per_worker: int | None = None,
     **analyze_options,
 ) -> list[CaseOutcome]:
-    """Analyse every case into out_dir/<case_id>/ and write out_dir/summary.csv.
+    """Analyse every case into out_dir/<case_id>/ and write out_dir/summary.csv; the outcomes in case order.
 
-    out_dir is checked before any case is read (OutputError). A case that fails, for any reason
-    but Ctrl-C, is recorded as failed and the batch carries on. `progress(stage, fraction)` gets
-    the whole batch's fraction and stages named "<case_id> (<n>/<cases>): <stage>".
+    out_dir is checked before any case is read (OutputError). A case whose folder is complete and was
+    analysed with the same options and model (`resume_key`) is skipped; any other is analysed again. A
+    case that fails, for any reason but Ctrl-C, is recorded as failed and the batch carries on.
+
+    ray: None analyses the cases here, one after the other; a Ray address ("auto", "ray://host:port", or
+    "local" to start a local cluster) analyses them on Ray workers (`ray_batch.run_on_ray`: `workers`
+    actors, each with `threads_per_worker` torch threads; defaults there). `progress(stage, fraction)`
+    gets the whole batch's fraction; here stages are "<case_id> (<n>/<cases>): <stage>", on Ray
+    "<d> done, <f> failed, <r> running of <n> cases; about <t> left". UsageError when `ray` is given and
+    Ray is not installed, before anything is read.
     """
+    if ray is not None:
+        from .ray_batch import require_ray
+
+        require_ray()
     cases = find_cases(source)
     out_dir = check_writable(out_dir, result_folder=False)
+    key = resume_key(asdict(analyzer.model_info), analysis_options(**analyze_options))
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise OutputError(f"cannot create {out_dir}: {exc.strerror or exc}") from exc
-    outcomes = []
-    for n, case in enumerate(cases):
-        target = out_dir / case.case_id
-        if is_complete(target):
-            outcome = CaseOutcome(case, "skipped", read_report(target))
-        else:
-            case_progress = None if progress is None else _case_progress(progress, case.case_id, n, len(cases))
-            try:
-                result = analyzer.analyze(case.path, progress=case_progress, **analyze_options)
-                write_outputs(result, result.ct, target)
-                outcome = CaseOutcome(case, "done", result.to_report())
-            except CovidCTError as exc:
-                outcome = CaseOutcome(case, "failed", error=str(exc))
-            except Exception as exc:  # a bug on one input must not stop the others (it is in summary.csv)
-                detail = " ".join(str(exc).split())
-                outcome = CaseOutcome(case, "failed", error=f"{EXIT_CODES[1]}: {type(exc).__name__}{': ' + detail if detail else ''}")
-        outcomes.append(outcome)
+    outcomes: list[CaseOutcome | None] = [None] * len(cases)
+
+    def record(n: int, outcome: CaseOutcome) -> None:
+        outcomes[n] = outcome
         if on_case is not None:
             on_case(outcome)
+
+    todo = []
+    for n, case in enumerate(cases):
+        report = finished_report(out_dir / case.case_id, key)
+        if report is None:
+            todo.append(n)
+        else:
+            record(n, CaseOutcome(case, "skipped", report))
+    if ray is None:
+        for n in todo:
+            case_progress = None if progress is None else _case_progress(progress, cases[n].case_id, n, len(cases))
+            record(n, analyse_case(analyzer, cases[n], out_dir / cases[n].case_id, progress=case_progress, **analyze_options))
+    else:
+        from .ray_batch import run_on_ray
+
+        for i, outcome in run_on_ray(analyzer, [cases[n] for n in todo], out_dir, address=ray, workers=workers,
+                                     threads_per_worker=threads_per_worker, progress=progress, **analyze_options):
+            record(todo[i], outcome)
     write_summary(outcomes, out_dir / SUMMARY_CSV)
     return outcomes
+
+
+def analyse_case(analyzer: Analyzer, case: Case, target: Path, progress=None, **analyze_options) -> CaseOutcome:
+    """Analyse one case and write its result folder `target` atomically (`outputs.write_outputs`): the one
+    path of the plain batch and of each Ray worker. Leftovers of an attempt that was killed while writing
+    are removed first. Any error but Ctrl-C becomes a "failed" outcome with a one-line error."""
+    discard_leftovers(target)
+    try:
+        result = analyzer.analyze(case.path, progress=progress, **analyze_options)
+        write_outputs(result, result.ct, target)
+        return CaseOutcome(case, "done", result.to_report())
+    except CovidCTError as exc:
+        return CaseOutcome(case, "failed", error=str(exc))
+    except Exception as exc:  # a bug on one input must not stop the others (it is in summary.csv)
+        detail = " ".join(str(exc).split())
+        return CaseOutcome(case, "failed", error=f"{EXIT_CODES[1]}: {type(exc).__name__}{': ' + detail if detail else ''}")
+
+
+def resume_key(model: dict, options: dict) -> dict:
+    """What a finished case must have been analysed with to be skipped on a re-run: the analysis options
+    (report.json's `options`, `pipeline.analysis_options`) and the model's SHA-256 (each member's for an
+    ensemble; the name for the built-in untrained network, which has no file). `model` is report.json's
+    `model` or `asdict(ModelInfo)`."""
+    return {"options": options, "models": [m.get("sha256") or m.get("name") for m in (model.get("members") or [model])]}
+
+
+def finished_report(target: Path, key: dict) -> dict | None:
+    """The report of a complete result folder analysed with `key` (`resume_key`); None if the case must be
+    analysed (again): no folder, an incomplete one, or one of other options or another model (reports of
+    schema < 1.4 record no options)."""
+    if not is_complete(target):
+        return None
+    report = read_report(target)
+    return report if resume_key(report["model"], report.get("options")) == key else None
 
 
 def _case_progress(progress: Callable[[str, float], None], case_id: str, n: int, total: int):

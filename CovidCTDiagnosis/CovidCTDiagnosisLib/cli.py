@@ -85,6 +85,22 @@ def _add_analysis_options(p: argparse.ArgumentParser) -> None:
                    help="progress on stderr as a bar, or 'lines' on stdout as 'PROGRESS <fraction> <stage>' (for other programs)")
 
 
+def _add_ray_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ray", metavar="ADDRESS", help="analyse the cases on a Ray cluster: 'auto' or 'ray://host:port' (a running "
+                   "one, see docs/ray.md), or 'local' to start one on this machine; needs the extra: "
+                   "pip install 'covidct-diagnosis[ray]'")
+    p.add_argument("--workers", type=_positive_int, metavar="N", help="with --ray: number of workers, each loads the model "
+                   "once (default: one per GPU, else one per two CPU cores)")
+    p.add_argument("--threads-per-worker", type=_positive_int, metavar="N",
+                   help="with --ray: torch threads (and CPUs reserved) per worker (default: the cluster's CPUs / workers)")
+
+
+def _positive_int(value: str) -> int:
+    if not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive number, not {value!r}")
+    return int(value)
+
+
 class _CommandParser(_OneLineErrors, argparse.ArgumentParser):
     """A sub-command's parser; with `add_arguments` (a name in training/commands.py), its options are
     added, and the training package imported, only when that sub-command is parsed."""
@@ -124,6 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("input", metavar="DIR_OR_MANIFEST")
     p.add_argument("--out", required=True, metavar="DIR")
     _add_analysis_options(p)
+    _add_ray_options(p)
 
     p = sub.add_parser("score-images", help="class probabilities of 2-D slice images (PNG/JPG/DICOM)",
                        description="Score single axial slices (already in a lung window if PNG/JPG), or every slice image "
@@ -205,6 +222,17 @@ def _analysis_options(args) -> tuple:
     return slices, aggregate
 
 
+def _check_ray_options(args) -> None:
+    """--workers and --threads-per-worker need --ray; --ray needs Ray installed (UsageError naming the extra)."""
+    if args.ray is None:
+        if args.workers or args.threads_per_worker:
+            raise UsageError("--workers and --threads-per-worker need --ray")
+        return
+    from .ray_batch import require_ray
+
+    require_ray()
+
+
 def _aggregate(value: str) -> str:
     from .aggregation import check_method
 
@@ -255,6 +283,7 @@ def cmd_batch(args) -> int:
     from .result import UNTRAINED_WARNING
 
     slices, aggregate = _analysis_options(args)
+    _check_ray_options(args)
     find_cases(args.input)  # a missing input or bad manifest before the model is loaded
     analyzer = _analyzer(args)
 
@@ -268,8 +297,15 @@ def cmd_batch(args) -> int:
                 print(f"  warning: {warning}", file=sys.stderr)
 
     mode = "none" if args.quiet and args.progress == "bar" else args.progress
-    outcomes = run_batch(analyzer, args.input, args.out, on_case=report, slices=slices, aggregate=aggregate,
-                         series_uid=args.series, progress=_Progress("lines") if mode == "lines" else None)
+    # a bar only on Ray (cases done / failed / running, time left); the plain batch prints a line per case
+    progress = _Progress(mode, "batch") if mode == "lines" or (args.ray and mode == "bar") else None
+    try:
+        outcomes = run_batch(analyzer, args.input, args.out, on_case=report, slices=slices, aggregate=aggregate,
+                             series_uid=args.series, progress=progress, ray=args.ray, workers=args.workers,
+                             threads_per_worker=args.threads_per_worker)
+    finally:
+        if progress is not None:
+            progress.close()
     failed = sum(o.status == "failed" for o in outcomes)
     if not args.quiet:
         print(f"{len(outcomes)} cases, {failed} failed; summary in {Path(args.out) / SUMMARY_CSV}"

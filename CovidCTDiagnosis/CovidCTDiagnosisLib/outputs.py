@@ -8,6 +8,7 @@ The folder's content is documented in docs/report-schema.md.
 from __future__ import annotations
 
 import csv
+import glob
 import json
 import os
 import secrets
@@ -38,6 +39,7 @@ REPORT_HTML = "report.html"
 SEVERITY_SEG_NRRD = "severity.seg.nrrd"
 OUTPUT_FILES = (REPORT_JSON, SLICES_CSV, LUNGS_SEG_NRRD, SEVERITY_SEG_NRRD, GRADCAM_NRRD, LESIONS_MRK_JSON, REPORT_HTML)
 _GRID_TOLERANCE = 1e-4  # mm (origin, spacing) and direction cosines
+_STAGING, _PREVIOUS = "partial", "previous"  # hidden siblings of a result folder while it is written (_sibling)
 
 
 def write_outputs(result: Result, ct_image: sitk.Image, out_dir: str | PathLike, *, overwrite: bool = True) -> Path:
@@ -58,7 +60,7 @@ def write_outputs(result: Result, ct_image: sitk.Image, out_dir: str | PathLike,
     try:
         _check_target(out_dir, overwrite)
         out_dir.parent.mkdir(parents=True, exist_ok=True)
-        staging = _sibling(out_dir, "partial")
+        staging = _sibling(out_dir, _STAGING)
         staging.mkdir()  # honours the umask, unlike tempfile.mkdtemp's 0o700
         write_report_json(staging / REPORT_JSON, result)
         write_slices_csv(staging / SLICES_CSV, result)
@@ -218,6 +220,17 @@ def _check_same_grid(reference: sitk.Image, *images: sitk.Image) -> None:
             raise ValueError("lung labels / Grad-CAM / severity labels are not on the CT's voxel grid")
 
 
+def discard_leftovers(out_dir: str | PathLike) -> None:
+    """Delete the hidden siblings that a writer of `out_dir` killed mid-write (SIGKILL, power loss) left behind:
+    its staging folder and a previous result set aside. The result folder itself is never touched; call it
+    only while no other process writes `out_dir`."""
+    out_dir = Path(os.path.realpath(out_dir))
+    if out_dir.parent.is_dir():
+        for tag in (_STAGING, _PREVIOUS):
+            for leftover in out_dir.parent.glob(f".{glob.escape(out_dir.name)}.{tag}-*"):
+                shutil.rmtree(leftover, ignore_errors=True)
+
+
 def _sibling(out_dir: Path, tag: str) -> Path:
     """A hidden, unique path next to `out_dir` (same file system, so renames are atomic)."""
     return out_dir.parent / f".{out_dir.name}.{tag}-{secrets.token_hex(4)}"
@@ -228,7 +241,7 @@ def _move_into_place(staging: Path, out_dir: Path) -> None:
     if not out_dir.exists():
         staging.rename(out_dir)
         return
-    previous = _sibling(out_dir, "previous")
+    previous = _sibling(out_dir, _PREVIOUS)
     out_dir.rename(previous)
     try:
         staging.rename(out_dir)

@@ -38,9 +38,12 @@ class Analyzer:
 
     model: None (the bundled reference model), a checkpoint path, "untrained[:backbone]", or a
     list of checkpoint paths: an ensemble whose slice probabilities are averaged (Ji et al.).
+    `spec` keeps (model, device, expected_classes) as given, to build the same Analyzer elsewhere (a Ray
+    worker, `ray_batch`); None for one built `from_network`.
     """
 
     def __init__(self, model=None, device: str = "auto", expected_classes: Sequence[str] | None = None):
+        self.spec = (model, device, expected_classes)
         specs = list(model) if isinstance(model, (list, tuple)) else [model]
         loaded = [resolve_model(spec, expected_classes) for spec in specs]
         self.scorer = SliceScorer(loaded[0][0], device)
@@ -53,6 +56,7 @@ class Analyzer:
     def from_network(cls, net, model_info, device: str = "auto") -> "Analyzer":
         """Wrap a DRENet already in memory (e.g. just trained, or built by hand in a test)."""
         self = cls.__new__(cls)
+        self.spec = None
         self.model_info, self.scorer, self.ensemble = model_info, SliceScorer(net, device), []
         return self
 
@@ -74,9 +78,8 @@ class Analyzer:
 
         slices: 15 (the paper's equidistant choice), another count, or "all"/None for every lung slice.
         """
-        if aggregate not in aggregation.METHODS:
-            raise ValueError(f"unknown aggregation {aggregate!r}; choose one of {', '.join(aggregation.METHODS)}")
-        count = None if slices in (None, "all") else int(slices)
+        options = analysis_options(slices, aggregate, series_uid)
+        count = None if options["slices"] == "all" else options["slices"]
         timings: dict[str, float] = {}
         stage = _Stages(timings, progress, cancel)
         cfg = self.config
@@ -148,7 +151,18 @@ class Analyzer:
             ct=image,
             severity=severity,
             severity_labels=severity_labels,
+            options=options,
         )
+
+
+def analysis_options(slices: int | str | None = PAPER_SLICE_COUNT, aggregate: str = "mean",
+                     series_uid: str | None = None) -> dict:
+    """The options that decide an analysis's result, as report.json's `options` records them: `slices` (a count, or
+    "all" for None/"all"), `aggregate`, `series_uid` (None: the reader's choice). The device is left out (it does not
+    change the result). ValueError for an unknown aggregation."""
+    if aggregate not in aggregation.METHODS:
+        raise ValueError(f"unknown aggregation {aggregate!r}; choose one of {', '.join(aggregation.METHODS)}")
+    return {"slices": "all" if slices in (None, "all") else int(slices), "aggregate": aggregate, "series_uid": series_uid}
 
 
 def _ensemble_info(infos: list[ModelInfo], configs: list) -> ModelInfo:

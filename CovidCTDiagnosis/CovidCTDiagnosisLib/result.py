@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk
 
-REPORT_SCHEMA_VERSION = "1.3"  # 1.1: model.performance; 1.2: its sensitivity, specificity and ci95; 1.3: severity
+REPORT_SCHEMA_VERSION = "1.4"  # 1.1: model.performance; 1.2: its sensitivity, specificity and ci95; 1.3: severity; 1.4: options
 RESEARCH_USE_ONLY = "Research use only. Not for diagnosis or any clinical decision."
 UNTRAINED_WARNING = (
     "UNTRAINED NETWORK: the model's weights are random, so every probability, label and box "
@@ -121,6 +121,7 @@ class Result:
     ct: sitk.Image | None = field(default=None, repr=False)  # the analysed CT (HU, input geometry), for writing figures
     severity: Any = None  # severity.Severity: measured ground-glass / consolidation and the 6-zone score; None: not measured
     severity_labels: sitk.Image | None = field(default=None, repr=False)  # uint8, input geometry: 0, 1 ground-glass, 2 consolidation
+    options: dict[str, Any] = field(default_factory=dict)  # the analysis options (pipeline.analysis_options); batch's resume key
 
     def to_report(self) -> dict[str, Any]:
         """The JSON-ready report (schema REPORT_SCHEMA_VERSION, documented in docs/report-schema.md).
@@ -139,6 +140,7 @@ class Result:
             "timings": dict(self.timings),
             "warnings": list(self.warnings),
             "severity": None if self.severity is None else self.severity.to_report(),
+            "options": dict(self.options),
         }
         return _to_json_types(report)
 

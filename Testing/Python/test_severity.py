@@ -91,7 +91,7 @@ def test_outputs_carry_severity(phantom, tmp_path):
     result.severity, result.severity_labels = severity, image
     out = write_outputs(result, ct, tmp_path / "case")
     report = json.loads((out / "report.json").read_text())
-    assert report["schema_version"] == "1.3" and report["severity"]["score"] == severity.score
+    assert report["schema_version"] == "1.4" and report["severity"]["score"] == severity.score
     assert set(report["severity"]["lungs"]) == {"right", "left", "both"} and len(report["severity"]["zones"]) == 6
     seg = slicerio.read_segmentation(str(out / SEVERITY_SEG_NRRD))
     assert [s["name"] for s in seg["segments"]] == ["Ground-glass", "Consolidation"]

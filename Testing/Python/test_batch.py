@@ -1,0 +1,89 @@
+"""`batch.run_batch` without Ray: the resume key (options and model) decides which finished cases a re-run keeps."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from CovidCTDiagnosisLib.batch import SUMMARY_CSV, resume_key, run_batch
+from CovidCTDiagnosisLib.checkpoint import save_checkpoint
+from CovidCTDiagnosisLib.drenet import DRENet, DRENetConfig
+from CovidCTDiagnosisLib.outputs import REPORT_JSON
+from CovidCTDiagnosisLib.pipeline import Analyzer
+from helpers_batch import phantom_cases, summary_rows
+
+
+def tiny_model_file(folder, seed: int) -> str:
+    """A small untrained DRENet file (64 px input); another seed gives another file (another SHA-256)."""
+    torch.manual_seed(seed)
+    return str(save_checkpoint(folder / f"tiny{seed}.pt", DRENet(DRENetConfig(input_size=64)), trained=False,
+                               metadata={"name": "tiny"}))
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("models")
+    return tiny_model_file(folder, 0), tiny_model_file(folder, 1)
+
+
+@pytest.fixture(scope="module")
+def cases(tmp_path_factory, phantom):
+    return phantom_cases(tmp_path_factory.mktemp("cases"), phantom, ("a.nrrd", "b.mha"))
+
+
+def test_report_records_the_resume_key(tmp_path, cases, models):
+    analyzer = Analyzer(models[0])
+    run_batch(analyzer, cases, tmp_path, slices=3)
+    report = json.loads((tmp_path / "a" / REPORT_JSON).read_text())
+    assert report["schema_version"] == "1.4"
+    assert report["options"] == {"slices": 3, "aggregate": "mean", "series_uid": None}
+    assert resume_key(report["model"], report["options"]) == {"options": report["options"],
+                                                              "models": [analyzer.model_info.sha256]}
+    assert len(analyzer.model_info.sha256) == 64
+
+
+def test_rerun_skips_only_cases_of_the_same_options_and_model(tmp_path, cases, models):
+    first = Analyzer(models[0])
+    run_batch(first, cases, tmp_path, slices=3)
+    stamp = (tmp_path / "a" / REPORT_JSON).stat().st_mtime_ns
+
+    same = run_batch(Analyzer(models[0]), cases, tmp_path, slices=3)
+    assert [o.status for o in same] == ["skipped", "skipped"]
+    assert (tmp_path / "a" / REPORT_JSON).stat().st_mtime_ns == stamp
+    assert [r["status"] for r in summary_rows(tmp_path / SUMMARY_CSV)] == ["skipped", "skipped"]
+
+    other_options = run_batch(Analyzer(models[0]), cases, tmp_path, slices=7)
+    assert [o.status for o in other_options] == ["done", "done"]
+    assert json.loads((tmp_path / "a" / REPORT_JSON).read_text())["options"]["slices"] == 7
+
+    other_model = run_batch(Analyzer(models[1]), cases, tmp_path, slices=7)
+    assert [o.status for o in other_model] == ["done", "done"]
+    report = json.loads((tmp_path / "b" / REPORT_JSON).read_text())
+    assert report["model"]["sha256"] == Analyzer(models[1]).model_info.sha256 != first.model_info.sha256
+
+
+def test_reports_without_options_are_redone(tmp_path, cases, models):
+    """A folder of schema 1.3 records no options: a re-run cannot tell how it was made, so it redoes it."""
+    run_batch(Analyzer(models[0]), cases, tmp_path)
+    path = tmp_path / "a" / REPORT_JSON
+    old = json.loads(path.read_text())
+    del old["options"]
+    old["schema_version"] = "1.3"
+    path.write_text(json.dumps(old))
+    statuses = {o.case.case_id: o.status for o in run_batch(Analyzer(models[0]), cases, tmp_path)}
+    assert statuses == {"a": "done", "b": "skipped"}
+    assert "options" in json.loads(path.read_text())
+
+
+def test_leftovers_of_a_killed_writer_are_removed(tmp_path, cases, models):
+    """A writer killed mid-write leaves a hidden staging folder beside the case's (never a half-written case
+    folder); the next attempt at that case removes it."""
+    staging = tmp_path / ".a.partial-0badf00d"
+    staging.mkdir()
+    (staging / REPORT_JSON).write_text("{")
+    outcomes = run_batch(Analyzer(models[0]), cases, tmp_path)
+    assert [o.status for o in outcomes] == ["done", "done"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", SUMMARY_CSV]
+
