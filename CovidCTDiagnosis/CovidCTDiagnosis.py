@@ -440,10 +440,12 @@ class CovidCTDiagnosisLogic(ScriptedLoadableModuleLogic):
         """Analyse many CTs (a folder, a CSV manifest, or a list of paths) into one result folder each and
         summary.csv in `outputFolder`, carrying on past bad cases; the scene is not touched. `aggregate` as
         for process(). `ray`: None analyses here, one case after the other; a Ray address ("auto",
-        "ray://host:port", or "local") analyses on Ray workers (needs `pip install ray` in Slicer's Python;
+        "ray://host:port", or "local") analyses on Ray workers (Ray is installed after asking;
         `workers`, `threadsPerWorker` as `covidct batch --workers`, `--threads-per-worker`, docs/ray.md)."""
         self._checkAggregate(aggregate)
         self.setupDependencies()
+        if ray is not None:
+            self._pipInstall(slicer_runtime.missing_requirements(("ray",)))
         from CovidCTDiagnosisLib.batch import SUMMARY_CSV, run_batch
         from CovidCTDiagnosisLib.pipeline import Analyzer
 

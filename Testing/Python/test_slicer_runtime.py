@@ -59,8 +59,11 @@ def test_pip_requirements_cover_the_engine_imports():
             elif isinstance(node, ast.ImportFrom) and node.level == 0:
                 imported.add(node.module.split(".")[0])
     third_party = {name for name in imported - set(sys.stdlib_module_names) if name not in ("CovidCTDiagnosisLib", "__future__")}
-    assert third_party - SLICER_SHIPPED - PYTORCH_EXTENSION - TRAINING_ONLY <= set(slicer_runtime.PIP_REQUIREMENTS)
-    declared = {req.split(">=")[0].lower(): req for req in tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]}
+    assert third_party - SLICER_SHIPPED - PYTORCH_EXTENSION - TRAINING_ONLY <= {*slicer_runtime.PIP_REQUIREMENTS,
+                                                                                *slicer_runtime.OPTIONAL_REQUIREMENTS}
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    declared = {req.split(">=")[0].lower(): req for req in project["dependencies"] + project["optional-dependencies"]["ray"]}
+    assert set(slicer_runtime.OPTIONAL_REQUIREMENTS.values()) <= set(declared.values())
     for requirement in slicer_runtime.PIP_REQUIREMENTS.values():
         name = requirement.split(">=")[0].lower()
         if name in declared:
