@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -89,46 +90,53 @@ def run_batch(
     "local" to start a local cluster) analyses them on Ray workers (`ray_batch.run_on_ray`: `workers`
     actors, each with `threads_per_worker` torch threads; defaults there). `progress(stage, fraction)`
     gets the whole batch's fraction; here stages are "<case_id> (<n>/<cases>): <stage>", on Ray
-    "<d> done, <f> failed, <r> running of <n> cases; about <t> left". UsageError when `ray` is given and
-    Ray is not installed, before anything is read.
+    "<d> done, <f> failed, <r> running of <n> cases; about <t> left". UsageError, before anything is
+    analysed or written, when `ray` is given and Ray is not installed or the cluster cannot be reached.
     """
-    if ray is not None:
-        from .ray_batch import require_ray
-
-        require_ray()
     cases = find_cases(source)
     out_dir = check_writable(out_dir, result_folder=False)
     key = resume_key(asdict(analyzer.model_info), analysis_options(**analyze_options))
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise OutputError(f"cannot create {out_dir}: {exc.strerror or exc}") from exc
-    outcomes: list[CaseOutcome | None] = [None] * len(cases)
+    with _cluster(ray):  # connected (or started) before anything is written
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise OutputError(f"cannot create {out_dir}: {exc.strerror or exc}") from exc
+        outcomes: list[CaseOutcome | None] = [None] * len(cases)
 
-    def record(n: int, outcome: CaseOutcome) -> None:
-        outcomes[n] = outcome
-        if on_case is not None:
-            on_case(outcome)
+        def record(n: int, outcome: CaseOutcome) -> None:
+            outcomes[n] = outcome
+            if on_case is not None:
+                on_case(outcome)
 
-    todo = []
-    for n, case in enumerate(cases):
-        report = finished_report(out_dir / case.case_id, key)
-        if report is None:
-            todo.append(n)
+        todo = []
+        for n, case in enumerate(cases):
+            report = finished_report(out_dir / case.case_id, key)
+            if report is None:
+                todo.append(n)
+            else:
+                record(n, CaseOutcome(case, "skipped", report))
+        if ray is None:
+            for n in todo:
+                case_progress = None if progress is None else _case_progress(progress, cases[n].case_id, n, len(cases))
+                record(n, analyse_case(analyzer, cases[n], out_dir / cases[n].case_id, progress=case_progress,
+                                       **analyze_options))
         else:
-            record(n, CaseOutcome(case, "skipped", report))
-    if ray is None:
-        for n in todo:
-            case_progress = None if progress is None else _case_progress(progress, cases[n].case_id, n, len(cases))
-            record(n, analyse_case(analyzer, cases[n], out_dir / cases[n].case_id, progress=case_progress, **analyze_options))
-    else:
-        from .ray_batch import run_on_ray
+            from .ray_batch import run_on_ray
 
-        for i, outcome in run_on_ray(analyzer, [cases[n] for n in todo], out_dir, address=ray, workers=workers,
-                                     threads_per_worker=threads_per_worker, progress=progress, **analyze_options):
-            record(todo[i], outcome)
-    write_summary(outcomes, out_dir / SUMMARY_CSV)
+            for i, outcome in run_on_ray(analyzer, [cases[n] for n in todo], out_dir, workers=workers,
+                                         threads_per_worker=threads_per_worker, progress=progress, **analyze_options):
+                record(todo[i], outcome)
+        write_summary(outcomes, out_dir / SUMMARY_CSV)
     return outcomes
+
+
+def _cluster(ray: str | None):
+    """The Ray connection for a batch on `ray` (`ray_batch.connected`); nothing for a plain batch."""
+    if ray is None:
+        return nullcontext()
+    from .ray_batch import connected
+
+    return connected(ray)
 
 
 def analyse_case(analyzer: Analyzer, case: Case, target: Path, progress=None, **analyze_options) -> CaseOutcome:

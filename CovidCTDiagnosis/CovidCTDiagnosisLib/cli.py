@@ -163,18 +163,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 class _Progress:
-    """Stage progress as a tqdm bar on stderr, machine-readable lines on stdout, or nothing."""
+    """Stage progress as a tqdm bar on stderr (drawn from the first report on, so an error before any work stays
+    one line), machine-readable lines on stdout, or nothing."""
 
     def __init__(self, mode: str, label: str = ""):
-        self.mode, self.bar = mode, None
-        if mode == "bar":
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=100, desc=label, unit="%", file=sys.stderr, leave=False,
-                            bar_format="{desc} {percentage:3.0f}%|{bar}| {postfix}")
+        self.mode, self.label, self.bar = mode, label, None
 
     def __call__(self, stage: str, fraction: float) -> None:
-        if self.bar is not None:
+        if self.mode == "bar":
+            if self.bar is None:
+                from tqdm import tqdm
+
+                self.bar = tqdm(total=100, desc=self.label, unit="%", file=sys.stderr, leave=False,
+                                bar_format="{desc} {percentage:3.0f}%|{bar}| {postfix}")
             self.bar.set_postfix_str(stage)
             self.bar.update(round(fraction * 100) - self.bar.n)
         elif self.mode == "lines":

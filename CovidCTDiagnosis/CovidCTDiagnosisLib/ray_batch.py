@@ -16,6 +16,7 @@ import os
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from .batch import Case, CaseOutcome, analyse_case
@@ -77,7 +78,6 @@ def run_on_ray(
     cases: list[Case],
     out_dir: Path,
     *,
-    address: str,
     workers: int | None = None,
     threads_per_worker: int | None = None,
     progress: Callable[[str, float], None] | None = None,
@@ -85,12 +85,9 @@ def run_on_ray(
 ) -> Iterator[tuple[int, CaseOutcome]]:
     """Analyse `cases` into out_dir/<case_id>/ on Ray; yields (index in `cases`, outcome) as each finishes, each case once.
 
-    address: "local" starts a local cluster (all this machine's CPUs and GPUs) and stops it at the end;
-    "auto" or "ray://host:port" connects to a running one. When this process is already connected
-    (ray.is_initialized()), that connection is used and left open. Workers: `plan_workers`. The workers
-    build the analyzer from `analyzer.spec` (ValueError for one built from a network in memory).
-    `progress(stage, fraction)` after each case: "<d> done, <f> failed, <r> running of <n> cases; about
-    <t> left". UsageError when Ray is missing or the cluster cannot be reached.
+    Runs inside `connected(...)`. Workers: `plan_workers`; they build the analyzer from `analyzer.spec`
+    (ValueError for one built from a network in memory) and are stopped at the end. `progress(stage,
+    fraction)` after each case: "<d> done, <f> failed, <r> running of <n> cases; about <t> left".
     """
     ray = require_ray()
     if analyzer.spec is None:
@@ -98,7 +95,6 @@ def run_on_ray(
                          "not one built from a network in memory")
     if not cases:
         return
-    started = _connect(ray, address)
     actors = []
     try:
         count, threads, gpus = plan_workers(ray.cluster_resources(), analyzer.spec[1], workers, threads_per_worker)
@@ -137,12 +133,25 @@ def run_on_ray(
     finally:
         for actor in actors:
             ray.kill(actor)
+
+
+@contextmanager
+def connected(address: str):
+    """This process connected to the Ray cluster at `address` while in the block: "local" starts one on this machine
+    (all its CPUs and GPUs, a small object store, no dashboard), "auto" or "ray://host:port" connects to a running
+    one; a cluster started or connected here is shut down or left at the end. An existing connection
+    (ray.is_initialized()) is used and left open. UsageError when Ray is missing or the cluster cannot be reached."""
+    ray = require_ray()
+    started = _connect(ray, address)
+    try:
+        yield
+    finally:
         if started:
             ray.shutdown()
 
 
 def _connect(ray, address: str) -> bool:
-    """Connect to (or, for "local", start) the cluster; True when this call did (and the caller must shut it down)."""
+    """Connect to (or, for "local", start) the cluster; True when this call did (and must shut it down)."""
     if ray.is_initialized():
         return False
     quiet = {"logging_level": logging.WARNING, "log_to_driver": False}

@@ -73,6 +73,14 @@ def by_case(rows):
     return {r["case_id"]: r for r in rows}
 
 
+def test_an_unreachable_cluster_is_one_line_before_anything_is_written(tmp_path, cases, tiny_model, capsys):
+    assert not ray.is_initialized()
+    code = main(["batch", str(cases), "--out", str(tmp_path / "out"), "--model", tiny_model, "--ray", "auto"])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "--ray auto: cannot connect to a Ray cluster" in err and not (tmp_path / "out").exists()
+
+
 def test_ray_local_gives_the_plain_batch_results(tmp_path, cases, capsys):
     """`--ray local` starts a cluster, analyses on it and stops it: the same rows as the plain batch (the
     bundled model, whose probabilities differ between slices and cases)."""
