@@ -133,7 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("batch", help="analyse many cases: one result folder each and summary.csv",
                        description="Analyse every case in a folder (DICOM sub-folders and volume files) or listed in a CSV "
                                    "manifest with a 'path' column (optional 'case_id'). Bad cases are reported and skipped; "
-                                   "re-running skips cases already finished. OUT/summary.csv: one row per case (status "
+                                   "re-running skips cases already finished with the same options and model (both recorded "
+                                   "in each report.json) and redoes the others; --ray runs the cases on Ray workers. "
+                                   "OUT/summary.csv: one row per case (status "
                                    "done/skipped/failed, label, probabilities, result_folder, error). Exit code 9 when "
                                    "some or all cases failed.", epilog=_exit_code_help(),
                        formatter_class=argparse.RawDescriptionHelpFormatter)
