@@ -88,15 +88,16 @@ def run_batch(
 
     ray: None analyses the cases here, one after the other; a Ray address ("auto", "ray://host:port", or
     "local" to start a local cluster) analyses them on Ray workers (`ray_batch.run_on_ray`: `workers`
-    actors, each with `threads_per_worker` torch threads; defaults there). `progress(stage, fraction)`
+    actors, each with `threads_per_worker` torch threads; defaults in `ray_batch.plan_workers`). `progress(stage, fraction)`
     gets the whole batch's fraction; here stages are "<case_id> (<n>/<cases>): <stage>", on Ray
     "<d> done, <f> failed, <r> running of <n> cases; about <t> left". UsageError, before anything is
-    analysed or written, when `ray` is given and Ray is not installed or the cluster cannot be reached.
+    analysed or written, when `ray` is given and Ray is not installed, the cluster cannot be reached or is
+    too small for the workers asked for.
     """
     cases = find_cases(source)
     out_dir = check_writable(out_dir, result_folder=False)
     key = resume_key(asdict(analyzer.model_info), analysis_options(**analyze_options))
-    with _cluster(ray):  # connected (or started) before anything is written
+    with _cluster(ray, analyzer, workers, threads_per_worker) as plan:  # before anything is written
         try:
             out_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -123,20 +124,19 @@ def run_batch(
         else:
             from .ray_batch import run_on_ray
 
-            for i, outcome in run_on_ray(analyzer, [cases[n] for n in todo], out_dir, workers=workers,
-                                         threads_per_worker=threads_per_worker, progress=progress, **analyze_options):
+            for i, outcome in run_on_ray(analyzer, [cases[n] for n in todo], out_dir, plan, progress, **analyze_options):
                 record(todo[i], outcome)
         write_summary(outcomes, out_dir / SUMMARY_CSV)
     return outcomes
 
 
-def _cluster(ray: str | None):
-    """The Ray connection for a batch on `ray` (`ray_batch.connected`); nothing for a plain batch."""
+def _cluster(ray: str | None, analyzer: Analyzer, workers: int | None, threads_per_worker: int | None):
+    """The Ray connection and workers' plan for a batch on `ray` (`ray_batch.cluster`); nothing for a plain batch."""
     if ray is None:
         return nullcontext()
-    from .ray_batch import connected
+    from .ray_batch import cluster
 
-    return connected(ray)
+    return cluster(ray, analyzer, workers, threads_per_worker)
 
 
 def analyse_case(analyzer: Analyzer, case: Case, target: Path, progress=None, **analyze_options) -> CaseOutcome:

@@ -77,27 +77,22 @@ def run_on_ray(
     analyzer: Analyzer,
     cases: list[Case],
     out_dir: Path,
-    *,
-    workers: int | None = None,
-    threads_per_worker: int | None = None,
+    plan: tuple[int, int, float],
     progress: Callable[[str, float], None] | None = None,
     **analyze_options,
 ) -> Iterator[tuple[int, CaseOutcome]]:
     """Analyse `cases` into out_dir/<case_id>/ on Ray; yields (index in `cases`, outcome) as each finishes, each case once.
 
-    Runs inside `connected(...)`. Workers: `plan_workers`; they build the analyzer from `analyzer.spec`
-    (ValueError for one built from a network in memory) and are stopped at the end. `progress(stage,
-    fraction)` after each case: "<d> done, <f> failed, <r> running of <n> cases; about <t> left".
+    Runs inside `cluster(...)`, with the workers it planned (`plan_workers`); they build the analyzer from
+    `analyzer.spec` and are stopped at the end. `progress(stage, fraction)` after each case: "<d> done,
+    <f> failed, <r> running of <n> cases; about <t> left".
     """
     ray = require_ray()
-    if analyzer.spec is None:
-        raise ValueError("a batch on Ray needs an Analyzer built from a model file (Analyzer(model, device)), "
-                         "not one built from a network in memory")
     if not cases:
         return
+    count, threads, gpus = plan
     actors = []
     try:
-        count, threads, gpus = plan_workers(ray.cluster_resources(), analyzer.spec[1], workers, threads_per_worker)
         actor_class = ray.remote(CaseWorker).options(num_cpus=threads, num_gpus=gpus)
 
         def new_actor():
@@ -136,15 +131,20 @@ def run_on_ray(
 
 
 @contextmanager
-def connected(address: str):
-    """This process connected to the Ray cluster at `address` while in the block: "local" starts one on this machine
-    (all its CPUs and GPUs, a small object store, no dashboard), "auto" or "ray://host:port" connects to a running
-    one; a cluster started or connected here is shut down or left at the end. An existing connection
-    (ray.is_initialized()) is used and left open. UsageError when Ray is missing or the cluster cannot be reached."""
+def cluster(address: str, analyzer: Analyzer, workers: int | None = None, threads_per_worker: int | None = None):
+    """This process connected to the Ray cluster at `address` while in the block, which gets the workers' plan
+    (`plan_workers`, for `run_on_ray`): "local" starts a cluster on this machine (all its CPUs and GPUs, a small
+    object store, no dashboard), "auto" or "ray://host:port" connects to a running one; a cluster started or
+    connected here is shut down or left at the end. An existing connection (ray.is_initialized()) is used and
+    left open. UsageError when Ray is missing, the cluster cannot be reached or is too small for the workers;
+    ValueError for an analyzer built from a network in memory (the workers build theirs from `analyzer.spec`)."""
     ray = require_ray()
+    if analyzer.spec is None:
+        raise ValueError("a batch on Ray needs an Analyzer built from a model file (Analyzer(model, device)), "
+                         "not one built from a network in memory")
     started = _connect(ray, address)
     try:
-        yield
+        yield plan_workers(ray.cluster_resources(), analyzer.spec[1], workers, threads_per_worker)
     finally:
         if started:
             ray.shutdown()

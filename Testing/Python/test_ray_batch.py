@@ -123,6 +123,14 @@ def test_ray_rerun_skips_finished_cases_and_redoes_other_options(tmp_path, cases
     assert ray.is_initialized(), "a connection made by the caller is left open"
 
 
+def test_more_worker_threads_than_the_cluster_has_is_a_usage_error(tmp_path, cases, tiny_model, cluster, capsys):
+    code = main(["batch", str(cases), "--out", str(tmp_path / "out"), "--model", tiny_model, "--ray", "auto",
+                 "--workers", "2", "--threads-per-worker", "2"])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "2 Ray workers of 2 threads need 4 CPUs; the cluster has 2" in err and not (tmp_path / "out").exists()
+
+
 class WorkerKiller(threading.Thread):
     """Kills (SIGKILL) the first `times` Ray worker processes seen analysing a case (process title
     `ray::CaseWorker.analyse`)."""
@@ -134,11 +142,24 @@ class WorkerKiller(threading.Thread):
     def run(self):
         while len(self.killed) < self.times and not self.stop.wait(0.05):
             for pid in os.listdir("/proc"):
-                if pid.isdigit() and int(pid) not in self.killed and _title(pid).startswith("ray::CaseWorker.analyse"):
+                if (pid.isdigit() and int(pid) not in self.killed and _title(pid).startswith("ray::CaseWorker.analyse")
+                        and _descends_from_this_process(pid)):
                     time.sleep(0.5)  # well into the case
                     os.kill(int(pid), signal.SIGKILL)
                     self.killed.append(int(pid))
                     break
+
+
+def _descends_from_this_process(pid: str) -> bool:
+    """Whether process `pid` is a descendant of this one (a worker of the cluster this test started)."""
+    while pid not in ("0", "1"):
+        try:
+            pid = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1]  # field 4: the parent's pid
+        except (OSError, IndexError):
+            return False
+        if pid == str(os.getpid()):
+            return True
+    return False
 
 
 def _title(pid: str) -> str:
