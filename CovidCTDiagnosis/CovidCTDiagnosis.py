@@ -107,9 +107,16 @@ class ShownResults:
     """The nodes one analysis put into the scene, with the plan they were made from."""
 
     def __init__(self, plan, folderItem: int, segmentation: slicer.vtkMRMLSegmentationNode, heat: vtkMRMLScalarVolumeNode,
-                 table: slicer.vtkMRMLTableNode, rois: list[slicer.vtkMRMLMarkupsROINode]):
+                 table: slicer.vtkMRMLTableNode, rois: list[slicer.vtkMRMLMarkupsROINode],
+                 severity: Optional[slicer.vtkMRMLSegmentationNode] = None, severityTable: Optional[slicer.vtkMRMLTableNode] = None):
         self.plan, self.folderItem = plan, folderItem
         self.segmentation, self.heat, self.table, self.rois = segmentation, heat, table, rois
+        self.severity, self.severityTable = severity, severityTable  # None where the CT's involvement was not measured
+
+    def nodes(self) -> list:
+        """Every node of these results (all under `folderItem`)."""
+        measured = [n for n in (self.severity, self.severityTable) if n is not None]
+        return [self.segmentation, self.heat, self.table, *self.rois, *measured]
 
 
 class AnalysisJob:
@@ -491,29 +498,33 @@ class CovidCTDiagnosisLogic(ScriptedLoadableModuleLogic):
 
         slicer.mrmlScene.StartState(slicer.mrmlScene.BatchProcessState)
         try:
-            segmentation = self._addSegmentation(os.path.join(resultFolder, outputs.LUNGS_SEG_NRRD), plan)
+            segmentation = self._addSegmentation(os.path.join(resultFolder, outputs.LUNGS_SEG_NRRD), plan.segmentation_name,
+                                                 plan.segments)
             heat = slicer.util.addVolumeFromArray(heatArray, plan.geometry.ijk_to_ras(), plan.heat_name)
             self._styleHeatVolume(heat)
-            table = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLTableNode", plan.table_name)
-            columns = plan.table_columns()
-            slicer.util.updateTableFromArray(table, [values for _title, values in columns], [title for title, _values in columns])
-            table.SetLocked(True)
+            table = self._addTable(plan.table_name, plan.table_columns())
             rois = [self._addRoi(roi) for roi in plan.rois]
+            severity = severityTable = None
+            if plan.severity is not None:
+                severity = self._addSegmentation(os.path.join(resultFolder, outputs.SEVERITY_SEG_NRRD),
+                                                 plan.severity.segmentation_name, plan.severity.segments)
+                severityTable = self._addTable(plan.severity.table_name, plan.severity.table_columns())
         finally:
             slicer.mrmlScene.EndState(slicer.mrmlScene.BatchProcessState)
+        shown = ShownResults(plan, folderItem, segmentation, heat, table, rois, severity, severityTable)
 
         transformID = volumeNode.GetTransformNodeID() if volumeNode else None
-        for node in [segmentation, heat, *rois]:
-            node.SetAndObserveTransformNodeID(transformID)
-        for node in [segmentation, heat, table, *rois]:  # Slicer's subject-hierarchy plugins (Qt) make items for new
-            item = shNode.GetItemByDataNode(node)       # nodes; without them (a bare MRML scene) make them here
-            if item:
+        for node in shown.nodes():
+            if node.IsA("vtkMRMLTransformableNode"):
+                node.SetAndObserveTransformNodeID(transformID)
+            item = shNode.GetItemByDataNode(node)  # Slicer's subject-hierarchy plugins (Qt) make items for new
+            if item:                               # nodes; without them (a bare MRML scene) make them here
                 shNode.SetItemParent(item, folderItem)
             else:
                 shNode.CreateItem(folderItem, node)
         background = volumeNode if volumeNode else "keep-current"
         slicer.util.setSliceViewerLayers(background=background, foreground=heat, foregroundOpacity=DEFAULT_HEAT_OPACITY)
-        self.shownResults = ShownResults(plan, folderItem, segmentation, heat, table, rois)
+        self.shownResults = shown
         return self.shownResults
 
     def jumpToSlice(self, results: ShownResults, rowIndex: int):
@@ -544,10 +555,29 @@ class CovidCTDiagnosisLogic(ScriptedLoadableModuleLogic):
         return Geometry.from_ijk_to_ras(slicer.util.arrayFromVTKMatrix(ijkToRAS), volumeNode.GetImageData().GetDimensions())
 
     @staticmethod
-    def _addSegmentation(path, plan):
+    def _addTable(name, columns):
+        """A locked table node of (title, values) columns: text columns as strings, the others as numbers."""
+        import numpy as np
+        from vtk.util import numpy_support
+
+        table = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLTableNode", name)
+        for title, values in columns:
+            if values.dtype.kind in "US":
+                column = vtk.vtkStringArray()
+                for value in values:
+                    column.InsertNextValue(str(value))
+            else:
+                column = numpy_support.numpy_to_vtk(np.ascontiguousarray(values), deep=True)
+            column.SetName(title)
+            table.AddColumn(column)
+        table.SetLocked(True)
+        return table
+
+    @staticmethod
+    def _addSegmentation(path, name, segments):
         """Read `path` through Slicer's segmentation storage node (what the application's reader uses; needs no
         application, so the Logic also runs on a bare MRML scene), then name, colour and tag the planned segments."""
-        segmentationNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", plan.segmentation_name)
+        segmentationNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", name)
         storageNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationStorageNode")
         storageNode.SetFileName(path)
         segmentationNode.SetAndObserveStorageNodeID(storageNode.GetID())
@@ -556,7 +586,7 @@ class CovidCTDiagnosisLogic(ScriptedLoadableModuleLogic):
         segmentationNode.CreateDefaultDisplayNodes()
         segmentation = segmentationNode.GetSegmentation()
         display = segmentationNode.GetDisplayNode()
-        for planned in plan.segments:
+        for planned in segments:
             segment = segmentation.GetSegment(planned.segment_id)
             if segment is None:
                 raise ValueError(_("Segment {name} is missing from {path}.").format(name=planned.segment_id, path=path))
@@ -648,6 +678,9 @@ class CovidCTDiagnosisTest(ScriptedLoadableModuleTest):
         np.testing.assert_allclose(center, LPS_TO_RAS @ np.array(boxes[0].center_lps), atol=1e-3)
         self.assertEqual(results.table.GetNumberOfRows(), len(slices))
         self.assertEqual(list(slicer.util.arrayFromTableColumn(results.table, "Slice")), [s.index for s in slices])
+        severity = results.severity.GetSegmentation()  # the phantom's lesions are ground-glass and consolidation
+        self.assertEqual([severity.GetNthSegment(i).GetName() for i in range(2)], ["Ground-glass", "Consolidation"])
+        self.assertEqual(results.severityTable.GetNumberOfRows(), len(results.plan.severity.rows))
 
     def test_ProcessObliqueVolume(self):
         """In-process analysis of an oblique volume."""

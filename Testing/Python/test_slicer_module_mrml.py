@@ -141,7 +141,7 @@ def test_load_results_on_a_real_scene(module, scene, analysed, grid, transformed
     assert shNode.GetItemChildWithName(shNode.GetSceneItemID(), folder_name("CT")) == shown.folderItem
     children = vtk.vtkIdList()
     shNode.GetItemChildren(shown.folderItem, children)
-    nodes = [shown.segmentation, shown.heat, shown.table, *shown.rois]
+    nodes = [shown.segmentation, shown.heat, shown.table, *shown.rois, shown.severity, shown.severityTable]
     assert sorted(children.GetId(i) for i in range(children.GetNumberOfIds())) == sorted(shNode.GetItemByDataNode(n) for n in nodes)
 
     boxes_lps = np.array([b["center_lps"] for s in report["slices"] for b in s["boxes"]])
@@ -160,8 +160,16 @@ def test_load_results_on_a_real_scene(module, scene, analysed, grid, transformed
     nk = volume.GetImageData().GetDimensions()[2]
     flipped = grid == "oblique left-handed"
     assert slices == [nk - 1 - s["index"] if flipped else s["index"] for s in report["slices"]]
-    for node in [shown.segmentation, shown.heat, *shown.rois]:
+    for node in [shown.segmentation, shown.heat, *shown.rois, shown.severity]:
         assert node.GetTransformNodeID() == volume.GetTransformNodeID()
+    severity = shown.severity.GetSegmentation()  # the measured involvement: its own node and table
+    assert [severity.GetNthSegment(i).GetName() for i in range(severity.GetNumberOfSegments())] == ["Ground-glass", "Consolidation"]
+    table = shown.severityTable
+    assert table.GetNumberOfRows() == 9 and table.GetColumnName(0) == "Lung"
+    assert [table.GetCellText(r, 0) + " " + table.GetCellText(r, 1) for r in (0, 5, 8)] == ["right upper", "left lower", "both all"]
+    assert int(table.GetCellText(8, table.GetColumnIndex("Score"))) == report["severity"]["score"]
+    assert float(table.GetCellText(8, table.GetColumnIndex("Involved (%)"))) == pytest.approx(
+        report["severity"]["lungs"]["both"]["involved_percent"], abs=0.05)
 
     # Every output file through Slicer's own storage nodes, against what the engine wrote (sitk: LPS, the file's grid)
     def on_ct_grid(array_kji):
@@ -173,6 +181,13 @@ def test_load_results_on_a_real_scene(module, scene, analysed, grid, transformed
     labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode")
     assert slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(shown.segmentation, lungs, labelmap, volume)
     np.testing.assert_array_equal(slicer.util.arrayFromVolume(labelmap), on_ct_grid(lung_labels))
+    bands = vtk.vtkStringArray()  # label 1 ground-glass, 2 consolidation, as the engine numbers them
+    for name in ["Ground-glass", "Consolidation"]:
+        bands.InsertNextValue(severity.GetSegmentIdBySegmentName(name))
+    assert slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(shown.severity, bands, labelmap, volume)
+    engine_bands = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / outputs.SEVERITY_SEG_NRRD)))
+    assert (engine_bands == 1).sum() > 0 and (engine_bands == 2).sum() > 0  # the phantom's lesions
+    np.testing.assert_array_equal(slicer.util.arrayFromVolume(labelmap), on_ct_grid(engine_bands))
     heat = _read(scene, "vtkMRMLScalarVolumeNode", "vtkMRMLVolumeArchetypeStorageNode", folder / outputs.GRADCAM_NRRD)
     np.testing.assert_allclose(_ijk_to_ras(heat), ct_matrix, atol=1e-6)
     engine_heat = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / outputs.GRADCAM_NRRD)))
@@ -204,7 +219,7 @@ def test_reload_replaces_and_jump_lands_on_the_transformed_slice(module, scene, 
     assert all(shNode.GetItemDataNode(top.GetId(i)) is None for i, n in enumerate(named) if n not in ("CT", folder_name("CT")))
     counts = {c: scene.GetNumberOfNodesByClass(c) for c in
               ["vtkMRMLSegmentationNode", "vtkMRMLTableNode", "vtkMRMLMarkupsROINode", "vtkMRMLColorTableNode"]}
-    assert counts == {"vtkMRMLSegmentationNode": 1, "vtkMRMLTableNode": 1, "vtkMRMLMarkupsROINode": len(shown.rois),
+    assert counts == {"vtkMRMLSegmentationNode": 2, "vtkMRMLTableNode": 2, "vtkMRMLMarkupsROINode": len(shown.rois),
                       "vtkMRMLColorTableNode": 1}
     assert scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode") == 2  # the CT and one heat map
     composite = scene.GetFirstNodeByClass("vtkMRMLSliceCompositeNode")
