@@ -37,6 +37,7 @@ if MODULE_DIR not in sys.path:
     sys.path.insert(0, MODULE_DIR)
 
 from CovidCTDiagnosisLib import slicer_runtime  # noqa: E402  (standard library only: works before the dependencies)
+from CovidCTDiagnosisLib.display import HEAT_OPACITY, HEAT_THRESHOLD  # noqa: E402  (constants only)
 
 UNTRAINED_MODEL = "untrained"
 TEMP_KEY = "CovidCTDiagnosis"
@@ -44,8 +45,8 @@ INPUT_FILE = "input.nrrd"
 RESULT_DIR = "result"
 POLL_INTERVAL_MS = 200
 PROGRESS_STEPS = 100
-DEFAULT_HEAT_OPACITY = 0.4
 JOB_TIMEOUT_S = 600  # the self-test's limit for a background analysis
+SERIES_INSTANCE_UID_TAG = "0020,000E"  # as ctkDICOMDatabase names tags
 
 
 class Device(enum.Enum):
@@ -100,7 +101,7 @@ class CovidCTDiagnosisParameterNode:
     model: str = ""
     device: Device = Device.AUTO
     slices: SliceChoice = SliceChoice.PAPER
-    heatOpacity: Annotated[float, WithinRange(0.0, 1.0)] = DEFAULT_HEAT_OPACITY
+    heatOpacity: Annotated[float, WithinRange(0.0, 1.0)] = HEAT_OPACITY
 
 
 class ShownResults:
@@ -177,6 +178,7 @@ class CovidCTDiagnosisWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._job = None
         self._shown = None
         self._topSliceButtons = []
+        self._modelChoices = None  # the model combo box's (text, model) items
 
     def setup(self):
         ScriptedLoadableModuleWidget.setup(self)
@@ -246,9 +248,11 @@ class CovidCTDiagnosisWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         choices.append((_("Untrained network (tests the pipeline; not a diagnosis)"), UNTRAINED_MODEL))
         combo = self.ui.modelComboBox
         wasBlocked = combo.blockSignals(True)
-        combo.clear()
-        for text, spec in choices:
-            combo.addItem(text, spec)
+        if choices != self._modelChoices:  # rebuilt only when they change, not on every parameter change (slider steps)
+            combo.clear()
+            for text, spec in choices:
+                combo.addItem(text, spec)
+            self._modelChoices = choices
         combo.currentIndex = [spec for _text, spec in choices].index(model)
         combo.blockSignals(wasBlocked)
 
@@ -467,7 +471,7 @@ class CovidCTDiagnosisLogic(ScriptedLoadableModuleLogic):
 
         Needs only the file readers, not PyTorch. Over a volume, the results must hold its voxels at their
         places, on any grid of them (Slicer makes left-handed files right-handed): slice numbers and box
-        names are then those of the volume's grid. Raises ValueError for results of another volume.
+        names are then those of the volume's grid. Raises ValueError for results of another volume (or DICOM series).
         Returns the ShownResults.
         """
         self.setupFileReaders()
@@ -478,9 +482,14 @@ class CovidCTDiagnosisLogic(ScriptedLoadableModuleLogic):
         report = outputs.read_report(resultFolder)
         name = volumeNode.GetName() if volumeNode else os.path.basename(os.path.normpath(resultFolder))
         volumeGeometry = self._volumeGeometry(volumeNode) if volumeNode else None
-        if volumeGeometry is not None and not scene_plan.Geometry.from_report(report).matches(volumeGeometry):
-            raise ValueError(_("These results were computed on another volume than {volume}: select that CT, or none.").format(
-                volume=name))
+        analysedSeries, volumeSeries = report["input"].get("series_uid"), self._dicomSeriesUID(volumeNode)
+        otherSeries = bool(analysedSeries and volumeSeries and analysedSeries != volumeSeries)
+        if otherSeries or (volumeGeometry is not None and not scene_plan.Geometry.from_report(report).matches(volumeGeometry)):
+            source = report["input"].get("path") or _("an image in memory")
+            if analysedSeries:
+                source += _(" (DICOM series {uid})").format(uid=analysedSeries)
+            raise ValueError(_("These results were computed on another CT than {volume}: on {source}. Select that CT, or "
+                               "none.").format(volume=name, source=source))
         plan = scene_plan.plan_scene(report, name, volumeGeometry)
         heatImage = sitk.ReadImage(os.path.join(resultFolder, outputs.GRADCAM_NRRD))
         heatToScene = scene_plan.Geometry.from_image(heatImage).voxel_map(plan.geometry)
@@ -513,6 +522,10 @@ class CovidCTDiagnosisLogic(ScriptedLoadableModuleLogic):
             slicer.mrmlScene.EndState(slicer.mrmlScene.BatchProcessState)
         shown = ShownResults(plan, folderItem, segmentation, heat, table, rois, severity, severityTable)
 
+        if volumeNode:  # the segmentations belong to the CT (its grid and node), as DICOM SEG export needs
+            for node in (segmentation, severity):
+                if node is not None:
+                    node.SetReferenceImageGeometryParameterFromVolumeNode(volumeNode)
         transformID = volumeNode.GetTransformNodeID() if volumeNode else None
         for node in shown.nodes():
             if node.IsA("vtkMRMLTransformableNode"):
@@ -523,7 +536,7 @@ class CovidCTDiagnosisLogic(ScriptedLoadableModuleLogic):
             else:
                 shNode.CreateItem(folderItem, node)
         background = volumeNode if volumeNode else "keep-current"
-        slicer.util.setSliceViewerLayers(background=background, foreground=heat, foregroundOpacity=DEFAULT_HEAT_OPACITY)
+        slicer.util.setSliceViewerLayers(background=background, foreground=heat, foregroundOpacity=HEAT_OPACITY)
         self.shownResults = shown
         return self.shownResults
 
@@ -545,6 +558,15 @@ class CovidCTDiagnosisLogic(ScriptedLoadableModuleLogic):
     def _workDirectory():
         """A new folder in Slicer's temporary folder for one analysis (its result folder stays there)."""
         return tempfile.mkdtemp(prefix=TEMP_KEY, dir=slicer.app.temporaryPath)
+
+    @staticmethod
+    def _dicomSeriesUID(volumeNode: Optional[vtkMRMLScalarVolumeNode]) -> Optional[str]:
+        """The SeriesInstanceUID of a volume loaded from Slicer's DICOM database, else None."""
+        instanceUIDs = volumeNode.GetAttribute("DICOM.instanceUIDs") if volumeNode else None
+        database = getattr(slicer, "dicomDatabase", None)
+        if not instanceUIDs or database is None:
+            return None
+        return database.instanceValue(instanceUIDs.split()[0], SERIES_INSTANCE_UID_TAG) or None
 
     @staticmethod
     def _volumeGeometry(volumeNode: vtkMRMLScalarVolumeNode):
@@ -614,7 +636,7 @@ class CovidCTDiagnosisLogic(ScriptedLoadableModuleLogic):
         display.SetAutoWindowLevel(False)
         display.SetWindowLevelMinMax(0.0, 1.0)
         display.SetAutoThreshold(False)
-        display.SetThreshold(scene_plan.HEAT_THRESHOLD, 1.0)
+        display.SetThreshold(HEAT_THRESHOLD, 1.0)
         display.SetApplyThreshold(True)
 
     @staticmethod

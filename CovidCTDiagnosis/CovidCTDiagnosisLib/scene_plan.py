@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 from slicerio.segmentation import terminology_entry_to_string
 
+from .display import HEAT_THRESHOLD
 from .geometry import VoxelMap, voxel_map
 from .html_report import AGGREGATION_TEXT
 from .performance import trust_sentence
@@ -39,7 +40,6 @@ from .segmentation_file import (
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
 
-HEAT_THRESHOLD = 0.2  # Grad-CAM values below this are transparent over the CT
 COLOR_TABLE_NAME = "CovidCT Inferno"
 COLOR_TABLE_SIZE = 256
 # matplotlib's "inferno" sampled at 0, 1/16, ..., 1 (RGB); the table interpolates linearly between them

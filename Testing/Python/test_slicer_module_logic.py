@@ -105,6 +105,7 @@ def _volume(ijk_to_ras, size):
     volume.GetTransformNodeID.return_value = TRANSFORM_ID
     volume.GetImageData.return_value.GetDimensions.return_value = tuple(size)
     volume.GetIJKToRASMatrix.side_effect = lambda m: m.DeepCopy(ijk_to_ras.ravel().tolist())
+    volume.GetAttribute.return_value = None  # not from Slicer's DICOM database
     return volume
 
 
@@ -150,8 +151,27 @@ def test_load_results_refuses_a_volume_of_another_grid(module, result_folder):
     plan = plan_scene(result, "CT")
     moved = plan.geometry.ijk_to_ras()
     moved[2, 3] += 10.0
-    with pytest.raises(ValueError, match="another volume"):
+    with pytest.raises(ValueError, match="another CT"):
         module.CovidCTDiagnosisLogic().loadResults(str(folder), _volume(moved, plan.geometry.size))
+
+
+def test_load_results_over_a_dicom_ct_matches_its_series_too(module, tmp_path):
+    """A CT from Slicer's DICOM database: results of another series are refused, naming it, even on the same grid."""
+    from dataclasses import replace
+
+    result, ct = make_result()
+    result = replace(result, input=replace(result.input, series_uid="1.2.826.0.1.3680043.8.498.1"))
+    folder = outputs.write_outputs(result, ct, tmp_path / "case")
+    plan = plan_scene(result, "CT")
+    volume = _volume(plan.geometry.ijk_to_ras(), plan.geometry.size)
+    volume.GetAttribute.side_effect = {"DICOM.instanceUIDs": "1.2.826.0.1.3680043.8.498.7 1.2.826.0.1.3680043.8.498.8"}.get
+    series = {}
+    module.fakeSlicer.dicomDatabase.instanceValue.side_effect = lambda uid, tag: series[uid, tag]
+    series["1.2.826.0.1.3680043.8.498.7", "0020,000E"] = "1.2.826.0.1.3680043.8.498.1"
+    assert module.CovidCTDiagnosisLogic().loadResults(str(folder), volume).plan.rows
+    series["1.2.826.0.1.3680043.8.498.7", "0020,000E"] = "1.2.826.0.1.3680043.8.498.2"
+    with pytest.raises(ValueError, match=r"another CT than CT: on /data/P001.nii.gz \(DICOM series 1.2.826.0.1.3680043.8.498.1\)"):
+        module.CovidCTDiagnosisLogic().loadResults(str(folder), volume)
 
 
 @pytest.mark.parametrize("direction", [LAS, left_handed_oblique_direction()], ids=["LAS", "oblique left-handed"])
@@ -185,7 +205,7 @@ def test_load_results_over_the_right_handed_volume_slicer_reads_from_a_left_hand
         assert ijk[2] == pytest.approx(row.index)
     half_a_slice = slicer_matrix.copy()
     half_a_slice[:3, 3] += slicer_matrix[:3, 2] / 2
-    with pytest.raises(ValueError, match="another volume"):
+    with pytest.raises(ValueError, match="another CT"):
         module.CovidCTDiagnosisLogic().loadResults(str(folder), _volume(half_a_slice, on_file.size))
 
 

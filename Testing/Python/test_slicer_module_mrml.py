@@ -162,6 +162,8 @@ def test_load_results_on_a_real_scene(module, scene, analysed, grid, transformed
     assert slices == [nk - 1 - s["index"] if flipped else s["index"] for s in report["slices"]]
     for node in [shown.segmentation, shown.heat, *shown.rois, shown.severity]:
         assert node.GetTransformNodeID() == volume.GetTransformNodeID()
+    for node in (shown.segmentation, shown.severity):  # linked to the CT, as Slicer's editor and DICOM SEG export need
+        assert node.GetNodeReferenceID(node.GetReferenceImageGeometryReferenceRole()) == volume.GetID()
     severity = shown.severity.GetSegmentation()  # the measured involvement: its own node and table
     assert [severity.GetNthSegment(i).GetName() for i in range(severity.GetNumberOfSegments())] == ["Ground-glass", "Consolidation"]
     table = shown.severityTable
