@@ -67,8 +67,11 @@ def scene(module, monkeypatch):
     """A new vtkMRMLScene as `slicer.mrmlScene`, with the Red slice view's nodes (axial) that a layout would add."""
     scene = slicer.vtkMRMLScene()
     monkeypatch.setattr(slicer, "mrmlScene", scene, raising=False)
-    scene.AddNewNodeByClass("vtkMRMLSliceNode").SetLayoutName("Red")
-    scene.AddNewNodeByClass("vtkMRMLSliceCompositeNode").SetLayoutName("Red")
+    for node_class in ("vtkMRMLSliceNode", "vtkMRMLSliceCompositeNode"):  # singletons, as in Slicer: kept by Clear()
+        node = scene.CreateNodeByClass(node_class)
+        node.SetLayoutName("Red")
+        node.SetSingletonTag("Red")
+        scene.AddNode(node)
     yield scene
     scene.Clear(True)
 
@@ -326,3 +329,15 @@ def test_load_results_over_a_real_dicom_ct_read_as_slicers_dicom_module_does(mod
     assert [row.index for row in shown.plan.rows] == [nk - 1 - s.index if flipped else s.index for s in result.slices]
     for row in shown.plan.rows:  # each row's slice number, on Slicer's grid, is where its centre lies in the CT
         assert np.linalg.solve(ct_matrix, np.append(row.center_ras, 1.0))[2] == pytest.approx(row.index, abs=1e-3)
+
+
+def test_the_modules_self_test_passes_on_slicer_core(in_process, scene, monkeypatch):
+    """The module's own in-process self-tests (an oblique volume; a transformed one analysed twice, then the jump) on
+    Slicer's real MRML; its background test needs Slicer's PythonSlicer and runs only in Slicer. delayDisplay (a Qt
+    dialog) only logs here."""
+    self_test = in_process.CovidCTDiagnosisTest()
+    monkeypatch.setattr(self_test, "delayDisplay", lambda message, *args, **kwargs: None)
+    for test in (self_test.test_ProcessObliqueVolume, self_test.test_TransformedVolumeIsReplacedNotDuplicated):
+        self_test.setUp()  # clears the scene, keeping its singletons (the slice views' nodes), as runTest does
+        test()
+        assert scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == 2  # lungs and boxes; involvement
