@@ -200,6 +200,11 @@ class CovidCTDiagnosisWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.opacitySliderWidget.connect("valueChanged(double)", self.onOpacityChanged)
         self.initializeParameterNode()
 
+    def onReload(self):
+        """Developer mode's Reload: the engine (CovidCTDiagnosisLib) is imported afresh too, not only this file."""
+        slicer_runtime.forget_engine_modules()
+        super().onReload()
+
     def cleanup(self):
         if self._job:
             self._job.cancel()

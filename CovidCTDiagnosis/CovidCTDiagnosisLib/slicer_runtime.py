@@ -52,6 +52,17 @@ POLL_SECONDS = 0.1
 _WINDOWS = os.name == "nt"
 
 
+def forget_engine_modules() -> list[str]:
+    """Drop this package's modules from `sys.modules`, so that the next import reads them afresh (the module's Reload
+    in Slicer's developer mode reloads only the module file). Returns their names."""
+    import sys
+
+    names = [name for name in sys.modules if name == __package__ or name.startswith(__package__ + ".")]
+    for name in names:
+        del sys.modules[name]
+    return names
+
+
 def missing_requirements(names: Sequence[str] | None = None) -> list[str]:
     """The pip requirements of the modules `names` (keys of PIP_REQUIREMENTS; default all) that cannot be imported here."""
     return [PIP_REQUIREMENTS[name] for name in (PIP_REQUIREMENTS if names is None else names)

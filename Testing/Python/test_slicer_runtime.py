@@ -172,3 +172,27 @@ def test_background_analysis_reports_progress_and_writes_the_result(tmp_path, ph
     assert (out / REPORT_JSON).is_file()
     plan = plan_scene(read_report(out), "phantom")
     assert len(plan.rows) == QUICK_SLICES and plan.rois and not plan.result.trained
+
+
+def test_forget_engine_modules_makes_the_next_import_read_the_files_again(tmp_path):
+    """What the module's Reload does for the engine: a changed engine file is seen by the next import (in a fresh process:
+    forgetting the package here would give the other tests' modules second copies)."""
+    import shutil
+    import textwrap
+
+    package = tmp_path / "CovidCTDiagnosisLib"
+    shutil.copytree(Path(slicer_runtime.__file__).parent, package, ignore=shutil.ignore_patterns("__pycache__", "training"))
+    script = textwrap.dedent("""
+        import sys
+        from pathlib import Path
+        sys.path.insert(0, sys.argv[1])
+        from CovidCTDiagnosisLib import aggregation, slicer_runtime
+        target = Path(aggregation.__file__)
+        target.write_text(target.read_text() + "\\nRELOADED = True\\n")
+        forgotten = slicer_runtime.forget_engine_modules()
+        import CovidCTDiagnosisLib.aggregation as again
+        print("CovidCTDiagnosisLib.aggregation" in forgotten, again is not aggregation, getattr(again, "RELOADED", False))
+    """)
+    out = subprocess.run([sys.executable, "-B", "-c", script, str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["True", "True", "True"]
