@@ -483,13 +483,14 @@ class CovidCTDiagnosisLogic(ScriptedLoadableModuleLogic):
         import numpy as np
         import SimpleITK as sitk
         from CovidCTDiagnosisLib import outputs, scene_plan
+        from CovidCTDiagnosisLib.geometry import VoxelGrid
 
         report = outputs.read_report(resultFolder)
         name = volumeNode.GetName() if volumeNode else os.path.basename(os.path.normpath(resultFolder))
         volumeGeometry = self._volumeGeometry(volumeNode) if volumeNode else None
         analysedSeries, volumeSeries = report["input"].get("series_uid"), self._dicomSeriesUID(volumeNode)
         otherSeries = bool(analysedSeries and volumeSeries and analysedSeries != volumeSeries)
-        if otherSeries or (volumeGeometry is not None and not scene_plan.Geometry.from_report(report).matches(volumeGeometry)):
+        if otherSeries or (volumeGeometry is not None and not VoxelGrid.from_report(report).matches(volumeGeometry)):
             source = report["input"].get("path") or _("an image in memory")
             if analysedSeries:
                 source += _(" (DICOM series {uid})").format(uid=analysedSeries)
@@ -497,7 +498,7 @@ class CovidCTDiagnosisLogic(ScriptedLoadableModuleLogic):
                                "none.").format(volume=name, source=source))
         plan = scene_plan.plan_scene(report, name, volumeGeometry)
         heatImage = sitk.ReadImage(os.path.join(resultFolder, outputs.GRADCAM_NRRD))
-        heatToScene = scene_plan.Geometry.from_image(heatImage).voxel_map(plan.geometry)
+        heatToScene = VoxelGrid.from_image(heatImage).voxel_map(plan.geometry)
         if heatToScene is None:
             raise ValueError(_("{file} does not have the grid of report.json.").format(file=outputs.GRADCAM_NRRD))
         heatArray = np.ascontiguousarray(heatToScene.array(sitk.GetArrayViewFromImage(heatImage)))
@@ -577,11 +578,11 @@ class CovidCTDiagnosisLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def _volumeGeometry(volumeNode: vtkMRMLScalarVolumeNode):
-        from CovidCTDiagnosisLib.scene_plan import Geometry
+        from CovidCTDiagnosisLib.geometry import VoxelGrid
 
         ijkToRAS = vtk.vtkMatrix4x4()
         volumeNode.GetIJKToRASMatrix(ijkToRAS)
-        return Geometry.from_ijk_to_ras(slicer.util.arrayFromVTKMatrix(ijkToRAS), volumeNode.GetImageData().GetDimensions())
+        return VoxelGrid.from_ijk_to_ras(slicer.util.arrayFromVTKMatrix(ijkToRAS), volumeNode.GetImageData().GetDimensions())
 
     @staticmethod
     def _addTable(name, columns):
@@ -686,7 +687,8 @@ class CovidCTDiagnosisTest(ScriptedLoadableModuleTest):
     def _checkNodes(self, volumeNode: vtkMRMLScalarVolumeNode, results: ShownResults, slices):
         """One folder named after the volume; heat map on the CT's grid; segments, ROIs and table rows per slice and box."""
         import numpy as np
-        from CovidCTDiagnosisLib.scene_plan import LPS_TO_RAS, folder_name
+        from CovidCTDiagnosisLib.geometry import LPS_TO_RAS
+        from CovidCTDiagnosisLib.scene_plan import folder_name
 
         shNode = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(slicer.mrmlScene)
         parentItem = shNode.GetItemParent(shNode.GetItemByDataNode(volumeNode))

@@ -37,7 +37,6 @@ LESIONS_MRK_JSON = "lesions.mrk.json"
 REPORT_HTML = "report.html"
 SEVERITY_SEG_NRRD = "severity.seg.nrrd"
 OUTPUT_FILES = (REPORT_JSON, SLICES_CSV, LUNGS_SEG_NRRD, SEVERITY_SEG_NRRD, GRADCAM_NRRD, LESIONS_MRK_JSON, REPORT_HTML)
-_GRID_TOLERANCE = 1e-4  # mm (origin, spacing) and direction cosines
 
 
 def write_outputs(result: Result, ct_image: sitk.Image, out_dir: str | PathLike, *, overwrite: bool = True) -> Path:
@@ -207,14 +206,9 @@ def _check_target(out_dir: Path, overwrite: bool) -> None:
 
 def _check_same_grid(reference: sitk.Image, *images: sitk.Image) -> None:
     """The label and heat-map volumes must share the CT's voxel grid (a pipeline bug otherwise)."""
+    grid = geometry.VoxelGrid.from_image(reference)
     for image in images:
-        same = (
-            image.GetSize() == reference.GetSize()
-            and np.allclose(image.GetOrigin(), reference.GetOrigin(), atol=_GRID_TOLERANCE)
-            and np.allclose(image.GetSpacing(), reference.GetSpacing(), atol=_GRID_TOLERANCE)
-            and np.allclose(image.GetDirection(), reference.GetDirection(), atol=_GRID_TOLERANCE)
-        )
-        if not same:
+        if not geometry.VoxelGrid.from_image(image).equals(grid):
             raise ValueError("lung labels / Grad-CAM / severity labels are not on the CT's voxel grid")
 
 

@@ -13,7 +13,7 @@ report.json keeps.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from html import escape
 from typing import Any
@@ -22,7 +22,7 @@ import numpy as np
 from slicerio.segmentation import terminology_entry_to_string
 
 from .display import HEAT_THRESHOLD
-from .geometry import VoxelMap, voxel_map
+from .geometry import LPS_TO_RAS, VoxelGrid
 from .html_report import AGGREGATION_TEXT
 from .performance import trust_sentence
 from .result import RESEARCH_USE_ONLY, UNTRAINED_WARNING
@@ -38,8 +38,6 @@ from .segmentation_file import (
     lesion_colors,
 )
 
-LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
-
 COLOR_TABLE_NAME = "CovidCT Inferno"
 COLOR_TABLE_SIZE = 256
 # matplotlib's "inferno" sampled at 0, 1/16, ..., 1 (RGB); the table interpolates linearly between them
@@ -54,80 +52,6 @@ TOP_SLICE_BUTTONS = 3  # how many of the most suspicious slices get a jump butto
 PROBABILITY_DECIMALS = 3
 LUNG_FILL_OPACITY = 0.25  # lungs are filled faintly in slice views; lesion boxes are outlines only
 FINDING_FILL_OPACITY = 0.5  # ground-glass and consolidation
-
-
-@dataclass(frozen=True)
-class Geometry:
-    """A voxel grid: size (i, j, k), spacing (mm), origin (LPS mm), direction (3x3 row-major, LPS)."""
-
-    size: tuple[int, int, int]
-    spacing: tuple[float, float, float]
-    origin: tuple[float, float, float]
-    direction: tuple[float, ...]
-
-    @classmethod
-    def from_image(cls, image) -> Geometry:
-        """The grid of a SimpleITK image."""
-        return cls(tuple(image.GetSize()), tuple(image.GetSpacing()), tuple(image.GetOrigin()), tuple(image.GetDirection()))
-
-    @classmethod
-    def from_report(cls, report: Mapping[str, Any]) -> Geometry:
-        """The analysed volume's grid as report.json records it."""
-        info = report["input"]
-        return cls(tuple(info["size"]), tuple(info["spacing"]), tuple(info["origin"]), tuple(info["direction"]))
-
-    @classmethod
-    def from_ijk_to_ras(cls, ijk_to_ras, size: Sequence[int]) -> Geometry:
-        """The grid of a Slicer volume node (its IJKToRAS matrix and image dimensions)."""
-        m = np.asarray(ijk_to_ras, dtype=float)
-        axes_lps = LPS_TO_RAS @ m[:3, :3]
-        spacing = np.linalg.norm(axes_lps, axis=0)
-        return cls(
-            tuple(int(n) for n in size),
-            tuple(float(s) for s in spacing),
-            tuple(float(v) for v in LPS_TO_RAS @ m[:3, 3]),
-            tuple(float(v) for v in (axes_lps / spacing).ravel()),
-        )
-
-    def ijk_to_lps(self) -> np.ndarray:
-        """4x4: LPS = origin + direction @ diag(spacing) @ ijk."""
-        m = np.eye(4)
-        m[:3, :3] = np.reshape(self.direction, (3, 3)) @ np.diag(self.spacing)
-        m[:3, 3] = self.origin
-        return m
-
-    def ijk_to_ras(self) -> np.ndarray:
-        """4x4 IJK-to-RAS matrix of a Slicer volume node on this grid."""
-        m = self.ijk_to_lps()
-        m[:3] = LPS_TO_RAS @ m[:3]
-        return m
-
-    def axes_ras(self) -> np.ndarray:
-        """Columns: the i, j, k axes in RAS as a proper rotation (k negated for a left-handed grid;
-        a box is symmetric about its centre, so this leaves it unchanged)."""
-        axes = LPS_TO_RAS @ np.reshape(self.direction, (3, 3))
-        if np.linalg.det(axes) < 0:
-            axes[:, 2] = -axes[:, 2]
-        return axes
-
-    def axial_axis(self) -> int:
-        """The voxel axis (0 = i, 1 = j, 2 = k) closest to the patient's superior direction."""
-        return int(np.argmax(np.abs(np.reshape(self.direction, (3, 3))[2])))
-
-    def slice_center_ras(self, index: int) -> tuple[float, float, float]:
-        """RAS of the centre of axial slice `index`: mid-grid along the two in-plane axes."""
-        ijk = (np.array(self.size, dtype=float) - 1) / 2
-        ijk[self.axial_axis()] = index
-        return tuple(float(v) for v in (self.ijk_to_ras() @ np.append(ijk, 1.0))[:3])
-
-    def voxel_map(self, other: Geometry) -> VoxelMap | None:
-        """How this grid's voxels lie on `other`, or None unless both put the same voxels at the
-        same places (axes may be permuted or reversed: see `geometry.voxel_map`)."""
-        return voxel_map(self.ijk_to_lps(), self.size, other.ijk_to_lps(), other.size)
-
-    def matches(self, other: Geometry) -> bool:
-        """Whether both grids put the same voxels at the same places, in any voxel order."""
-        return self.voxel_map(other) is not None
 
 
 @dataclass(frozen=True)
@@ -232,7 +156,7 @@ class ResultText:
 class ScenePlan:
     """Everything the module creates for one analysis, all under one subject-hierarchy folder."""
 
-    geometry: Geometry  # the scene's grid: the volume's in Slicer, else report.json's
+    geometry: VoxelGrid  # the scene's grid: the volume's in Slicer, else report.json's
     folder_name: str
     segmentation_name: str
     heat_name: str
@@ -262,7 +186,7 @@ def folder_name(volume_name: str) -> str:
     return f"{volume_name} COVID-CT results"
 
 
-def plan_scene(result, volume_name: str, volume_geometry: Geometry | None = None) -> ScenePlan:
+def plan_scene(result, volume_name: str, volume_geometry: VoxelGrid | None = None) -> ScenePlan:
     """The scene content for a `Result` or a report.json dict of the volume named `volume_name`.
 
     Args:
@@ -272,7 +196,7 @@ def plan_scene(result, volume_name: str, volume_geometry: Geometry | None = None
         ValueError: `volume_geometry` does not hold the analysed voxels at their places.
     """
     report = result.to_report() if hasattr(result, "to_report") else result
-    analysed = Geometry.from_report(report)
+    analysed = VoxelGrid.from_report(report)
     scene = analysed if volume_geometry is None else volume_geometry
     to_scene = analysed.voxel_map(scene)
     if to_scene is None:
@@ -337,11 +261,11 @@ def _segments(boxes, colors, scene_index) -> tuple[SegmentPlan, ...]:
     return tuple(lungs + lesions)
 
 
-def _roi(geometry: Geometry, slice_index: int, box: Mapping[str, Any], color) -> RoiPlan:
+def _roi(geometry: VoxelGrid, slice_index: int, box: Mapping[str, Any], color) -> RoiPlan:
     """The ROI of a report.json box along the axes of `geometry`, the analysed grid (as its size_mm)."""
     center = tuple(float(v) for v in LPS_TO_RAS @ np.asarray(box["center_lps"], dtype=float))
     object_to_node = np.eye(4)
-    object_to_node[:3, :3] = geometry.axes_ras()
+    object_to_node[:3, :3] = LPS_TO_RAS @ geometry.rotation_lps()
     object_to_node[:3, 3] = center
     return RoiPlan(
         name=box_name(slice_index, box["rank"]),

@@ -32,8 +32,9 @@ from CovidCTDiagnosisLib.checkpoint import save_checkpoint  # noqa: E402
 from CovidCTDiagnosisLib.drenet import DRENet, DRENetConfig  # noqa: E402
 from CovidCTDiagnosisLib.phantom import make_chest_phantom  # noqa: E402
 from CovidCTDiagnosisLib.pipeline import Analyzer  # noqa: E402
-from CovidCTDiagnosisLib.scene_plan import LPS_TO_RAS, folder_name, plan_scene  # noqa: E402
-from helpers_results import left_handed_oblique_direction, oblique_direction, slicer_right_handed  # noqa: E402
+from CovidCTDiagnosisLib.geometry import LPS_TO_RAS  # noqa: E402
+from CovidCTDiagnosisLib.scene_plan import folder_name  # noqa: E402
+from helpers_results import left_handed_oblique_direction, oblique_direction  # noqa: E402
 from slicer_stand_ins import load_module_file  # noqa: E402
 from test_slicer_module_files import MODULE_FILE  # noqa: E402
 from test_slicer_module_logic import SLICER_PYTHON  # noqa: E402
