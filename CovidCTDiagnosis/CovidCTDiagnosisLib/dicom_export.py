@@ -50,6 +50,7 @@ SR_FILE = "SR_measurement_report.dcm"
 PDF_FILE = "DOC_report.dcm"
 SC_PREFIX = "SC_top"
 DICOM_SUFFIX = ".dcm"
+DICOM_FOLDER_CONTENT = "a previous DICOM export (.dcm files)"
 # series numbers of the new series (the source series keeps its own); descriptions say what each is (LO: 64 chars)
 SERIES = {
     "seg": (9901, f"CovidCT lungs and lesion regions SEG ({RESEARCH_SHORT})"),
@@ -95,16 +96,31 @@ def is_ours(name: str) -> bool:
     return name.endswith(DICOM_SUFFIX)
 
 
-def check_dicom_export(source, dicom_out) -> Path:
-    """UsageError unless `source` is a DICOM series input and DICOM export can run here; OutputError
-    unless `dicom_out` can be written. For the command line, before any work; returns `dicom_out`'s real path."""
+def check_series_input(source) -> None:
+    """UsageError unless `source` is a DICOM series input (a folder, DICOMDIR or .zip): other inputs have no study."""
     if not volume_io.is_dicom_series_input(source):
         raise UsageError(f"--dicom-out needs a DICOM series input (a folder, DICOMDIR or .zip): {source} is a file, "
                          "so there is no study to add the results to")
+
+
+def check_dicom_out(dicom_out, out, *, source=None) -> Path:
+    """The command line's checks of --dicom-out, before any work; returns its real path.
+
+    `source`: the input of `analyze` (UsageError unless a DICOM series); None for `batch`, whose `dicom_out`
+    holds a folder per case. UsageError when DICOM export cannot run here (`unavailable_reason`) or when
+    `dicom_out` and `out` (the result folder) are one inside the other; OutputError unless it can be written.
+    """
+    if source is not None:
+        check_series_input(source)
     reason = unavailable_reason()
     if reason:
         raise UsageError(reason)
-    return check_writable(dicom_out, is_ours=is_ours, what="a previous DICOM export (.dcm files)")
+    target, results = Path(os.path.realpath(dicom_out)), Path(os.path.realpath(out))
+    if target == results or results in target.parents or target in results.parents:
+        raise UsageError(f"--dicom-out {dicom_out} and --out {out} must be separate folders, neither inside the other")
+    if source is None:
+        return check_writable(target, result_folder=False)
+    return check_writable(target, is_ours=is_ours, what=DICOM_FOLDER_CONTENT)
 
 
 def export_dicom(result_dir: str | PathLike, source_dicom: str | PathLike | Sequence[str | PathLike],
@@ -137,8 +153,7 @@ def export_dicom(result_dir: str | PathLike, source_dicom: str | PathLike | Sequ
     with _source_series(source_dicom, report["input"]["series_uid"]) as (names, where):
         source = _SourceSeries.read(names, where, report)
     objects = _build_objects(source, report, result_dir)
-    check_writable(dicom_out, is_ours=is_ours, what="a previous DICOM export (.dcm files)")
-    with staged_folder(dicom_out, is_ours=is_ours, what="a previous DICOM export (.dcm files)") as staging:
+    with staged_folder(dicom_out, is_ours=is_ours, what=DICOM_FOLDER_CONTENT) as staging:
         for name, dataset in objects.items():
             dataset.save_as(staging / name, enforce_file_format=True)
     return [dicom_out / name for name in objects]
@@ -452,7 +467,7 @@ def _measurement_report(source: _SourceSeries, report: dict[str, Any], slices: l
     number, description = SERIES["sr"]
     return Comprehensive3DSR(
         evidence=[source.datasets[n] for n in referenced], content=content[0], series_instance_uid=hd.UID(),
-        series_number=number, sop_instance_uid=hd.UID(), instance_number=1, manufacturer=SOFTWARE, is_complete=True,
+        series_number=number, sop_instance_uid=hd.UID(), instance_number=1, is_complete=True, **identity.kwargs,
         series_description=description, content_qualification="RESEARCH",
         coding_schemes=[CodingSchemeIdentificationItem(CODING_SCHEME, name=f"{SOFTWARE} codes")])
 
