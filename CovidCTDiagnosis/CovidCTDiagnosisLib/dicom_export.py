@@ -501,10 +501,12 @@ def _report_pdf(report: dict[str, Any], slices: list[SliceResult], source: _Sour
         page.text(0.06, 0.89, "\n".join(lines), fontsize=8.5, va="top", wrap=True, family="DejaVu Sans")
         figure = top_slices_figure(slices, report["top_slices"], report["positive_class"], source.ct, gradcam)
         if figure is not None:
-            ax = page.add_axes((0.04, 0.08, 0.92, 0.42))
-            ax.imshow(_figure_rgb(figure))
+            pixels = _figure_rgb(figure)
+            height = 0.92 * PDF_PAGE_INCHES[0] / PDF_PAGE_INCHES[1] * pixels.shape[0] / pixels.shape[1]
+            ax = page.add_axes((0.04, 0.70 - height, 0.92, height))  # below the text, the image's own aspect
+            ax.imshow(pixels)
             ax.set_axis_off()
-            page.text(0.06, 0.07, f"Most suspicious slices: lung window, Grad-CAM for {report['positive_class']}, "
+            page.text(0.06, 0.69 - height, f"Most suspicious slices: lung window, Grad-CAM for {report['positive_class']}, "
                       "the navigator's regions (rank: score); patient's right on the left.", fontsize=7, va="top")
         pdf.savefig(page)
         table = Figure(figsize=PDF_PAGE_INCHES)
