@@ -38,7 +38,7 @@ import SimpleITK as sitk
 from . import __version__, geometry, volume_io
 from .errors import UnreadableInputError, UsageError
 from .outputs import GRADCAM_NRRD, LUNGS_SEG_NRRD, check_writable, is_complete, read_report, staged_folder
-from .result import RESEARCH_USE_ONLY, SliceResult
+from .result import RESEARCH_USE_ONLY, UNTRAINED_NOTE, SliceResult
 from .segmentation_file import LEFT_LUNG_SEGMENT, LESION_TERMINOLOGY, RIGHT_LUNG_SEGMENT, box_name
 
 MIN_PYTHON = (3, 10)  # highdicom's
@@ -277,20 +277,20 @@ class _Identity:
         model = report["model"]
         self.model_name = str(model["name"])[:64]
         self.sha256 = model["sha256"] or "none"
-        self.trained = bool(model["trained"])
+        self.notes = [RESEARCH_USE_ONLY] if model["trained"] else [RESEARCH_USE_ONLY, UNTRAINED_NOTE]
+        self.content_description = self.notes[-1][:64]  # LO: the untrained note, else the research-use notice
         self.kwargs = {
             "manufacturer": SOFTWARE,
             "manufacturer_model_name": self.model_name,
             "software_versions": [f"{SOFTWARE} {__version__}", self.model_name, self.sha256],
-            "device_serial_number": self.sha256[:16],
+            "device_serial_number": self.sha256[:16],  # this model: the start of its hash
         }
 
     def algorithm(self, aggregation: str):
         from highdicom.sr import AlgorithmIdentification
 
         return AlgorithmIdentification(name=f"{SOFTWARE} DRENet ({self.model_name})", version=__version__,
-                                       parameters=[f"model sha256 {self.sha256}", f"aggregation {aggregation}",
-                                                   RESEARCH_USE_ONLY])
+                                       parameters=[f"model sha256 {self.sha256}", f"aggregation {aggregation}", *self.notes])
 
 
 def _build_objects(source: _SourceSeries, report: dict[str, Any], result_dir: Path) -> dict[str, Any]:
@@ -300,7 +300,7 @@ def _build_objects(source: _SourceSeries, report: dict[str, Any], result_dir: Pa
     identity = _Identity(report)
     slices = [SliceResult.from_report(s) for s in report["slices"]]
     gradcam = sitk.ReadImage(str(result_dir / GRADCAM_NRRD), sitk.sitkFloat32)
-    objects = {SEG_FILE: _segmentation(source, report, slices, result_dir, identity, UID())}
+    objects = {SEG_FILE: _segmentation(source, slices, result_dir, identity, UID())}
     objects[PM_FILE] = _parametric_map(source, slices, gradcam, identity, UID(), report["positive_class"])
     sc_series = UID()
     for rank, index in enumerate(report["top_slices"], start=1):
@@ -311,7 +311,7 @@ def _build_objects(source: _SourceSeries, report: dict[str, Any], result_dir: Pa
     return objects
 
 
-def _segmentation(source: _SourceSeries, report, slices: list[SliceResult], result_dir: Path, identity: _Identity, series_uid):
+def _segmentation(source: _SourceSeries, slices: list[SliceResult], result_dir: Path, identity: _Identity, series_uid):
     import highdicom as hd
     import slicerio
     from pydicom.sr.codedict import codes
@@ -356,7 +356,7 @@ def _segmentation(source: _SourceSeries, report, slices: list[SliceResult], resu
         source_images=source.datasets, pixel_array=pixels, segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=descriptions, series_instance_uid=series_uid, series_number=number,
         sop_instance_uid=hd.UID(), instance_number=1, series_description=description,
-        content_description=RESEARCH_USE_ONLY[:64], content_label="COVIDCT_SEG", omit_empty_frames=True,
+        content_description=identity.content_description, content_label="COVIDCT_SEG", omit_empty_frames=True,
         **identity.kwargs)
 
 
@@ -375,7 +375,7 @@ def _parametric_map(source: _SourceSeries, slices: list[SliceResult], gradcam: s
         series_number=number, sop_instance_uid=hd.UID(), instance_number=1, contains_recognizable_visual_features=False,
         real_world_value_mappings=[mapping], voi_lut_transformations=[hd.VOILUTTransformation(window_center=0.5, window_width=1.0)],
         series_description=description,
-        content_description=RESEARCH_USE_ONLY[:64], content_label=GRADCAM_LABEL, **identity.kwargs)
+        content_description=identity.content_description, content_label=GRADCAM_LABEL, **identity.kwargs)
     return _with_body_part(parametric_map, source)
 
 
