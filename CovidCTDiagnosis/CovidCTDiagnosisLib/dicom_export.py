@@ -39,7 +39,7 @@ from . import __version__, geometry, volume_io
 from .errors import UnreadableInputError, UsageError
 from .outputs import GRADCAM_NRRD, LUNGS_SEG_NRRD, check_writable, is_complete, read_report, staged_folder
 from .result import RESEARCH_USE_ONLY, UNTRAINED_NOTE, SliceResult
-from .segmentation_file import LEFT_LUNG_SEGMENT, LESION_TERMINOLOGY, RIGHT_LUNG_SEGMENT, box_name
+from .segmentation_file import LEFT_LUNG_SEGMENT, LESION_TERMINOLOGY, RIGHT_LUNG_SEGMENT, box_name, lesion_colors
 
 MIN_PYTHON = (3, 10)  # highdicom's
 SOFTWARE = "CovidCTDiagnosis"
@@ -338,18 +338,19 @@ def _segmentation(source: _SourceSeries, slices: list[SliceResult], result_dir: 
         name=f"{SOFTWARE} ({identity.model_name})", version=__version__,
         family=codes.cid7162.ArtificialIntelligence, parameters={"model_sha256": identity.sha256[:64]})
     descriptions = []
-    for number, (segment, label) in enumerate(((RIGHT_LUNG_SEGMENT, None), (LEFT_LUNG_SEGMENT, None),
-                                               ({"terminology": LESION_TERMINOLOGY}, LESION_SEGMENT_LABEL)), start=1):
+    lesion = {"name": LESION_SEGMENT_LABEL, "terminology": LESION_TERMINOLOGY, "color": lesion_colors([1.0])[0]}
+    for number, segment in enumerate((RIGHT_LUNG_SEGMENT, LEFT_LUNG_SEGMENT, lesion), start=1):
         terminology = segment["terminology"]
         region = terminology.get("anatomicRegion")
         descriptions.append(hd.seg.SegmentDescription(
             segment_number=number,
-            segment_label=label or segment["name"],
+            segment_label=segment["name"],
             segmented_property_category=_terminology_code(terminology["category"]),
             segmented_property_type=_terminology_code(terminology["type"]),
             algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
             algorithm_identification=algorithm,
             anatomic_regions=[_terminology_code(region)] if region else None,
+            display_color=hd.color.CIELabColor.from_rgb(*(round(255 * c) for c in segment["color"])),  # lungs.seg.nrrd's
         ))
     number, description = SERIES["seg"]
     return hd.seg.Segmentation(

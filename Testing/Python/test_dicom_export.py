@@ -84,6 +84,8 @@ def test_the_objects_written(case):
         assert ds.Manufacturer == "CovidCTDiagnosis" and ds.ManufacturerModelName == model["name"]
         assert list(ds.SoftwareVersions) == ["CovidCTDiagnosis 0.1.0", model["name"], model["sha256"]]
     seg = pydicom.dcmread(dicom / SEG_FILE)
+    assert [(s.SegmentLabel, s.SegmentedPropertyTypeCodeSequence[0].CodeValue) for s in seg.SegmentSequence] == [
+        ("Right lung", "3341006"), ("Left lung", "44029006"), ("Lesion regions", "52988006")]
     assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == series
     assert {item.ReferencedSOPInstanceUID for item in seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence} == source_uids
     assert seg.FrameOfReferenceUID == sources[0].FrameOfReferenceUID
@@ -250,3 +252,12 @@ def test_batch_writes_a_dicom_folder_per_case(phantom_case, tmp_path, capsys):
     summary = (out / "summary.csv").read_text()
     assert "done" in summary and "--dicom-out needs a DICOM series input" in summary
     assert main(args) == 9 and ",skipped," in (out / "summary.csv").read_text()
+
+
+def test_a_zipped_source_folder(phantom_case, tmp_path):
+    """The source as the analysis reads it: a zipped DICOM folder is unzipped into a temporary folder, removed after."""
+    source, result, dicom = phantom_case
+    archive = shutil.make_archive(str(tmp_path / "ct"), "zip", root_dir=source.parent, base_dir=source.name)
+    written = export_dicom(result, archive, tmp_path / "dicom")
+    assert sorted(p.name for p in written) == sorted(p.name for p in dicom.iterdir())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ct.zip", "dicom"]
