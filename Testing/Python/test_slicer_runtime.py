@@ -81,8 +81,9 @@ def test_reading_result_folders_needs_only_the_reader_packages():
 
 
 def test_missing_requirements(monkeypatch):
-    monkeypatch.setattr(slicer_runtime, "PIP_REQUIREMENTS", {"numpy": "numpy", "no_such_module_xyz": "no-such>=1"})
-    assert slicer_runtime.missing_requirements() == ["no-such>=1"]
+    monkeypatch.setattr(slicer_runtime, "PIP_REQUIREMENTS", {"numpy": "numpy", "no_such_module_xyz": "no-such>=1",
+                                                             "no_such_old_xyz": "old-only>=1; python_version < '3.0'"})
+    assert slicer_runtime.missing_requirements() == ["no-such>=1"]  # a marker excluding this Python: not to install
 
 
 def test_constraints_pin_what_pip_must_not_change(tmp_path):
