@@ -65,6 +65,16 @@ CODING_SCHEME = "99COVIDCT"
 NAVIGATOR_SCORE = ("navigator-score", "Navigator region score")
 LUNG_FRACTION = ("lung-fraction", "Lung area fraction of the largest")
 MOST_LIKELY_CLASS = ("most-likely-class", "Most likely class")
+# The measured involvement (report.json `severity`, measured from HU, not predicted): one group per lung, both lungs and zone
+INVOLVEMENT_MEASUREMENTS = (  # (report key, code, meaning, UCUM unit)
+    ("lung_ml", "lung-volume", "Lung volume", ("ml", "milliliter")),
+    ("ground_glass_ml", "ggo-volume", "Ground-glass volume (-700 to -300 HU)", ("ml", "milliliter")),
+    ("consolidation_ml", "consol-volume", "Consolidation volume (-300 to +50 HU)", ("ml", "milliliter")),
+    ("involved_percent", "involved-percent", "Involved share of the lung", ("%", "percent")),
+)
+SEVERITY_SCORE = ("severity-score", "6-zone CT severity score (0-30)")
+ZONE_SCORE = ("zone-score", "Zone involvement score (0-5)")
+MEASURED_METHOD = ("hu-bands", "HU bands inside the lung mask, vessels removed")
 CHEST_CT = ("24627-2", "LN", "CT Chest")  # LOINC: the procedure reported
 MEAN = ("373098007", "SCT", "Mean")  # the aggregation of slice probabilities
 GRADCAM_LABEL = "GRADCAM"
@@ -435,6 +445,7 @@ def _measurement_report(source: _SourceSeries, report: dict[str, Any], slices: l
                                                        _code(f"class-{patient['label']}"[:16], CODING_SCHEME, patient["label"]))],
     )]
     lung = _terminology_code(LESION_TERMINOLOGY["anatomicRegion"])
+    groups += _involvement_groups(report.get("severity"), lung)
     for s in sorted(slices, key=lambda s: s.index):
         dataset = source.datasets[source.image_of_slice(s.index)]
         measurements = probabilities(s.probabilities)
@@ -466,6 +477,35 @@ def _measurement_report(source: _SourceSeries, report: dict[str, Any], slices: l
         series_number=number, sop_instance_uid=hd.UID(), instance_number=1, is_complete=True, **identity.kwargs,
         series_description=description, content_qualification="RESEARCH",
         coding_schemes=[CodingSchemeIdentificationItem(CODING_SCHEME, name=f"{SOFTWARE} codes")])
+
+
+def _involvement_groups(severity: dict[str, Any] | None, lung) -> list:
+    """TID 1501 groups of the measured involvement: "involvement <lung>" for right, left and both lungs (volumes in mL,
+    involved %; both lungs also the 6-zone score) and "involvement <lung> <zone>" per zone (also its 0-5 score)."""
+    if not severity:
+        return []
+    import highdicom as hd
+    from highdicom.sr import FindingSite, Measurement, MeasurementsAndQualitativeEvaluations, TrackingIdentifier
+
+    sites = {"right": _terminology_code(RIGHT_LUNG_SEGMENT["terminology"]["type"]),
+             "left": _terminology_code(LEFT_LUNG_SEGMENT["terminology"]["type"]), "both": lung}
+    method = _own_code(MEASURED_METHOD)
+
+    def group(name: str, site, values: dict[str, Any], score: tuple[tuple[str, str], int] | None):
+        measurements = [Measurement(name=_code(code, CODING_SCHEME, meaning), value=float(values[key]),
+                                    unit=_code(unit[0], "UCUM", unit[1]), method=method)
+                        for key, code, meaning, unit in INVOLVEMENT_MEASUREMENTS]
+        if score is not None:
+            measurements.append(Measurement(name=_own_code(score[0]), value=float(score[1]), unit=_unit(), method=method))
+        return MeasurementsAndQualitativeEvaluations(
+            tracking_identifier=TrackingIdentifier(uid=hd.UID(), identifier=name), finding_sites=[FindingSite(site)],
+            method=method, measurements=measurements)
+
+    groups = [group(f"involvement {name}", sites[name], values, (SEVERITY_SCORE, severity["score"]) if name == "both" else None)
+              for name, values in severity["lungs"].items()]
+    groups += [group(f"involvement {z['lung']} {z['zone']}", sites[z["lung"]], z, (ZONE_SCORE, z["score"]))
+               for z in severity["zones"]]
+    return groups
 
 
 def _report_pdf(report: dict[str, Any], slices: list[SliceResult], source: _SourceSeries, gradcam: sitk.Image) -> bytes:

@@ -158,7 +158,24 @@ def test_highdicom_reads_the_sr_back_with_the_report(case):
 
     assert probabilities(groups["patient"]) == pytest.approx(report["patient"]["probabilities"], abs=1e-12)
     assert {m.derivation.meaning for m in groups["patient"].get_measurements()} == {"Mean"}
-    assert set(groups) == {"patient", *(f"slice {s['index']}" for s in report["slices"])}
+    involvement = {name: group for name, group in groups.items() if name.startswith("involvement ")}
+    assert set(groups) - set(involvement) == {"patient", *(f"slice {s['index']}" for s in report["slices"])}
+    severity = report["severity"]  # the measured involvement, as report.json's: per lung, both lungs, per zone
+    zones = {f"involvement {z['lung']} {z['zone']}": z for z in severity["zones"]}
+    assert set(involvement) == {f"involvement {name}" for name in severity["lungs"]} | set(zones)
+
+    def values(group) -> dict[str, float]:
+        return {m.name.meaning: m.value for m in group.get_measurements()}
+
+    both = values(involvement["involvement both"])
+    assert both["Involved share of the lung"] == pytest.approx(severity["lungs"]["both"]["involved_percent"], abs=1e-9)
+    assert both["Ground-glass volume (-700 to -300 HU)"] == pytest.approx(severity["lungs"]["both"]["ground_glass_ml"], abs=1e-9)
+    assert both["6-zone CT severity score (0-30)"] == severity["score"]
+    for name, zone in zones.items():
+        assert values(involvement[name])["Zone involvement score (0-5)"] == zone["score"]
+        assert values(involvement[name])["Lung volume"] == pytest.approx(zone["lung_ml"], abs=1e-9)
+    units = {m.unit.value for g in involvement.values() for m in g.get_measurements()}
+    assert units == {"ml", "%", "1"}
     for s in report["slices"]:
         assert probabilities(groups[f"slice {s['index']}"]) == pytest.approx(s["probabilities"], abs=1e-12)
     regions = {g.tracking_identifier: g.get_measurements()[0].value for g in sr.content.get_planar_roi_measurement_groups()}
