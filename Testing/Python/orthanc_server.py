@@ -69,8 +69,12 @@ class OrthancServer:
 
     def get(self, path: str):
         """The JSON answer of Orthanc's REST API at `path` (e.g. "/studies")."""
+        return json.loads(self.get_bytes(path))
+
+    def get_bytes(self, path: str) -> bytes:
+        """The answer of Orthanc's REST API at `path` (e.g. "/instances/<id>/file", the DICOM file it stores)."""
         with urllib.request.urlopen(f"http://{HOST}:{self.http_port}{path}", timeout=HTTP_TIMEOUT_S) as answer:
-            return json.loads(answer.read())
+            return answer.read()
 
     def start(self) -> "OrthancServer":
         log = open(self.folder / "orthanc.log", "wb")

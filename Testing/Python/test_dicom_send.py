@@ -3,6 +3,7 @@ and every way a send can fail said in one line with exit code 10, never reported
 
 from __future__ import annotations
 
+import io
 import socket
 import subprocess
 import sys
@@ -55,6 +56,31 @@ def test_real_series_is_stored_in_its_study(shared_data, orthanc, capfd):
     assert stored_uids(pacs, "series", "SeriesInstanceUID") == uids(files, "SeriesInstanceUID")
     assert stored_uids(pacs, "instances", "SOPInstanceUID") == uids(files, "SOPInstanceUID")
     assert len(files) == 148
+
+
+def test_round_trip_the_analysis_lands_in_the_ct_study(shared_data, orthanc, tmp_path, capfd):
+    """The radiologist's round trip (README): P001 is in the PACS; `covidct analyze --dicom-out` and `covidct send`
+    put the analysis into its study. Orthanc serves every object, in P001's study only, and the SEG it serves
+    refers to P001's series."""
+    pytest.importorskip("CovidCTDiagnosisLib.dicom_export", reason="DICOM export (dicom_export.py) is not in this tree")
+    pytest.importorskip("highdicom", reason="DICOM export needs highdicom (Python >= 3.10)")
+    source = shared_data / P001
+    files = sorted(source.glob("*.dcm"))
+    pacs = orthanc()
+    assert main(["send", str(source), "--to", pacs.destination, "--quiet"]) == 0
+    dicom = tmp_path / "dicom"
+    assert main(["analyze", str(source), "--out", str(tmp_path / "result"), "--dicom-out", str(dicom), "--slices", "3",
+                 "--quiet"]) == 0
+    written = sorted(dicom.iterdir())
+    capfd.readouterr()
+    assert run_send(capfd, dicom, "--to", pacs.destination)[::2] == (
+        0, [f"{pacs.destination}: {len(written)} of {len(written)} DICOM files stored"])
+    assert stored_uids(pacs, "studies", "StudyInstanceUID") == uids(files, "StudyInstanceUID")
+    assert stored_uids(pacs, "instances", "SOPInstanceUID") == uids(files + written, "SOPInstanceUID")
+    segs = [s for s in pacs.get("/series?expand") if s["MainDicomTags"]["Modality"] == "SEG"]
+    assert len(segs) == 1 and len(segs[0]["Instances"]) == 1
+    served = pydicom.dcmread(io.BytesIO(pacs.get_bytes(f"/instances/{segs[0]['Instances'][0]}/file")))
+    assert {str(r.SeriesInstanceUID) for r in served.ReferencedSeriesSequence} == uids(files, "SeriesInstanceUID")
 
 
 def test_phantom_series_found_below_the_folder(phantom_series, orthanc):
