@@ -387,3 +387,38 @@ def test_save_as_dicom_says_why_not_in_one_line(module, result_folder, tmp_path)
     shown.volumeNode = None  # results shown without a CT
     assert "not loaded from Slicer's DICOM database" in logic.dicomExportProblem(shown)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_dicom_ct_analysed_and_saved_as_dicom_by_the_engine(module, monkeypatch, tmp_path):
+    """The module's whole DICOM path with the real engine: a phantom CT series in the "database", analysed from its
+    files by the command startAnalysis builds (run here in-process), saved through dicom_export: the objects
+    written belong to the CT's study and the SEG refers to its series."""
+    pytest.importorskip("highdicom", reason="DICOM export needs highdicom (Python >= 3.10)")
+    pytest.importorskip("CovidCTDiagnosisLib.dicom_export", reason="DICOM export (dicom_export.py) is not in this tree")
+    import pydicom
+    from dicom_series import write_ct_series
+
+    from CovidCTDiagnosisLib.cli import main
+    from CovidCTDiagnosisLib.phantom import make_chest_phantom
+
+    files = write_ct_series(make_chest_phantom().image, tmp_path / "database")
+    by_uid = {str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID): str(f) for f in files}
+    volume = mock.MagicMock(name="volume")
+    volume.GetAttribute.side_effect = lambda name: " ".join(by_uid) if name == slicer_runtime.DICOM_UIDS_ATTRIBUTE else None
+    module.fakeSlicer.dicomDatabase.fileForInstance.side_effect = lambda uid: by_uid.get(uid, "")
+    monkeypatch.setattr(module.shutil, "which", lambda name: "/slicer/bin/PythonSlicer")
+    monkeypatch.setattr(module, "AnalysisJob", lambda logic, volumeNode, workDir, inputPath, command, *callbacks: command)
+    logic = module.CovidCTDiagnosisLogic()
+    command = logic.startAnalysis(volume, None, None, slices=3)
+    assert main([*command[3:], "--quiet"]) == 0  # what the background PythonSlicer runs
+    dicom_utils = mock.MagicMock(name="DICOMUtils")
+    monkeypatch.setitem(sys.modules, "DICOMLib", types.SimpleNamespace(DICOMUtils=dicom_utils))
+    shown = module.ShownResults(None, 0, None, None, None, [], command[command.index("--out") + 1], volume)
+    assert logic.dicomExportProblem(shown) is None
+    written = logic.saveResultsAsDicom(shown, str(tmp_path / "dicom-out"))
+    dicom_utils.importDicom.assert_called_once_with(str(tmp_path / "dicom-out"))
+    source = pydicom.dcmread(files[0], stop_before_pixels=True)
+    objects = [pydicom.dcmread(path) for path in written]
+    assert {str(o.StudyInstanceUID) for o in objects} == {str(source.StudyInstanceUID)}
+    seg = next(o for o in objects if o.Modality == "SEG")
+    assert {str(r.SeriesInstanceUID) for r in seg.ReferencedSeriesSequence} == {str(source.SeriesInstanceUID)}
