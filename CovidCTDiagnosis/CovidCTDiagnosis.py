@@ -37,6 +37,7 @@ if MODULE_DIR not in sys.path:
     sys.path.insert(0, MODULE_DIR)
 
 from CovidCTDiagnosisLib import slicer_runtime  # noqa: E402  (standard library only: works before the dependencies)
+from CovidCTDiagnosisLib.display import HEAT_OPACITY, HEAT_THRESHOLD  # noqa: E402  (constants only)
 
 UNTRAINED_MODEL = "untrained"
 TEMP_KEY = "CovidCTDiagnosis"
@@ -45,8 +46,8 @@ DICOM_INPUT_DIR = "input-dicom"
 RESULT_DIR = "result"
 POLL_INTERVAL_MS = 200
 PROGRESS_STEPS = 100
-DEFAULT_HEAT_OPACITY = 0.4
 JOB_TIMEOUT_S = 600  # the self-test's limit for a background analysis
+SERIES_INSTANCE_UID_TAG = "0020,000E"  # as ctkDICOMDatabase names tags
 
 
 class Device(enum.Enum):
@@ -101,7 +102,7 @@ class CovidCTDiagnosisParameterNode:
     model: str = ""
     device: Device = Device.AUTO
     slices: SliceChoice = SliceChoice.PAPER
-    heatOpacity: Annotated[float, WithinRange(0.0, 1.0)] = DEFAULT_HEAT_OPACITY
+    heatOpacity: Annotated[float, WithinRange(0.0, 1.0)] = HEAT_OPACITY
 
 
 class ShownResults:
@@ -109,10 +110,17 @@ class ShownResults:
 
     def __init__(self, plan, folderItem: int, segmentation: slicer.vtkMRMLSegmentationNode, heat: vtkMRMLScalarVolumeNode,
                  table: slicer.vtkMRMLTableNode, rois: list[slicer.vtkMRMLMarkupsROINode], resultFolder: str,
-                 volumeNode: Optional[vtkMRMLScalarVolumeNode]):
+                 volumeNode: Optional[vtkMRMLScalarVolumeNode], severity: Optional[slicer.vtkMRMLSegmentationNode] = None,
+                 severityTable: Optional[slicer.vtkMRMLTableNode] = None):
         self.plan, self.folderItem = plan, folderItem
         self.segmentation, self.heat, self.table, self.rois = segmentation, heat, table, rois
         self.resultFolder, self.volumeNode = resultFolder, volumeNode  # where they were read from, and over which CT
+        self.severity, self.severityTable = severity, severityTable  # None where the CT's involvement was not measured
+
+    def nodes(self) -> list:
+        """Every node of these results (all under `folderItem`)."""
+        measured = [n for n in (self.severity, self.severityTable) if n is not None]
+        return [self.segmentation, self.heat, self.table, *self.rois, *measured]
 
 
 class AnalysisJob:
@@ -176,6 +184,7 @@ class CovidCTDiagnosisWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._job = None
         self._shown = None
         self._topSliceButtons = []
+        self._modelChoices = None  # the model combo box's (text, model) items
 
     def setup(self):
         ScriptedLoadableModuleWidget.setup(self)
@@ -246,9 +255,11 @@ class CovidCTDiagnosisWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         choices.append((_("Untrained network (tests the pipeline; not a diagnosis)"), UNTRAINED_MODEL))
         combo = self.ui.modelComboBox
         wasBlocked = combo.blockSignals(True)
-        combo.clear()
-        for text, spec in choices:
-            combo.addItem(text, spec)
+        if choices != self._modelChoices:  # rebuilt only when they change, not on every parameter change (slider steps)
+            combo.clear()
+            for text, spec in choices:
+                combo.addItem(text, spec)
+            self._modelChoices = choices
         combo.currentIndex = [spec for _text, spec in choices].index(model)
         combo.blockSignals(wasBlocked)
 
@@ -491,7 +502,7 @@ class CovidCTDiagnosisLogic(ScriptedLoadableModuleLogic):
 
         Needs only the file readers, not PyTorch. Over a volume, the results must hold its voxels at their
         places, on any grid of them (Slicer makes left-handed files right-handed): slice numbers and box
-        names are then those of the volume's grid. Raises ValueError for results of another volume.
+        names are then those of the volume's grid. Raises ValueError for results of another volume (or DICOM series).
         Returns the ShownResults.
         """
         self.setupFileReaders()
@@ -502,9 +513,14 @@ class CovidCTDiagnosisLogic(ScriptedLoadableModuleLogic):
         report = outputs.read_report(resultFolder)
         name = volumeNode.GetName() if volumeNode else os.path.basename(os.path.normpath(resultFolder))
         volumeGeometry = self._volumeGeometry(volumeNode) if volumeNode else None
-        if volumeGeometry is not None and not scene_plan.Geometry.from_report(report).matches(volumeGeometry):
-            raise ValueError(_("These results were computed on another volume than {volume}: select that CT, or none.").format(
-                volume=name))
+        analysedSeries, volumeSeries = report["input"].get("series_uid"), self._dicomSeriesUID(volumeNode)
+        otherSeries = bool(analysedSeries and volumeSeries and analysedSeries != volumeSeries)
+        if otherSeries or (volumeGeometry is not None and not scene_plan.Geometry.from_report(report).matches(volumeGeometry)):
+            source = report["input"].get("path") or _("an image in memory")
+            if analysedSeries:
+                source += _(" (DICOM series {uid})").format(uid=analysedSeries)
+            raise ValueError(_("These results were computed on another CT than {volume}: on {source}. Select that CT, or "
+                               "none.").format(volume=name, source=source))
         plan = scene_plan.plan_scene(report, name, volumeGeometry)
         heatImage = sitk.ReadImage(os.path.join(resultFolder, outputs.GRADCAM_NRRD))
         heatToScene = scene_plan.Geometry.from_image(heatImage).voxel_map(plan.geometry)
@@ -522,29 +538,38 @@ class CovidCTDiagnosisLogic(ScriptedLoadableModuleLogic):
 
         slicer.mrmlScene.StartState(slicer.mrmlScene.BatchProcessState)
         try:
-            segmentation = self._addSegmentation(os.path.join(resultFolder, outputs.LUNGS_SEG_NRRD), plan)
+            segmentation = self._addSegmentation(os.path.join(resultFolder, outputs.LUNGS_SEG_NRRD), plan.segmentation_name,
+                                                 plan.segments)
             heat = slicer.util.addVolumeFromArray(heatArray, plan.geometry.ijk_to_ras(), plan.heat_name)
             self._styleHeatVolume(heat)
-            table = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLTableNode", plan.table_name)
-            columns = plan.table_columns()
-            slicer.util.updateTableFromArray(table, [values for _title, values in columns], [title for title, _values in columns])
-            table.SetLocked(True)
+            table = self._addTable(plan.table_name, plan.table_columns())
             rois = [self._addRoi(roi) for roi in plan.rois]
+            severity = severityTable = None
+            if plan.severity is not None:
+                severity = self._addSegmentation(os.path.join(resultFolder, outputs.SEVERITY_SEG_NRRD),
+                                                 plan.severity.segmentation_name, plan.severity.segments)
+                severityTable = self._addTable(plan.severity.table_name, plan.severity.table_columns())
         finally:
             slicer.mrmlScene.EndState(slicer.mrmlScene.BatchProcessState)
+        shown = ShownResults(plan, folderItem, segmentation, heat, table, rois, str(resultFolder), volumeNode, severity,
+                             severityTable)
 
+        if volumeNode:  # the segmentations belong to the CT (its grid and node), as DICOM SEG export needs
+            for node in (segmentation, severity):
+                if node is not None:
+                    node.SetReferenceImageGeometryParameterFromVolumeNode(volumeNode)
         transformID = volumeNode.GetTransformNodeID() if volumeNode else None
-        for node in [segmentation, heat, *rois]:
-            node.SetAndObserveTransformNodeID(transformID)
-        for node in [segmentation, heat, table, *rois]:  # Slicer's subject-hierarchy plugins (Qt) make items for new
-            item = shNode.GetItemByDataNode(node)       # nodes; without them (a bare MRML scene) make them here
-            if item:
+        for node in shown.nodes():
+            if node.IsA("vtkMRMLTransformableNode"):
+                node.SetAndObserveTransformNodeID(transformID)
+            item = shNode.GetItemByDataNode(node)  # Slicer's subject-hierarchy plugins (Qt) make items for new
+            if item:                               # nodes; without them (a bare MRML scene) make them here
                 shNode.SetItemParent(item, folderItem)
             else:
                 shNode.CreateItem(folderItem, node)
         background = volumeNode if volumeNode else "keep-current"
-        slicer.util.setSliceViewerLayers(background=background, foreground=heat, foregroundOpacity=DEFAULT_HEAT_OPACITY)
-        self.shownResults = ShownResults(plan, folderItem, segmentation, heat, table, rois, str(resultFolder), volumeNode)
+        slicer.util.setSliceViewerLayers(background=background, foreground=heat, foregroundOpacity=HEAT_OPACITY)
+        self.shownResults = shown
         return self.shownResults
 
     @staticmethod
@@ -603,6 +628,15 @@ class CovidCTDiagnosisLogic(ScriptedLoadableModuleLogic):
         return tempfile.mkdtemp(prefix=TEMP_KEY, dir=slicer.app.temporaryPath)
 
     @staticmethod
+    def _dicomSeriesUID(volumeNode: Optional[vtkMRMLScalarVolumeNode]) -> Optional[str]:
+        """The SeriesInstanceUID of a volume loaded from Slicer's DICOM database, else None."""
+        instanceUIDs = volumeNode.GetAttribute("DICOM.instanceUIDs") if volumeNode else None
+        database = getattr(slicer, "dicomDatabase", None)
+        if not instanceUIDs or database is None:
+            return None
+        return database.instanceValue(instanceUIDs.split()[0], SERIES_INSTANCE_UID_TAG) or None
+
+    @staticmethod
     def _volumeGeometry(volumeNode: vtkMRMLScalarVolumeNode):
         from CovidCTDiagnosisLib.scene_plan import Geometry
 
@@ -611,10 +645,29 @@ class CovidCTDiagnosisLogic(ScriptedLoadableModuleLogic):
         return Geometry.from_ijk_to_ras(slicer.util.arrayFromVTKMatrix(ijkToRAS), volumeNode.GetImageData().GetDimensions())
 
     @staticmethod
-    def _addSegmentation(path, plan):
+    def _addTable(name, columns):
+        """A locked table node of (title, values) columns: text columns as strings, the others as numbers."""
+        import numpy as np
+        from vtk.util import numpy_support
+
+        table = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLTableNode", name)
+        for title, values in columns:
+            if values.dtype.kind in "US":
+                column = vtk.vtkStringArray()
+                for value in values:
+                    column.InsertNextValue(str(value))
+            else:
+                column = numpy_support.numpy_to_vtk(np.ascontiguousarray(values), deep=True)
+            column.SetName(title)
+            table.AddColumn(column)
+        table.SetLocked(True)
+        return table
+
+    @staticmethod
+    def _addSegmentation(path, name, segments):
         """Read `path` through Slicer's segmentation storage node (what the application's reader uses; needs no
         application, so the Logic also runs on a bare MRML scene), then name, colour and tag the planned segments."""
-        segmentationNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", plan.segmentation_name)
+        segmentationNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", name)
         storageNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationStorageNode")
         storageNode.SetFileName(path)
         segmentationNode.SetAndObserveStorageNodeID(storageNode.GetID())
@@ -623,7 +676,7 @@ class CovidCTDiagnosisLogic(ScriptedLoadableModuleLogic):
         segmentationNode.CreateDefaultDisplayNodes()
         segmentation = segmentationNode.GetSegmentation()
         display = segmentationNode.GetDisplayNode()
-        for planned in plan.segments:
+        for planned in segments:
             segment = segmentation.GetSegment(planned.segment_id)
             if segment is None:
                 raise ValueError(_("Segment {name} is missing from {path}.").format(name=planned.segment_id, path=path))
@@ -651,7 +704,7 @@ class CovidCTDiagnosisLogic(ScriptedLoadableModuleLogic):
         display.SetAutoWindowLevel(False)
         display.SetWindowLevelMinMax(0.0, 1.0)
         display.SetAutoThreshold(False)
-        display.SetThreshold(scene_plan.HEAT_THRESHOLD, 1.0)
+        display.SetThreshold(HEAT_THRESHOLD, 1.0)
         display.SetApplyThreshold(True)
 
     @staticmethod
@@ -715,6 +768,9 @@ class CovidCTDiagnosisTest(ScriptedLoadableModuleTest):
         np.testing.assert_allclose(center, LPS_TO_RAS @ np.array(boxes[0].center_lps), atol=1e-3)
         self.assertEqual(results.table.GetNumberOfRows(), len(slices))
         self.assertEqual(list(slicer.util.arrayFromTableColumn(results.table, "Slice")), [s.index for s in slices])
+        severity = results.severity.GetSegmentation()  # the phantom's lesions are ground-glass and consolidation
+        self.assertEqual([severity.GetNthSegment(i).GetName() for i in range(2)], ["Ground-glass", "Consolidation"])
+        self.assertEqual(results.severityTable.GetNumberOfRows(), len(results.plan.severity.rows))
 
     def test_ProcessObliqueVolume(self):
         """In-process analysis of an oblique volume."""

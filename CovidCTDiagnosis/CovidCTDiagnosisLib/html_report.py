@@ -17,15 +17,11 @@ import SimpleITK as sitk
 
 from . import geometry
 from .bundled_model import MODEL_CARD_FILE
+from .display import HEAT_COLORMAP, HEAT_OPACITY, HEAT_THRESHOLD, LUNG_WINDOW_LEVEL, LUNG_WINDOW_WIDTH
 from .performance import trust_sentence
 from .result import RESEARCH_USE_ONLY, UNTRAINED_WARNING, Result
 from .segmentation_file import lesion_colors
 
-LUNG_WINDOW_LEVEL = -700  # HU
-LUNG_WINDOW_WIDTH = 1500  # HU
-HEATMAP_COLORMAP = "inferno"
-HEATMAP_ALPHA = 0.45
-HEAT_VISIBLE_FROM = 0.15  # weaker heat is left transparent: inferno's dark end would hide the lung
 FIGURE_DPI = 80
 PANEL_INCHES = 4.0
 PROBABILITY_BAR_EM = 10  # width of a probability bar at 100 %
@@ -167,7 +163,7 @@ def _figure_section(result: Result, ct_image: sitk.Image) -> str:
         return ""
     caption = (
         f"Most suspicious slices (highest P({escape(result.positive_class)})), axial, lung window "
-        f"(level {LUNG_WINDOW_LEVEL}, width {LUNG_WINDOW_WIDTH} HU), patient's right on the left. "
+        f"(level {LUNG_WINDOW_LEVEL:g}, width {LUNG_WINDOW_WIDTH:g} HU), patient's right on the left. "
         f"Colour overlay: Grad-CAM for {escape(result.positive_class)}. Boxes: the navigator's regions, "
         "labelled rank: score."
     )
@@ -201,8 +197,8 @@ def _top_slices_png(result: Result, ct_image: sitk.Image) -> str | None:
         cam = geometry.orient_to_lps(_axial_slab(result.gradcam, axis, s.index)[0])
         aspect = oriented.GetSpacing()[1] / oriented.GetSpacing()[0]
         ax.imshow(sitk.GetArrayFromImage(oriented)[0], cmap="gray", vmin=low, vmax=low + LUNG_WINDOW_WIDTH, aspect=aspect)
-        heat = np.ma.masked_less(sitk.GetArrayFromImage(cam)[0], HEAT_VISIBLE_FROM)
-        ax.imshow(heat, cmap=HEATMAP_COLORMAP, vmin=0, vmax=1, alpha=HEATMAP_ALPHA, aspect=aspect)
+        heat = np.ma.masked_less(sitk.GetArrayFromImage(cam)[0], HEAT_THRESHOLD)
+        ax.imshow(heat, cmap=HEAT_COLORMAP, vmin=0, vmax=1, alpha=HEAT_OPACITY, aspect=aspect)
         for box in s.boxes:
             corners = np.array(
                 [

@@ -21,11 +21,14 @@ from typing import Any
 import numpy as np
 from slicerio.segmentation import terminology_entry_to_string
 
+from .display import HEAT_THRESHOLD
 from .geometry import VoxelMap, voxel_map
 from .html_report import AGGREGATION_TEXT
 from .performance import trust_sentence
 from .result import RESEARCH_USE_ONLY, UNTRAINED_WARNING
 from .segmentation_file import (
+    CONSOLIDATION_SEGMENT,
+    GROUND_GLASS_SEGMENT,
     LEFT_LUNG_SEGMENT,
     LESION_TERMINOLOGY,
     RIGHT_LUNG_SEGMENT,
@@ -37,7 +40,6 @@ from .segmentation_file import (
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
 
-HEAT_THRESHOLD = 0.2  # Grad-CAM values below this are transparent over the CT
 COLOR_TABLE_NAME = "CovidCT Inferno"
 COLOR_TABLE_SIZE = 256
 # matplotlib's "inferno" sampled at 0, 1/16, ..., 1 (RGB); the table interpolates linearly between them
@@ -51,6 +53,7 @@ _INFERNO_ANCHORS = (
 TOP_SLICE_BUTTONS = 3  # how many of the most suspicious slices get a jump button
 PROBABILITY_DECIMALS = 3
 LUNG_FILL_OPACITY = 0.25  # lungs are filled faintly in slice views; lesion boxes are outlines only
+FINDING_FILL_OPACITY = 0.5  # ground-glass and consolidation
 
 
 @dataclass(frozen=True)
@@ -129,17 +132,15 @@ class Geometry:
 
 @dataclass(frozen=True)
 class SegmentPlan:
-    """A segment of the lungs-and-lesions segmentation: its ID in lungs.seg.nrrd and its name in the scene."""
+    """A segment of a segmentation file: its ID there, its name, colour and terminology in the scene and its
+    fill in slice views (lungs and measured findings filled faintly, lesion boxes outlines only)."""
 
     segment_id: str
     name: str
     color: tuple[float, float, float]
     terminology: str  # Slicer's terminology entry string
-    is_lesion: bool
-
-    @property
-    def fill_opacity(self) -> float:
-        return 0.0 if self.is_lesion else LUNG_FILL_OPACITY
+    is_lesion: bool  # a lesion box of the navigator
+    fill_opacity: float
 
 
 @dataclass(frozen=True)
@@ -169,6 +170,29 @@ class SliceRow:
 
 
 @dataclass(frozen=True)
+class SeverityPlan:
+    """The measured involvement (report.json's `severity`): severity.seg.nrrd's two segments and a table of
+    volumes per zone, per lung and for both lungs; the score of a lung is the sum of its zones' (0-15)."""
+
+    segmentation_name: str
+    table_name: str
+    segments: tuple[SegmentPlan, ...]  # ground-glass, consolidation
+    rows: tuple[dict[str, Any], ...]  # one per table row: the keys of SEVERITY_COLUMNS
+    summary: str  # one sentence: involved share, volumes, score; partial coverage
+
+    def table_columns(self) -> list[tuple[str, np.ndarray]]:
+        """(name, values) of each column of the severity table, in order; Lung and Zone are text."""
+        return [(title, np.array([row[key] for row in self.rows])) for key, title in SEVERITY_COLUMNS]
+
+
+SEVERITY_COLUMNS = (  # (report.json key, table column title)
+    ("lung", "Lung"), ("zone", "Zone"), ("lung_ml", "Volume (mL)"), ("ground_glass_ml", "Ground-glass (mL)"),
+    ("consolidation_ml", "Consolidation (mL)"), ("involved_percent", "Involved (%)"), ("score", "Score"),
+)
+VOLUME_DECIMALS = 1  # mL and % in the severity table
+
+
+@dataclass(frozen=True)
 class ResultText:
     """The patient-level result as the module shows it."""
 
@@ -179,6 +203,7 @@ class ResultText:
     slice_count: int
     warnings: tuple[str, ...]  # untrained network, partial lung coverage, padding outside the field of view, ...
     trust: str  # the model's validated figures, or that it has none (performance.trust_sentence)
+    severity: str = ""  # the measured involvement (SeverityPlan.summary); "" when not measured
     notice: str = RESEARCH_USE_ONLY
 
     @property
@@ -194,10 +219,11 @@ class ResultText:
         probs = "".join(f"<tr><td>{text(c)}</td><td align='right'>{p:.3f}</td></tr>" for c, p in self.probabilities.items())
         warnings = "".join(f"<p style='color:#c00000'><b>{text(w)}</b></p>" for w in self.warnings)
         trust = f"<p>{text(self.trust)}</p>" if self.trained else ""  # untrained: the warning says it all
+        severity = f"<p><b>{text(self.severity)}</b></p>" if self.severity else ""
         return (
             f"{warnings}<p style='font-size:20pt'><b>{text(self.headline)}</b></p>{trust}"
             f"<table cellspacing='4'>{probs}</table>"
-            f"<p>{text(self.aggregation)}, over {self.slice_count} analysed slices.</p>"
+            f"<p>{text(self.aggregation)}, over {self.slice_count} analysed slices.</p>{severity}"
             f"<p><i>{text(self.notice)}</i></p>"
         )
 
@@ -217,6 +243,7 @@ class ScenePlan:
     top_rows: tuple[int, ...]  # indices into `rows`, most suspicious first, at most TOP_SLICE_BUTTONS
     classes: tuple[str, ...]
     result: ResultText
+    severity: SeverityPlan | None = None  # None: not measured (slice images, reports of schema < 1.3)
 
     def table_columns(self) -> list[tuple[str, np.ndarray]]:
         """(name, values) of each column of the slice table, in order."""
@@ -268,6 +295,7 @@ def plan_scene(result, volume_name: str, volume_geometry: Geometry | None = None
         for s in slices
     )
     row_of_index = {s["index"]: n for n, s in enumerate(slices)}
+    severity = _severity(report.get("severity"), volume_name)
     return ScenePlan(
         geometry=scene,
         folder_name=folder_name(volume_name),
@@ -279,7 +307,8 @@ def plan_scene(result, volume_name: str, volume_geometry: Geometry | None = None
         rows=rows,
         top_rows=tuple(row_of_index[i] for i in report["top_slices"][:TOP_SLICE_BUTTONS] if i in row_of_index),
         classes=tuple(report["model"]["classes"]),
-        result=_result_text(report),
+        result=_result_text(report, severity),
+        severity=severity,
     )
 
 
@@ -295,13 +324,14 @@ def heat_color_table() -> list[tuple[float, float, float, float]]:
 
 def _segments(boxes, colors, scene_index) -> tuple[SegmentPlan, ...]:
     lungs = [
-        SegmentPlan(s["id"], s["name"], tuple(s["color"]), terminology_entry_to_string(s["terminology"]), False)
+        SegmentPlan(s["id"], s["name"], tuple(s["color"]), terminology_entry_to_string(s["terminology"]), False,
+                    LUNG_FILL_OPACITY)
         for s in (RIGHT_LUNG_SEGMENT, LEFT_LUNG_SEGMENT)
     ]
     lesion_terminology = terminology_entry_to_string(LESION_TERMINOLOGY)
     lesions = [
         SegmentPlan(box_segment_id(index, box["rank"]), box_name(scene_index(index), box["rank"]), color,
-                    lesion_terminology, True)
+                    lesion_terminology, True, 0.0)
         for (index, box), color in zip(boxes, colors)
     ]
     return tuple(lungs + lesions)
@@ -326,7 +356,38 @@ def _roi(geometry: Geometry, slice_index: int, box: Mapping[str, Any], color) ->
     )
 
 
-def _result_text(report: Mapping[str, Any]) -> ResultText:
+def _severity(severity: Mapping[str, Any] | None, volume_name: str) -> SeverityPlan | None:
+    """The scene's part of report.json's `severity` block (None where there is none)."""
+    if not severity:
+        return None
+    rows = list(severity["zones"])
+    for lung, involvement in severity["lungs"].items():  # "right", "left", "both"
+        score = sum(z["score"] for z in severity["zones"] if lung == "both" or z["lung"] == lung)
+        rows.append({**involvement, "lung": lung, "zone": "all", "score": score})
+    rows = [{key: round(row[key], VOLUME_DECIMALS) if isinstance(row[key], float) else row[key] for key, _ in SEVERITY_COLUMNS}
+            for row in rows]
+    both = severity["lungs"]["both"]
+    summary = (
+        f"Measured, not predicted: {both['involved_percent']:.1f} % of the lungs involved (ground-glass "
+        f"{both['ground_glass_ml']:.0f} mL, consolidation {both['consolidation_ml']:.0f} mL); "
+        f"{severity['score_name']}: {severity['score']}."
+    )
+    if severity["partial_coverage"]:
+        summary += " The scan covers the lungs only in part: only the scanned part was measured."
+    return SeverityPlan(
+        segmentation_name=f"{volume_name} ground-glass and consolidation",
+        table_name=f"{volume_name} lung involvement",
+        segments=tuple(
+            SegmentPlan(s["id"], s["name"], tuple(s["color"]), terminology_entry_to_string(s["terminology"]), False,
+                        FINDING_FILL_OPACITY)
+            for s in (GROUND_GLASS_SEGMENT, CONSOLIDATION_SEGMENT)
+        ),
+        rows=tuple(rows),
+        summary=summary,
+    )
+
+
+def _result_text(report: Mapping[str, Any], severity: SeverityPlan | None) -> ResultText:
     patient = report["patient"]
     trained = bool(report["model"]["trained"])
     warnings = list(report.get("warnings", []))
@@ -340,4 +401,5 @@ def _result_text(report: Mapping[str, Any]) -> ResultText:
         slice_count=len(report["slices"]),
         warnings=tuple(warnings),
         trust=trust_sentence(report["model"].get("performance")),  # reports of schema 1.0 lack the field
+        severity=severity.summary if severity else "",
     )

@@ -25,6 +25,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from . import geometry
+from .display import LUNG_WINDOW_LEVEL, LUNG_WINDOW_WIDTH
 from .errors import CovidCTError, InputNotFoundError, NotACTError, UnreadableInputError, UsageError
 from .nifti_header import qform_sform_notes
 from .result import InputInfo
@@ -68,8 +69,6 @@ SHARP_KERNEL = re.compile(r"^(?:[A-Z][a-z]?([5-9]\d)|FC5\d)")
 # No chest CT has more voxels than this (i, j, k in any order: a 1024 x 1024 matrix, 2000 slices);
 # larger volumes are refused from their header, before their pixels are read.
 MAX_VOLUME_SIZE = (1024, 1024, 2000)
-LUNG_WINDOW_LEVEL = -700.0  # DICOM slices are shown to read_image_2d's callers in this window
-LUNG_WINDOW_WIDTH = 1500.0
 MIN_SLICES = 8
 MIN_SPACING_MM = 0.1
 MAX_SPACING_MM = 20.0

@@ -299,3 +299,42 @@ def test_plan_on_the_slicer_grid_numbers_slices_and_boxes_there():
         assert ours.center_ras == theirs.center_ras
     with pytest.raises(ValueError, match="another grid"):
         plan_scene(result, "CT", Geometry.from_ijk_to_ras(grid.ijk_to_ras() @ np.diag([1.0, 1.0, 2.0, 1.0]), grid.size))
+
+
+def _severity_report(partial: bool = False) -> dict:
+    """A report.json `severity` block as severity.Severity writes it: left lower zone 30 % involved (score 3), the rest 1 %."""
+    from CovidCTDiagnosisLib.severity import Involvement, Severity, Zone
+
+    def involvement(lung_ml, ggo_ml, cons_ml):
+        return dict(lung_ml=lung_ml, ground_glass_ml=ggo_ml, consolidation_ml=cons_ml, ground_glass_percent=100 * ggo_ml / lung_ml,
+                    consolidation_percent=100 * cons_ml / lung_ml, involved_percent=100 * (ggo_ml + cons_ml) / lung_ml)
+
+    zones = [Zone(**involvement(400.0, 4.0, 0.0), lung=lung, zone=zone, z_range_mm=(0.0, 1.0), score=1)
+             for lung in ("right", "left") for zone in ("upper", "middle", "lower")]
+    zones[-1] = Zone(**involvement(400.0, 100.0, 20.0), lung="left", zone="lower", z_range_mm=(0.0, 1.0), score=3)
+    lungs = {"right": Involvement(**involvement(1200.0, 12.0, 0.0)), "left": Involvement(**involvement(1200.0, 108.0, 20.0)),
+             "both": Involvement(**involvement(2400.0, 120.0, 20.0))}
+    return Severity(lungs=lungs, zones=zones, score=8, partial_coverage=partial).to_report()
+
+
+def test_severity_plan_has_its_segments_a_table_of_zones_lungs_and_both_and_a_summary():
+    """Measured involvement in the scene: severity.seg.nrrd's segments, a row per zone, per lung and for both, the score."""
+    report = make_result()[0].to_report()
+    assert plan_scene(report, "CT").severity is None and plan_scene(report, "CT").result.severity == ""
+    plan = plan_scene({**report, "severity": _severity_report()}, "P001")
+    severity = plan.severity
+    assert [s.name for s in severity.segments] == ["Ground-glass", "Consolidation"]
+    assert all(s.fill_opacity > 0 and not s.is_lesion for s in severity.segments)
+    assert len({plan.segmentation_name, plan.table_name, severity.segmentation_name, severity.table_name}) == 4
+    columns = dict(severity.table_columns())
+    assert list(columns) == ["Lung", "Zone", "Volume (mL)", "Ground-glass (mL)", "Consolidation (mL)", "Involved (%)", "Score"]
+    assert columns["Lung"].tolist() == ["right"] * 3 + ["left"] * 3 + ["right", "left", "both"]
+    assert columns["Zone"].tolist() == ["upper", "middle", "lower"] * 2 + ["all"] * 3
+    assert columns["Score"].tolist() == [1, 1, 1, 1, 1, 3, 3, 5, 8]  # a lung's score: its zones' sum; both: the 0-30 score
+    assert columns["Involved (%)"].tolist() == [1.0] * 5 + [30.0, 1.0, 10.7, 5.8]
+    assert columns["Consolidation (mL)"][-1] == 20.0
+    assert severity.summary == ("Measured, not predicted: 5.8 % of the lungs involved (ground-glass 120 mL, consolidation 20 mL); "
+                                "6-zone CT severity score (0-30): 8.")
+    assert severity.summary in plan.result.html()
+    partial = plan_scene({**report, "severity": _severity_report(partial=True)}, "P001").severity
+    assert "only in part" in partial.summary

@@ -108,7 +108,18 @@ def _volume(ijk_to_ras, size):
     volume.GetTransformNodeID.return_value = TRANSFORM_ID
     volume.GetImageData.return_value.GetDimensions.return_value = tuple(size)
     volume.GetIJKToRASMatrix.side_effect = lambda m: m.DeepCopy(ijk_to_ras.ravel().tolist())
+    volume.GetAttribute.return_value = None  # not from Slicer's DICOM database
     return volume
+
+
+def _table_columns(table) -> dict:
+    """Title -> values of the columns added to a stand-in table node (vtk arrays: numbers or strings)."""
+    columns = {}
+    for call in table.AddColumn.call_args_list:
+        array = call.args[0]
+        values = [array.GetValue(i) for i in range(array.GetNumberOfValues())]
+        columns[array.GetName()] = values
+    return columns
 
 
 def test_load_results_builds_the_planned_nodes_under_the_volume_transform(module, result_folder):
@@ -126,8 +137,9 @@ def test_load_results_builds_the_planned_nodes_under_the_volume_transform(module
     added = [c.args[0] for c in slicer.mrmlScene.AddNewNodeByClass.call_args_list]
     assert added.count("vtkMRMLMarkupsROINode") == len(plan.rois) == len(shown.rois)
     assert added.count("vtkMRMLTableNode") == 1
-    arrays, titles = slicer.util.updateTableFromArray.call_args.args[1:]
-    assert titles == [t for t, _ in plan.table_columns()] and arrays[0].tolist() == [r.index for r in plan.rows]
+    columns = _table_columns(segmentation)  # the stand-in scene's node: the slice table's columns, then the severity table's
+    slice_titles = [t for t, _ in plan.table_columns()]
+    assert list(columns)[: len(slice_titles)] == slice_titles and columns["Slice"] == [r.index for r in plan.rows]
     for node in [shown.segmentation, shown.heat, *shown.rois]:
         node.SetAndObserveTransformNodeID.assert_called_with(TRANSFORM_ID)
     assert slicer.util.setSliceViewerLayers.call_args.kwargs["background"] is volume
@@ -142,8 +154,27 @@ def test_load_results_refuses_a_volume_of_another_grid(module, result_folder):
     plan = plan_scene(result, "CT")
     moved = plan.geometry.ijk_to_ras()
     moved[2, 3] += 10.0
-    with pytest.raises(ValueError, match="another volume"):
+    with pytest.raises(ValueError, match="another CT"):
         module.CovidCTDiagnosisLogic().loadResults(str(folder), _volume(moved, plan.geometry.size))
+
+
+def test_load_results_over_a_dicom_ct_matches_its_series_too(module, tmp_path):
+    """A CT from Slicer's DICOM database: results of another series are refused, naming it, even on the same grid."""
+    from dataclasses import replace
+
+    result, ct = make_result()
+    result = replace(result, input=replace(result.input, series_uid="1.2.826.0.1.3680043.8.498.1"))
+    folder = outputs.write_outputs(result, ct, tmp_path / "case")
+    plan = plan_scene(result, "CT")
+    volume = _volume(plan.geometry.ijk_to_ras(), plan.geometry.size)
+    volume.GetAttribute.side_effect = {"DICOM.instanceUIDs": "1.2.826.0.1.3680043.8.498.7 1.2.826.0.1.3680043.8.498.8"}.get
+    series = {}
+    module.fakeSlicer.dicomDatabase.instanceValue.side_effect = lambda uid, tag: series[uid, tag]
+    series["1.2.826.0.1.3680043.8.498.7", "0020,000E"] = "1.2.826.0.1.3680043.8.498.1"
+    assert module.CovidCTDiagnosisLogic().loadResults(str(folder), volume).plan.rows
+    series["1.2.826.0.1.3680043.8.498.7", "0020,000E"] = "1.2.826.0.1.3680043.8.498.2"
+    with pytest.raises(ValueError, match=r"another CT than CT: on /data/P001.nii.gz \(DICOM series 1.2.826.0.1.3680043.8.498.1\)"):
+        module.CovidCTDiagnosisLogic().loadResults(str(folder), volume)
 
 
 @pytest.mark.parametrize("direction", [LAS, left_handed_oblique_direction()], ids=["LAS", "oblique left-handed"])
@@ -162,8 +193,8 @@ def test_load_results_over_the_right_handed_volume_slicer_reads_from_a_left_hand
     array, matrix, _ = slicer.util.addVolumeFromArray.call_args.args
     np.testing.assert_allclose(matrix, slicer_matrix, atol=1e-9)
     np.testing.assert_array_equal(array, np.flip(sitk.GetArrayFromImage(result.gradcam), axis=0))
-    slice_column = slicer.util.updateTableFromArray.call_args.args[1][0]
-    assert slice_column.tolist() == [nk - 1 - s.index for s in result.slices]
+    slice_column = _table_columns(slicer.mrmlScene.AddNewNodeByClass.return_value)["Slice"]
+    assert slice_column == [nk - 1 - s.index for s in result.slices]
     boxes = [(s.index, b) for s in result.slices for b in s.boxes]
     lesion_names = [c.args[0] for c in segment.SetName.call_args_list][2:]
     assert lesion_names == [f"slice {nk - 1 - k} box {b.rank}" for k, b in boxes]
@@ -177,7 +208,7 @@ def test_load_results_over_the_right_handed_volume_slicer_reads_from_a_left_hand
         assert ijk[2] == pytest.approx(row.index)
     half_a_slice = slicer_matrix.copy()
     half_a_slice[:3, 3] += slicer_matrix[:3, 2] / 2
-    with pytest.raises(ValueError, match="another volume"):
+    with pytest.raises(ValueError, match="another CT"):
         module.CovidCTDiagnosisLogic().loadResults(str(folder), _volume(half_a_slice, on_file.size))
 
 

@@ -141,7 +141,7 @@ def test_load_results_on_a_real_scene(module, scene, analysed, grid, transformed
     assert shNode.GetItemChildWithName(shNode.GetSceneItemID(), folder_name("CT")) == shown.folderItem
     children = vtk.vtkIdList()
     shNode.GetItemChildren(shown.folderItem, children)
-    nodes = [shown.segmentation, shown.heat, shown.table, *shown.rois]
+    nodes = [shown.segmentation, shown.heat, shown.table, *shown.rois, shown.severity, shown.severityTable]
     assert sorted(children.GetId(i) for i in range(children.GetNumberOfIds())) == sorted(shNode.GetItemByDataNode(n) for n in nodes)
 
     boxes_lps = np.array([b["center_lps"] for s in report["slices"] for b in s["boxes"]])
@@ -160,8 +160,18 @@ def test_load_results_on_a_real_scene(module, scene, analysed, grid, transformed
     nk = volume.GetImageData().GetDimensions()[2]
     flipped = grid == "oblique left-handed"
     assert slices == [nk - 1 - s["index"] if flipped else s["index"] for s in report["slices"]]
-    for node in [shown.segmentation, shown.heat, *shown.rois]:
+    for node in [shown.segmentation, shown.heat, *shown.rois, shown.severity]:
         assert node.GetTransformNodeID() == volume.GetTransformNodeID()
+    for node in (shown.segmentation, shown.severity):  # linked to the CT, as Slicer's editor and DICOM SEG export need
+        assert node.GetNodeReferenceID(node.GetReferenceImageGeometryReferenceRole()) == volume.GetID()
+    severity = shown.severity.GetSegmentation()  # the measured involvement: its own node and table
+    assert [severity.GetNthSegment(i).GetName() for i in range(severity.GetNumberOfSegments())] == ["Ground-glass", "Consolidation"]
+    table = shown.severityTable
+    assert table.GetNumberOfRows() == 9 and table.GetColumnName(0) == "Lung"
+    assert [table.GetCellText(r, 0) + " " + table.GetCellText(r, 1) for r in (0, 5, 8)] == ["right upper", "left lower", "both all"]
+    assert int(table.GetCellText(8, table.GetColumnIndex("Score"))) == report["severity"]["score"]
+    assert float(table.GetCellText(8, table.GetColumnIndex("Involved (%)"))) == pytest.approx(
+        report["severity"]["lungs"]["both"]["involved_percent"], abs=0.05)
 
     # Every output file through Slicer's own storage nodes, against what the engine wrote (sitk: LPS, the file's grid)
     def on_ct_grid(array_kji):
@@ -173,6 +183,13 @@ def test_load_results_on_a_real_scene(module, scene, analysed, grid, transformed
     labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode")
     assert slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(shown.segmentation, lungs, labelmap, volume)
     np.testing.assert_array_equal(slicer.util.arrayFromVolume(labelmap), on_ct_grid(lung_labels))
+    bands = vtk.vtkStringArray()  # label 1 ground-glass, 2 consolidation, as the engine numbers them
+    for name in ["Ground-glass", "Consolidation"]:
+        bands.InsertNextValue(severity.GetSegmentIdBySegmentName(name))
+    assert slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(shown.severity, bands, labelmap, volume)
+    engine_bands = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / outputs.SEVERITY_SEG_NRRD)))
+    assert (engine_bands == 1).sum() > 0 and (engine_bands == 2).sum() > 0  # the phantom's lesions
+    np.testing.assert_array_equal(slicer.util.arrayFromVolume(labelmap), on_ct_grid(engine_bands))
     heat = _read(scene, "vtkMRMLScalarVolumeNode", "vtkMRMLVolumeArchetypeStorageNode", folder / outputs.GRADCAM_NRRD)
     np.testing.assert_allclose(_ijk_to_ras(heat), ct_matrix, atol=1e-6)
     engine_heat = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / outputs.GRADCAM_NRRD)))
@@ -204,7 +221,7 @@ def test_reload_replaces_and_jump_lands_on_the_transformed_slice(module, scene, 
     assert all(shNode.GetItemDataNode(top.GetId(i)) is None for i, n in enumerate(named) if n not in ("CT", folder_name("CT")))
     counts = {c: scene.GetNumberOfNodesByClass(c) for c in
               ["vtkMRMLSegmentationNode", "vtkMRMLTableNode", "vtkMRMLMarkupsROINode", "vtkMRMLColorTableNode"]}
-    assert counts == {"vtkMRMLSegmentationNode": 1, "vtkMRMLTableNode": 1, "vtkMRMLMarkupsROINode": len(shown.rois),
+    assert counts == {"vtkMRMLSegmentationNode": 2, "vtkMRMLTableNode": 2, "vtkMRMLMarkupsROINode": len(shown.rois),
                       "vtkMRMLColorTableNode": 1}
     assert scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode") == 2  # the CT and one heat map
     composite = scene.GetFirstNodeByClass("vtkMRMLSliceCompositeNode")
@@ -215,3 +232,97 @@ def test_reload_replaces_and_jump_lands_on_the_transformed_slice(module, scene, 
     world = TILT @ np.append(shown.plan.rows[row].center_ras, 1.0)
     red = scene.GetFirstNodeByClass("vtkMRMLSliceNode")
     np.testing.assert_allclose(slicer.util.arrayFromVTKMatrix(red.GetSliceToRAS())[:3, 3], world[:3], atol=1e-6)
+
+
+@pytest.fixture
+def in_process(module, monkeypatch, tmp_path):
+    """What process() needs beyond MRML: Slicer's own sitkUtils (from Slicer's Python modules) and, as stand-ins, the
+    PyTorch extension's `PyTorchUtils` reporting torch installed (it is, here) and `slicer.app.temporaryPath`."""
+    monkeypatch.syspath_prepend(str(SLICER_PYTHON))
+    monkeypatch.delitem(sys.modules, "sitkUtils", raising=False)  # imported again, and removed after the test
+    torch_utils = mock.MagicMock(name="PyTorchUtils")
+    torch_utils.PyTorchUtilsLogic.return_value.torchInstalled.return_value = True
+    monkeypatch.setitem(sys.modules, "PyTorchUtils", torch_utils)
+    monkeypatch.setattr(slicer, "app", mock.MagicMock(name="app", temporaryPath=str(tmp_path)), raising=False)
+    return module
+
+
+def test_process_analyses_the_volume_in_the_scene(in_process, scene, analysed, tmp_path):
+    """process(): the engine on the scene's own volume (pulled with Slicer's sitkUtils), results shown over it;
+    a second process() replaces them."""
+    import torch
+
+    ct_file, _, _ = analysed("oblique")
+    volume = _ct_in_scene(scene, ct_file)
+    torch.manual_seed(0)
+    model = save_checkpoint(tmp_path / "tiny.pt", DRENet(DRENetConfig(input_size=64)), trained=False, metadata={"name": "tiny"})
+    logic = in_process.CovidCTDiagnosisLogic()
+    logic.process(volume, model=str(model), device="cpu", slices=5)
+    result = logic.process(volume, model=str(model), device="cpu", slices=5)
+    shown = logic.shownResults
+    assert not result.model.trained and 0 < len(result.slices) <= 5  # of 5 equidistant, those with enough lung
+    np.testing.assert_allclose(_ijk_to_ras(shown.heat), _ijk_to_ras(volume), atol=1e-6)
+    assert slicer.util.arrayFromTableColumn(shown.table, "Slice").tolist() == [s.index for s in result.slices]
+    assert scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == 2  # lungs and involvement, replaced not added
+    assert shown.severity.GetSegmentation().GetNumberOfSegments() == 2
+    lungs = vtk.vtkStringArray()
+    for name in ["Right lung", "Left lung"]:
+        lungs.InsertNextValue(shown.segmentation.GetSegmentation().GetSegmentIdBySegmentName(name))
+    labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode")
+    assert slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(shown.segmentation, lungs, labelmap, volume)
+    np.testing.assert_array_equal(slicer.util.arrayFromVolume(labelmap), sitk.GetArrayFromImage(result.lung_labels))
+
+
+def _dicom_files_in_slicer_order(folder) -> list[str]:
+    """A DICOM series' files as Slicer's DICOM scalar-volume plugin loads them: sorted by position along the slice normal."""
+    positions = []
+    for path in sorted(folder.iterdir()):
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(path))
+        reader.ReadImageInformation()
+        orientation = np.array(reader.GetMetaData("0020|0037").split("\\"), dtype=float)
+        normal = np.cross(orientation[:3], orientation[3:])
+        positions.append((float(np.dot(normal, np.array(reader.GetMetaData("0020|0032").split("\\"), dtype=float))), str(path)))
+    return [path for _, path in sorted(positions)]
+
+
+def test_load_results_over_a_real_dicom_ct_read_as_slicers_dicom_module_does(module, scene, tmp_path):
+    """P001 (real, JPEG-lossless DICOM): analysed by the engine from its folder; Slicer's reader given the files in the
+    DICOM module's order holds the same voxels, and the results land on it (heat map on the CT's grid, slice numbers)."""
+    from conftest import SHARED_DATA
+
+    folder = SHARED_DATA / "ct" / "covid-ct-md" / "P001-covid"
+    if not folder.is_dir():
+        pytest.skip(f"real CT not available: {folder} does not exist")
+    import torch
+
+    torch.manual_seed(0)
+    model = save_checkpoint(tmp_path / "tiny.pt", DRENet(DRENetConfig(input_size=64)), trained=False, metadata={"name": "tiny"})
+    result = Analyzer(str(model), "cpu").analyze(str(folder), slices=3)
+    results = outputs.write_outputs(result, result.ct, tmp_path / "P001")
+
+    files = _dicom_files_in_slicer_order(folder)
+    volume = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "P001")
+    storage = scene.AddNewNodeByClass("vtkMRMLVolumeArchetypeStorageNode")
+    storage.SetFileName(files[0])
+    storage.ResetFileNameList()
+    for path in files:
+        storage.AddFileName(path)
+    storage.SetSingleFile(False)
+    volume.SetAndObserveStorageNodeID(storage.GetID())
+    assert storage.ReadData(volume), "Slicer's reader cannot read P001"
+    shNode = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
+    shNode.CreateItem(shNode.GetSceneItemID(), volume)
+    assert volume.GetImageData().GetDimensions() == tuple(result.ct.GetSize())
+
+    shown = module.CovidCTDiagnosisLogic().loadResults(str(results), volume)
+    ct_matrix = _ijk_to_ras(volume)
+    np.testing.assert_allclose(_ijk_to_ras(shown.heat), ct_matrix, atol=1e-4)
+    hu_scene, hu_engine = slicer.util.arrayFromVolume(volume), sitk.GetArrayFromImage(result.ct)
+    flipped = not np.array_equal(hu_scene, hu_engine)  # Slicer may hold the slices in the other order (k reversed)
+    if flipped:
+        np.testing.assert_array_equal(hu_scene, np.flip(hu_engine, axis=0))
+    nk = hu_engine.shape[0]
+    assert [row.index for row in shown.plan.rows] == [nk - 1 - s.index if flipped else s.index for s in result.slices]
+    for row in shown.plan.rows:  # each row's slice number, on Slicer's grid, is where its centre lies in the CT
+        assert np.linalg.solve(ct_matrix, np.append(row.center_ras, 1.0))[2] == pytest.approx(row.index, abs=1e-3)
