@@ -143,16 +143,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=DEMO_OUT, metavar="DIR", help=f"demo folder (default: ./{DEMO_OUT})")
     _add_model_options(p)
 
-    p = sub.add_parser("send", help="send DICOM files (e.g. --dicom-out's) to a PACS with C-STORE",
+    p = sub.add_parser("send", help="send DICOM files (e.g. --dicom-out's) to a PACS (C-STORE or DICOMweb STOW-RS)",
                        description="Store every DICOM file in DDIR (searched recursively) on a PACS or other DICOM node, "
-                                   "in one association. Succeeds only when every file was stored; otherwise one line "
+                                   "in one association (or over DICOMweb). Succeeds only when every file was stored; otherwise one line "
                                    "says how many of how many were, and the exit code is 10.",
                        epilog=_exit_code_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("folder", metavar="DDIR", help="a folder of DICOM files (or one file)")
-    p.add_argument("--to", required=True, metavar="AET@HOST:PORT",
-                   help="the PACS: its AE title, host and DICOM port, e.g. ORTHANC@127.0.0.1:4242")
+    p.add_argument("--to", required=True, metavar="AET@HOST:PORT|URL",
+                   help="the PACS: its AE title, host and DICOM port for C-STORE, e.g. ORTHANC@127.0.0.1:4242; or the "
+                        "http(s) URL of its DICOMweb service for STOW-RS, e.g. http://127.0.0.1:8042/dicom-web")
     p.add_argument("--aet", default=DEFAULT_CALLING_AET, metavar="AET",
-                   help=f"our (calling) AE title (default: {DEFAULT_CALLING_AET})")
+                   help=f"our (calling) AE title for C-STORE (default: {DEFAULT_CALLING_AET})")
     p.add_argument("--quiet", action="store_true", help="no summary line")
 
     for name, (text, add_arguments, _run) in TRAINING_COMMANDS.items():

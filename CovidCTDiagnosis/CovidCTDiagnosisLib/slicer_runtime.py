@@ -39,12 +39,13 @@ PIP_REQUIREMENTS = {
     "tqdm": "tqdm>=4.60",
     "highdicom": "highdicom>=0.28; python_version >= '3.10'",  # DICOM export; older Pythons are told it is unavailable
     "pynetdicom": "pynetdicom>=2.0",
+    "dicomweb_client": "dicomweb-client>=0.61; python_version >= '3.10'",
 }
 # What reading a result folder imports (outputs, scene_plan): no torch
 READER_REQUIREMENTS = ("slicerio", "nrrd")
 # What saving results as DICOM (dicom_export) and sending them (dicom_send) import besides the analysis's packages:
 # installed only when results are saved as DICOM (highdicom needs Python >= 3.10; Slicer 5.6 and 5.8 have 3.9)
-DICOM_REQUIREMENTS = ("highdicom", "pynetdicom")
+DICOM_REQUIREMENTS = ("highdicom", "pynetdicom", "dicomweb_client")
 ANALYSIS_REQUIREMENTS = tuple(name for name in PIP_REQUIREMENTS if name not in DICOM_REQUIREMENTS)
 # Slicer's DICOM plugins give a volume loaded from DICOM this attribute: its SOP instance UIDs, space-separated
 DICOM_UIDS_ATTRIBUTE = "DICOM.instanceUIDs"

@@ -1,7 +1,7 @@
 """A real PACS for the tests: Orthanc (Debian package `orthanc`) on 127.0.0.1, in a temporary folder.
 
 `OrthancServer(folder)` writes its own configuration (its storage and index in `folder`, free HTTP and
-DICOM ports, no plugins, HTTP from this machine only, no authentication, any calling AE title allowed to
+DICOM ports, no plugins unless asked for, HTTP from this machine only, no authentication, any calling AE title allowed to
 store) and starts the `Orthanc` binary with it: never the system service, nor /etc/orthanc's configuration.
 `start()` waits (at most START_TIMEOUT_S) until the REST API answers; `stop()` terminates it and waits (kills it
 after STOP_TIMEOUT_S). `Testing/install-system-packages.sh` installs it for `make test`.
@@ -19,6 +19,7 @@ import urllib.request
 from pathlib import Path
 
 ORTHANC = "Orthanc"  # the binary of Debian's `orthanc` package
+DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")  # Debian's `orthanc-dicomweb` (loaded on request)
 AET = "ORTHANC"
 HOST = "127.0.0.1"
 START_TIMEOUT_S = 30.0

@@ -15,7 +15,7 @@ from CovidCTDiagnosisLib import dicom_send
 from CovidCTDiagnosisLib.cli import main
 from CovidCTDiagnosisLib.dicom_send import find_dicom_files, parse_destination, send_dicom
 from CovidCTDiagnosisLib.errors import SendError
-from orthanc_server import HOST, free_port
+from orthanc_server import DICOMWEB_PLUGIN, HOST, free_port
 from test_volume_io import small_ct, write_dicom_series  # noqa: F401 (a fixture)
 
 P001 = "ct/covid-ct-md/P001-covid"
@@ -161,7 +161,8 @@ def test_bad_input_is_refused_before_connecting(phantom_series, tmp_path, capfd)
 
 @pytest.mark.parametrize("to, aet", [("127.0.0.1:104", "COVIDCT"), ("PACS@127.0.0.1", "COVIDCT"),
                                      ("PACS@127.0.0.1:0", "COVIDCT"), ("SEVENTEEN_LETTERS@127.0.0.1:104", "COVIDCT"),
-                                     ("PACS@127.0.0.1:104", "A\\B")])
+                                     ("PACS@127.0.0.1:104", "A\\B"), ("http://", "COVIDCT"),
+                                     ("https://pacs.example.org:99999/dicom-web", "COVIDCT")])
 def test_bad_destination_or_aet_is_a_usage_error(phantom_series, capfd, to, aet):
     code, out, err = run_send(capfd, phantom_series, "--to", to, "--aet", aet)
     assert (code, out, len(err)) == (2, "", 1)
@@ -170,6 +171,7 @@ def test_bad_destination_or_aet_is_a_usage_error(phantom_series, capfd, to, aet)
 def test_destination_forms():
     assert str(parse_destination("ORTHANC@pacs.example.org:4242")) == "ORTHANC@pacs.example.org:4242"
     assert parse_destination("PACS@[::1]:104").host == "::1"
+    assert str(parse_destination("https://pacs.example.org/dicom-web/")) == "https://pacs.example.org/dicom-web"
 
 
 def test_dicomdir_is_not_sent(shared_data, tmp_path):
@@ -193,3 +195,52 @@ def test_exit_code_documented_and_parser_imports_no_dicom_library():
               "print(sorted(m for m in ('pydicom', 'pynetdicom') if m in sys.modules))")
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     assert done.stdout == "[]\n"
+
+
+# ---- DICOMweb (STOW-RS) --------------------------------------------------------------------------
+
+
+@pytest.fixture
+def dicomweb(orthanc, monkeypatch):
+    """Orthanc with its DICOMweb plugin (Debian package orthanc-dicomweb, and no other plugin); STOW-RS requests of
+    5 instances, so that the 12 files take three."""
+    pytest.importorskip("dicomweb_client", reason="DICOMweb needs dicomweb-client (Python >= 3.10)")
+    if not DICOMWEB_PLUGIN.is_file():
+        pytest.skip(f"Orthanc's DICOMweb plugin is not installed ({DICOMWEB_PLUGIN}; Debian package orthanc-dicomweb)")
+    monkeypatch.setattr(dicom_send, "STOW_BATCH", 5)
+    pacs = orthanc(Plugins=[str(DICOMWEB_PLUGIN)], DicomWeb={"Enable": True, "Root": "/dicom-web/"})
+    return pacs, f"http://{HOST}:{pacs.http_port}/dicom-web"
+
+
+def test_dicomweb_stores_every_file(phantom_series, dicomweb, capfd):
+    pacs, url = dicomweb
+    files = sorted(phantom_series.rglob("*.dcm"))
+    assert run_send(capfd, phantom_series, "--to", url)[::2] == (0, [f"{url}: 12 of 12 DICOM files stored"])
+    assert stored_uids(pacs, "instances", "SOPInstanceUID") == uids(files, "SOPInstanceUID")
+    assert stored_uids(pacs, "series", "SeriesInstanceUID") == uids(files, "SeriesInstanceUID")
+
+
+def test_dicomweb_partial_failure_is_counted_exactly(phantom_series, dicomweb, capfd):
+    """Orthanc refuses a request holding an instance without a SeriesInstanceUID (HTTP 400) but stores the rest of
+    it: each of that request's instances is sent again alone, so the count and the file named are exact."""
+    pacs, url = dicomweb
+    files = sorted(phantom_series.rglob("*.dcm"))
+    dataset = pydicom.dcmread(files[6])
+    del dataset.SeriesInstanceUID
+    dataset.save_as(files[6])
+    code, out, err = run_send(capfd, phantom_series, "--to", url)
+    assert (code, out) == (10, "")
+    assert err == [f"covidct: error: {url} stored 11 of 12 DICOM files; not stored: {files[6].name}: HTTP 400 Bad Request"]
+    assert stored_uids(pacs, "instances", "SOPInstanceUID") == uids(files, "SOPInstanceUID") - uids(files[6:7], "SOPInstanceUID")
+
+
+def test_dicomweb_refusals(phantom_series, dicomweb, capfd):
+    pacs, url = dicomweb
+    wrong = f"http://{HOST}:{pacs.http_port}/no-dicom-web-here"
+    assert run_send(capfd, phantom_series, "--to", wrong)[::2] == (
+        10, [f"covidct: error: {wrong} stored 0 of 12 DICOM files; not stored: HTTP 404 Not Found"])
+    unreachable = f"http://{HOST}:{free_port()}/dicom-web"
+    code, out, err = run_send(capfd, phantom_series, "--to", unreachable)
+    assert (code, out, len(err)) == (10, "", 1)
+    assert err[0].startswith(f"covidct: error: {unreachable}: cannot connect") and err[0].endswith("nothing was sent")
+    assert pacs.get("/instances") == []
