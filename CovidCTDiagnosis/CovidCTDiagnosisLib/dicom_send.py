@@ -103,7 +103,8 @@ def find_dicom_files(source) -> List[Tuple[Path, str, str]]:
     if not source.exists():
         raise InputNotFoundError(f"cannot send {source}: no such file or folder")
     paths = [source] if source.is_file() else sorted(
-        p for p in source.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(source).parts))
+        p for p in source.rglob("*")
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(source).parts))
     found = []
     for path in paths:
         try:

@@ -1,18 +1,20 @@
 """A real PACS for the tests: Orthanc (Debian package `orthanc`) on 127.0.0.1, in a temporary folder.
 
 `OrthancServer(folder)` writes its own configuration (its storage and index in `folder`, free HTTP and
-DICOM ports, no plugins unless asked for, HTTP from this machine only, no authentication, any calling AE title allowed to
-store) and starts the `Orthanc` binary with it: never the system service, nor /etc/orthanc's configuration.
+DICOM ports, no plugins unless asked for, HTTP from this machine only, no authentication, any calling AE
+title allowed to store) and starts the `Orthanc` binary with it: never the system service, nor /etc/orthanc's configuration.
 `start()` waits (at most START_TIMEOUT_S) until the REST API answers; `stop()` terminates it and waits (kills it
-after STOP_TIMEOUT_S). `Testing/install-system-packages.sh` installs it for `make test`.
+after STOP_TIMEOUT_S); on Linux it also ends when the test process dies. `Testing/install-system-packages.sh` installs it for `make test`.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -25,6 +27,14 @@ HOST = "127.0.0.1"
 START_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 10.0
 HTTP_TIMEOUT_S = 10.0
+PR_SET_PDEATHSIG = 1  # Linux prctl: a signal for the child when its parent dies
+
+
+def _stop_with_parent() -> None:
+    """In the child, before Orthanc starts (Linux): SIGTERM when the test process dies, even killed."""
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def orthanc_binary() -> str | None:
@@ -80,7 +90,8 @@ class OrthancServer:
     def start(self) -> "OrthancServer":
         log = open(self.folder / "orthanc.log", "wb")
         self.process = subprocess.Popen([orthanc_binary() or ORTHANC, str(self.config_path)], cwd=self.folder,
-                                        stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+                                        stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                        preexec_fn=_stop_with_parent if sys.platform == "linux" else None)
         log.close()
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:
