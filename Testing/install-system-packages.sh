@@ -1,7 +1,8 @@
 #!/bin/sh
 # System packages some tests need: Orthanc with its DICOMweb plugin (a real PACS for `covidct send`), DCMTK and
-# dicom3tools (dciodvfy, the DICOM validator). `make test` runs this before pytest; CI runs it as root on a fresh clone. Idempotent: it installs
-# only what is missing, and only as root with apt-get; elsewhere it says which tests will skip and changes nothing.
+# dicom3tools (dciodvfy, the DICOM validator). `make test` runs this before pytest; CI runs it as root on a fresh
+# clone. Idempotent: it installs only what is missing, and only as root with apt-get; elsewhere it says which tests
+# will skip and changes nothing.
 set -e
 PACKAGES="orthanc orthanc-dicomweb dcmtk dicom3tools"
 missing=""
