@@ -42,6 +42,7 @@ from CovidCTDiagnosisLib.display import HEAT_OPACITY, HEAT_THRESHOLD  # noqa: E4
 UNTRAINED_MODEL = "untrained"
 TEMP_KEY = "CovidCTDiagnosis"
 INPUT_FILE = "input.nrrd"
+DICOM_INPUT_DIR = "input-dicom"
 RESULT_DIR = "result"
 POLL_INTERVAL_MS = 200
 PROGRESS_STEPS = 100
@@ -108,10 +109,12 @@ class ShownResults:
     """The nodes one analysis put into the scene, with the plan they were made from."""
 
     def __init__(self, plan, folderItem: int, segmentation: slicer.vtkMRMLSegmentationNode, heat: vtkMRMLScalarVolumeNode,
-                 table: slicer.vtkMRMLTableNode, rois: list[slicer.vtkMRMLMarkupsROINode],
-                 severity: Optional[slicer.vtkMRMLSegmentationNode] = None, severityTable: Optional[slicer.vtkMRMLTableNode] = None):
+                 table: slicer.vtkMRMLTableNode, rois: list[slicer.vtkMRMLMarkupsROINode], resultFolder: str,
+                 volumeNode: Optional[vtkMRMLScalarVolumeNode], severity: Optional[slicer.vtkMRMLSegmentationNode] = None,
+                 severityTable: Optional[slicer.vtkMRMLTableNode] = None):
         self.plan, self.folderItem = plan, folderItem
         self.segmentation, self.heat, self.table, self.rois = segmentation, heat, table, rois
+        self.resultFolder, self.volumeNode = resultFolder, volumeNode  # where they were read from, and over which CT
         self.severity, self.severityTable = severity, severityTable  # None where the CT's involvement was not measured
 
     def nodes(self) -> list:
@@ -123,8 +126,8 @@ class ShownResults:
 class AnalysisJob:
     """A background `covidct analyze` of one volume: polls the process, then shows its results."""
 
-    def __init__(self, logic, volumeNode: vtkMRMLScalarVolumeNode, workDir, command, onProgress, onFinished):
-        self.logic, self.volumeNode, self.workDir = logic, volumeNode, workDir
+    def __init__(self, logic, volumeNode: vtkMRMLScalarVolumeNode, workDir, inputPath, command, onProgress, onFinished):
+        self.logic, self.volumeNode, self.workDir, self.inputPath = logic, volumeNode, workDir, inputPath
         self.onProgress, self.onFinished = onProgress, onFinished
         self.resultFolder = os.path.join(workDir, RESULT_DIR)
         self.results = None
@@ -155,7 +158,10 @@ class AnalysisJob:
         if not self.analysis.finished:
             return
         self.timer.stop()
-        os.remove(os.path.join(self.workDir, INPUT_FILE))
+        if os.path.isdir(self.inputPath):
+            shutil.rmtree(self.inputPath)  # links to (or copies of) the DICOM database's files
+        else:
+            os.remove(self.inputPath)
         if self.cancelled or self.analysis.returncode != 0:
             self.error = None if self.cancelled else self.analysis.error_message
             shutil.rmtree(self.workDir, ignore_errors=True)
@@ -198,6 +204,7 @@ class CovidCTDiagnosisWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.loadResultsButton.connect("clicked(bool)", self.onLoadResults)
         self.ui.slicesTableView.connect("clicked(QModelIndex)", self.onSliceClicked)
         self.ui.opacitySliderWidget.connect("valueChanged(double)", self.onOpacityChanged)
+        self.ui.saveDicomButton.connect("clicked(bool)", self.onSaveAsDicom)
         self.initializeParameterNode()
 
     def onReload(self):
@@ -345,6 +352,19 @@ class CovidCTDiagnosisWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._topSliceButtons.append(button)
         self.ui.resultsCollapsibleButton.collapsed = False
         self.onOpacityChanged(self.ui.opacitySliderWidget.value)
+        problem = self.logic.dicomExportProblem(results)
+        self.ui.saveDicomButton.enabled = problem is None
+        self.ui.dicomStatusLabel.text = problem or ""
+
+    def onSaveAsDicom(self):
+        folder = qt.QFileDialog.getExistingDirectory(
+            slicer.util.mainWindow(), _("Select a new or empty folder for the DICOM objects"))
+        if not folder:
+            return
+        with slicer.util.tryWithErrorDisplay(_("Failed to save the results as DICOM."), waitCursor=True):
+            written = self.logic.saveResultsAsDicom(self._shown, folder)
+            self.ui.dicomStatusLabel.text = _("{count} DICOM objects written to {folder} and added to the DICOM "
+                                              "database.").format(count=len(written), folder=folder)
 
     def onSliceClicked(self, index):
         if self._shown:
@@ -386,7 +406,7 @@ class CovidCTDiagnosisLogic(ScriptedLoadableModuleLogic):
             )
             if torch is None:
                 raise RuntimeError(_("PyTorch is required to analyse images."))
-        self._pipInstall(slicer_runtime.missing_requirements())
+        self._pipInstall(slicer_runtime.missing_requirements(slicer_runtime.ANALYSIS_REQUIREMENTS))
 
     def setupFileReaders(self):
         """Install the pip packages that reading result folders needs (not PyTorch), after asking."""
@@ -426,11 +446,18 @@ class CovidCTDiagnosisLogic(ScriptedLoadableModuleLogic):
         from CovidCTDiagnosisLib.outputs import write_outputs
         from CovidCTDiagnosisLib.pipeline import Analyzer
 
-        image = sitkUtils.PullVolumeFromSlicer(volumeNode)
-        result = Analyzer(model, device).analyze(
-            image, slices=slices, aggregate=aggregate, progress=lambda stage, fraction: logging.info(f"{stage}: {fraction:.0%}")
-        )
-        folder = write_outputs(result, image, os.path.join(self._workDirectory(), RESULT_DIR))
+        workDir = self._workDirectory()
+        sourceFiles = self.dicomSourceFiles(volumeNode)
+        source = (slicer_runtime.gather_files(sourceFiles, os.path.join(workDir, DICOM_INPUT_DIR)) if sourceFiles
+                  else sitkUtils.PullVolumeFromSlicer(volumeNode))
+        try:
+            result = Analyzer(model, device).analyze(
+                source, slices=slices, aggregate=aggregate, progress=lambda stage, fraction: logging.info(f"{stage}: {fraction:.0%}")
+            )
+        finally:
+            if sourceFiles:
+                shutil.rmtree(source)
+        folder = write_outputs(result, result.ct, os.path.join(workDir, RESULT_DIR))
         self.loadResults(str(folder), volumeNode)
         return result
 
@@ -444,12 +471,16 @@ class CovidCTDiagnosisLogic(ScriptedLoadableModuleLogic):
         if not python:
             raise RuntimeError(_("PythonSlicer, Slicer's Python interpreter, was not found."))
         workDir = self._workDirectory()
-        inputPath = os.path.join(workDir, INPUT_FILE)
-        if not slicer.util.exportNode(volumeNode, inputPath, {"useCompression": False}):
-            raise RuntimeError(_("Cannot write {volume} to {path}.").format(volume=volumeNode.GetName(), path=inputPath))
+        sourceFiles = self.dicomSourceFiles(volumeNode)
+        if sourceFiles:
+            inputPath = str(slicer_runtime.gather_files(sourceFiles, os.path.join(workDir, DICOM_INPUT_DIR)))
+        else:
+            inputPath = os.path.join(workDir, INPUT_FILE)
+            if not slicer.util.exportNode(volumeNode, inputPath, {"useCompression": False}):
+                raise RuntimeError(_("Cannot write {volume} to {path}.").format(volume=volumeNode.GetName(), path=inputPath))
         command = slicer_runtime.analyze_command(python, inputPath, os.path.join(workDir, RESULT_DIR), model=model, device=device,
                                                  slices=slices, aggregate=aggregate)
-        return AnalysisJob(self, volumeNode, workDir, command, onProgress, onFinished)
+        return AnalysisJob(self, volumeNode, workDir, inputPath, command, onProgress, onFinished)
 
     def processFiles(self, pathsOrFolder, outputFolder, model=None, device="auto", slices=15, aggregate="mean"):
         """Analyse many CTs (a folder, a CSV manifest, or a list of paths) into one result folder each and
@@ -528,7 +559,8 @@ class CovidCTDiagnosisLogic(ScriptedLoadableModuleLogic):
                 severityTable = self._addTable(plan.severity.table_name, plan.severity.table_columns())
         finally:
             slicer.mrmlScene.EndState(slicer.mrmlScene.BatchProcessState)
-        shown = ShownResults(plan, folderItem, segmentation, heat, table, rois, severity, severityTable)
+        shown = ShownResults(plan, folderItem, segmentation, heat, table, rois, str(resultFolder), volumeNode, severity,
+                             severityTable)
 
         if volumeNode:  # the segmentations belong to the CT (its grid and node), as DICOM SEG export needs
             for node in (segmentation, severity):
@@ -547,6 +579,42 @@ class CovidCTDiagnosisLogic(ScriptedLoadableModuleLogic):
         slicer.util.setSliceViewerLayers(background=background, foreground=heat, foregroundOpacity=HEAT_OPACITY)
         self.shownResults = shown
         return self.shownResults
+
+    @staticmethod
+    def dicomSourceFiles(volumeNode: Optional[vtkMRMLScalarVolumeNode]):
+        """The DICOM files `volumeNode` was loaded from, found in Slicer's DICOM database; [] if none."""
+        database = getattr(slicer, "dicomDatabase", None)
+        if volumeNode is None or database is None:
+            return []
+        return slicer_runtime.dicom_source_files(volumeNode.GetAttribute(slicer_runtime.DICOM_UIDS_ATTRIBUTE),
+                                                 database.fileForInstance)
+
+    def dicomExportProblem(self, results: ShownResults) -> Optional[str]:
+        """One line saying why `results` cannot be saved as DICOM here (old Python, not a DICOM analysis, no
+        source files in the DICOM database), or None."""
+        from CovidCTDiagnosisLib.outputs import read_report
+
+        resultFormat = read_report(results.resultFolder)["input"]["format"]
+        return slicer_runtime.dicom_export_problem(resultFormat, self.dicomSourceFiles(results.volumeNode))
+
+    def saveResultsAsDicom(self, results: ShownResults, outputFolder, addToDatabase=True):
+        """Write `results` as DICOM objects in their CT's study (the engine's dicom_export: SEG, parametric map,
+        secondary captures, SR, PDF) into `outputFolder` (new, or holding only an earlier export), and add them to
+        Slicer's DICOM database. Returns the written paths. Raises ValueError with dicomExportProblem's line, or
+        the engine's one-line errors."""
+        problem = self.dicomExportProblem(results)
+        if problem:
+            raise ValueError(problem)
+        self._pipInstall(slicer_runtime.missing_requirements(slicer_runtime.DICOM_REQUIREMENTS))
+        from CovidCTDiagnosisLib.dicom_export import export_dicom
+
+        written = [str(path) for path in export_dicom(results.resultFolder, self.dicomSourceFiles(results.volumeNode),
+                                                      outputFolder)]
+        if addToDatabase:
+            from DICOMLib import DICOMUtils
+
+            DICOMUtils.importDicom(str(outputFolder))
+        return written
 
     def jumpToSlice(self, results: ShownResults, rowIndex: int):
         """Centre every slice view on the analysed slice in row `rowIndex` of the results' table."""

@@ -44,6 +44,7 @@ Typical use:
   covidct batch cases/ --out results/          (one folder per case + summary.csv)
   covidct score-images slice1.png slice2.jpg --out scores.csv
   covidct demo                                 (synthetic phantom, no data needed)
+  covidct send dicom_results/ --to PACS@pacs.hospital:104   (DICOM files to a PACS)
 Each result folder opens in 3D Slicer by drag and drop: lungs.seg.nrrd (lungs and lesion
 boxes), gradcam.nrrd (heat map), lesions.mrk.json (boxes as ROIs); report.html is for reading.
 """
@@ -104,6 +105,8 @@ class _CommandParser(_OneLineErrors, argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .dicom_send import DEFAULT_CALLING_AET  # a constant: pydicom and pynetdicom are imported by a send
+
     parser = _Parser(prog=PROG, description=DESCRIPTION, epilog=_exit_code_help(),
                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_CommandParser)
@@ -144,6 +147,19 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog=_exit_code_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=DEMO_OUT, metavar="DIR", help=f"demo folder (default: ./{DEMO_OUT})")
     _add_model_options(p)
+
+    p = sub.add_parser("send", help="send DICOM files (e.g. --dicom-out's) to a PACS (C-STORE or DICOMweb STOW-RS)",
+                       description="Store every DICOM file in DDIR (searched recursively) on a PACS or other DICOM node, "
+                                   "in one association (or over DICOMweb). Succeeds only when every file was stored; otherwise one line "
+                                   "says how many of how many were, and the exit code is 10.",
+                       epilog=_exit_code_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("folder", metavar="DDIR", help="a folder of DICOM files (or one file)")
+    p.add_argument("--to", required=True, metavar="AET@HOST:PORT|URL",
+                   help="the PACS: its AE title, host and DICOM port for C-STORE, e.g. ORTHANC@127.0.0.1:4242; or the "
+                        "http(s) URL of its DICOMweb service for STOW-RS, e.g. http://127.0.0.1:8042/dicom-web")
+    p.add_argument("--aet", default=DEFAULT_CALLING_AET, metavar="AET",
+                   help=f"our (calling) AE title for C-STORE (default: {DEFAULT_CALLING_AET})")
+    p.add_argument("--quiet", action="store_true", help="no summary line")
 
     for name, (text, add_arguments, _run) in TRAINING_COMMANDS.items():
         sub.add_parser(name, help=text, add_arguments=add_arguments)
@@ -375,7 +391,18 @@ def cmd_demo(args) -> int:
     return 0
 
 
-COMMANDS = {"analyze": cmd_analyze, "batch": cmd_batch, "score-images": cmd_score_images, "demo": cmd_demo}
+def cmd_send(args) -> int:
+    from .dicom_send import parse_destination, send_dicom
+
+    destination = parse_destination(args.to)
+    stored = send_dicom(args.folder, destination, calling_aet=args.aet)
+    if not args.quiet:
+        print(f"{destination}: {stored} of {stored} DICOM files stored", file=sys.stderr)
+    return 0
+
+
+COMMANDS = {"analyze": cmd_analyze, "batch": cmd_batch, "score-images": cmd_score_images, "demo": cmd_demo,
+            "send": cmd_send}
 
 
 def main(argv=None) -> int:

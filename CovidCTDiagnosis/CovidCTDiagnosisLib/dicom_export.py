@@ -40,8 +40,8 @@ from .errors import UnreadableInputError, UsageError
 from .outputs import GRADCAM_NRRD, LUNGS_SEG_NRRD, check_writable, is_complete, read_report, staged_folder
 from .result import RESEARCH_USE_ONLY, UNTRAINED_NOTE, SliceResult
 from .segmentation_file import LEFT_LUNG_SEGMENT, LESION_TERMINOLOGY, RIGHT_LUNG_SEGMENT, box_name, lesion_colors
+from .slicer_runtime import DICOM_MIN_PYTHON
 
-MIN_PYTHON = (3, 10)  # highdicom's
 SOFTWARE = "CovidCTDiagnosis"
 RESEARCH_SHORT = "research use only"
 SEG_FILE = "SEG_lungs_regions.dcm"
@@ -90,8 +90,8 @@ GRID_TOLERANCE_MM = 1e-3  # the source series against report.json's grid (mm, di
 
 def unavailable_reason() -> str | None:
     """One line saying why DICOM export cannot run in this Python (too old, highdicom missing), or None."""
-    if sys.version_info[:2] < MIN_PYTHON:
-        return (f"DICOM export needs Python {MIN_PYTHON[0]}.{MIN_PYTHON[1]} or newer (highdicom); this is Python "
+    if sys.version_info[:2] < DICOM_MIN_PYTHON:
+        return (f"DICOM export needs Python {DICOM_MIN_PYTHON[0]}.{DICOM_MIN_PYTHON[1]} or newer (highdicom); this is Python "
                 f"{sys.version_info[0]}.{sys.version_info[1]}")
     try:
         import highdicom  # noqa: F401

@@ -27,7 +27,7 @@ pytest.importorskip("slicer_core", reason="slicer-core (Slicer's MRML; Python >=
 import slicer  # noqa: E402  (slicer-core's package)
 import vtk  # noqa: E402
 
-from CovidCTDiagnosisLib import outputs  # noqa: E402
+from CovidCTDiagnosisLib import outputs, slicer_runtime  # noqa: E402
 from CovidCTDiagnosisLib.checkpoint import save_checkpoint  # noqa: E402
 from CovidCTDiagnosisLib.drenet import DRENet, DRENetConfig  # noqa: E402
 from CovidCTDiagnosisLib.phantom import make_chest_phantom  # noqa: E402
@@ -295,6 +295,23 @@ def _dicom_files_in_slicer_order(folder) -> list[str]:
     return [path for _, path in sorted(positions)]
 
 
+def _read_as_slicers_dicom_module_does(scene, folder):
+    """A volume node of the DICOM series in `folder`, read by Slicer's reader from its files in the DICOM module's order."""
+    files = _dicom_files_in_slicer_order(folder)
+    volume = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", folder.name)
+    storage = scene.AddNewNodeByClass("vtkMRMLVolumeArchetypeStorageNode")
+    storage.SetFileName(files[0])
+    storage.ResetFileNameList()
+    for path in files:
+        storage.AddFileName(path)
+    storage.SetSingleFile(False)
+    volume.SetAndObserveStorageNodeID(storage.GetID())
+    assert storage.ReadData(volume), f"Slicer's reader cannot read {folder}"
+    shNode = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
+    shNode.CreateItem(shNode.GetSceneItemID(), volume)
+    return volume
+
+
 def test_load_results_over_a_real_dicom_ct_read_as_slicers_dicom_module_does(module, scene, tmp_path):
     """P001 (real, JPEG-lossless DICOM): analysed by the engine from its folder; Slicer's reader given the files in the
     DICOM module's order holds the same voxels, and the results land on it (heat map on the CT's grid, slice numbers)."""
@@ -310,18 +327,7 @@ def test_load_results_over_a_real_dicom_ct_read_as_slicers_dicom_module_does(mod
     result = Analyzer(str(model), "cpu").analyze(str(folder), slices=3)
     results = outputs.write_outputs(result, result.ct, tmp_path / "P001")
 
-    files = _dicom_files_in_slicer_order(folder)
-    volume = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "P001")
-    storage = scene.AddNewNodeByClass("vtkMRMLVolumeArchetypeStorageNode")
-    storage.SetFileName(files[0])
-    storage.ResetFileNameList()
-    for path in files:
-        storage.AddFileName(path)
-    storage.SetSingleFile(False)
-    volume.SetAndObserveStorageNodeID(storage.GetID())
-    assert storage.ReadData(volume), "Slicer's reader cannot read P001"
-    shNode = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
-    shNode.CreateItem(shNode.GetSceneItemID(), volume)
+    volume = _read_as_slicers_dicom_module_does(scene, folder)
     assert volume.GetImageData().GetDimensions() == tuple(result.ct.GetSize())
 
     shown = module.CovidCTDiagnosisLogic().loadResults(str(results), volume)
@@ -347,3 +353,33 @@ def test_the_modules_self_test_passes_on_slicer_core(in_process, scene, monkeypa
         self_test.setUp()  # clears the scene, keeping its singletons (the slice views' nodes), as runTest does
         test()
         assert scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == 2  # lungs and boxes; involvement
+
+
+def test_process_analyses_a_dicom_ct_from_its_files_in_the_database(in_process, scene, tmp_path, monkeypatch):
+    """process() on P001 loaded from the DICOM database analyses its files (found through DICOM.instanceUIDs and the
+    database), not a copy of the voxels: the results are of the DICOM series (so they can be saved into its study),
+    land on the volume, and the gathered files are removed afterwards."""
+    import pydicom
+    import torch
+
+    from conftest import SHARED_DATA
+
+    folder = SHARED_DATA / "ct" / "covid-ct-md" / "P001-covid"
+    if not folder.is_dir():
+        pytest.skip(f"real CT not available: {folder} does not exist")
+    volume = _read_as_slicers_dicom_module_does(scene, folder)
+    headers = [pydicom.dcmread(path, stop_before_pixels=True) for path in _dicom_files_in_slicer_order(folder)]
+    by_uid = {str(h.SOPInstanceUID): str(h.filename) for h in headers}
+    volume.SetAttribute(slicer_runtime.DICOM_UIDS_ATTRIBUTE, " ".join(by_uid))  # as Slicer's DICOM plugin does
+    series = str(headers[0].SeriesInstanceUID)
+    database = mock.MagicMock(name="dicomDatabase", **{"fileForInstance.side_effect": lambda uid: by_uid.get(uid, ""),
+                                                      "instanceValue.return_value": series})
+    monkeypatch.setattr(slicer, "dicomDatabase", database, raising=False)
+    torch.manual_seed(0)
+    model = save_checkpoint(tmp_path / "tiny.pt", DRENet(DRENetConfig(input_size=64)), trained=False, metadata={"name": "tiny"})
+    logic = in_process.CovidCTDiagnosisLogic()
+    report = logic.process(volume, model=str(model), device="cpu", slices=3).to_report()
+    assert (report["input"]["format"], report["input"]["series_uid"]) == ("dicom", series)
+    np.testing.assert_allclose(_ijk_to_ras(logic.shownResults.heat), _ijk_to_ras(volume), atol=1e-4)
+    assert logic.dicomExportProblem(logic.shownResults) is None
+    assert not list(tmp_path.rglob(in_process.DICOM_INPUT_DIR))

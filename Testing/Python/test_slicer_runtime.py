@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ast
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -197,3 +198,28 @@ def test_forget_engine_modules_makes_the_next_import_read_the_files_again(tmp_pa
     out = subprocess.run([sys.executable, "-B", "-c", script, str(tmp_path)], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["True", "True", "True"]
+
+
+def test_dicom_source_files_and_gathering_them(tmp_path):
+    """A volume's DICOM files through the database's lookup; gathered into one folder for the engine, untouched."""
+    database = {f"1.2.3.{n}": tmp_path / "db" / str(n) / "same-name" for n in range(4)}  # files of one name
+    for uid, path in database.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(uid.encode())
+    lookup = lambda uid: str(database[uid]) if uid in database else ""  # noqa: E731  (fileForInstance)
+    files = slicer_runtime.dicom_source_files("1.2.3.0 1.2.3.1", lookup)
+    assert files == [str(database["1.2.3.0"]), str(database["1.2.3.1"])]
+    assert slicer_runtime.dicom_source_files(None, lookup) == slicer_runtime.dicom_source_files("", lookup) == []
+    assert slicer_runtime.dicom_source_files("1.2.3.0 9.9", lookup) == []  # one not in the database: none
+    folder = slicer_runtime.gather_files(files, tmp_path / "work" / "input")
+    assert [p.read_bytes() for p in sorted(folder.iterdir())] == [b"1.2.3.0", b"1.2.3.1"]
+    shutil.rmtree(folder)
+    assert all(Path(f).read_bytes() for f in files)  # removing the gathered folder leaves the database's files
+
+
+def test_dicom_export_problem():
+    assert slicer_runtime.dicom_export_problem("dicom", ["a.dcm"], (3, 12)) is None
+    assert slicer_runtime.dicom_export_problem("dicom", ["a.dcm"], (3, 9)) == (
+        "Saving as DICOM needs Slicer with Python 3.10 or newer (highdicom); this Slicer has Python 3.9.")
+    assert "not a DICOM series" in slicer_runtime.dicom_export_problem("nrrd", ["a.dcm"], (3, 12))
+    assert "not loaded from Slicer's DICOM database" in slicer_runtime.dicom_export_problem("dicom", [], (3, 12))
