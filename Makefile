@@ -15,6 +15,7 @@ demo: $(STAMP)
 	$(VENV)/bin/covidct demo
 
 test: $(STAMP)
+	sh Testing/install-system-packages.sh
 	$(VENV)/bin/python -m pytest -q
 
 benchmark: $(STAMP)

@@ -37,15 +37,17 @@ if MODULE_DIR not in sys.path:
     sys.path.insert(0, MODULE_DIR)
 
 from CovidCTDiagnosisLib import slicer_runtime  # noqa: E402  (standard library only: works before the dependencies)
+from CovidCTDiagnosisLib.display import HEAT_OPACITY, HEAT_THRESHOLD  # noqa: E402  (constants only)
 
 UNTRAINED_MODEL = "untrained"
 TEMP_KEY = "CovidCTDiagnosis"
 INPUT_FILE = "input.nrrd"
+DICOM_INPUT_DIR = "input-dicom"
 RESULT_DIR = "result"
 POLL_INTERVAL_MS = 200
 PROGRESS_STEPS = 100
-DEFAULT_HEAT_OPACITY = 0.4
 JOB_TIMEOUT_S = 600  # the self-test's limit for a background analysis
+SERIES_INSTANCE_UID_TAG = "0020,000E"  # as ctkDICOMDatabase names tags
 
 
 class Device(enum.Enum):
@@ -100,23 +102,32 @@ class CovidCTDiagnosisParameterNode:
     model: str = ""
     device: Device = Device.AUTO
     slices: SliceChoice = SliceChoice.PAPER
-    heatOpacity: Annotated[float, WithinRange(0.0, 1.0)] = DEFAULT_HEAT_OPACITY
+    heatOpacity: Annotated[float, WithinRange(0.0, 1.0)] = HEAT_OPACITY
 
 
 class ShownResults:
     """The nodes one analysis put into the scene, with the plan they were made from."""
 
     def __init__(self, plan, folderItem: int, segmentation: slicer.vtkMRMLSegmentationNode, heat: vtkMRMLScalarVolumeNode,
-                 table: slicer.vtkMRMLTableNode, rois: list[slicer.vtkMRMLMarkupsROINode]):
+                 table: slicer.vtkMRMLTableNode, rois: list[slicer.vtkMRMLMarkupsROINode], resultFolder: str,
+                 volumeNode: Optional[vtkMRMLScalarVolumeNode], severity: Optional[slicer.vtkMRMLSegmentationNode] = None,
+                 severityTable: Optional[slicer.vtkMRMLTableNode] = None):
         self.plan, self.folderItem = plan, folderItem
         self.segmentation, self.heat, self.table, self.rois = segmentation, heat, table, rois
+        self.resultFolder, self.volumeNode = resultFolder, volumeNode  # where they were read from, and over which CT
+        self.severity, self.severityTable = severity, severityTable  # None where the CT's involvement was not measured
+
+    def nodes(self) -> list:
+        """Every node of these results (all under `folderItem`)."""
+        measured = [n for n in (self.severity, self.severityTable) if n is not None]
+        return [self.segmentation, self.heat, self.table, *self.rois, *measured]
 
 
 class AnalysisJob:
     """A background `covidct analyze` of one volume: polls the process, then shows its results."""
 
-    def __init__(self, logic, volumeNode: vtkMRMLScalarVolumeNode, workDir, command, onProgress, onFinished):
-        self.logic, self.volumeNode, self.workDir = logic, volumeNode, workDir
+    def __init__(self, logic, volumeNode: vtkMRMLScalarVolumeNode, workDir, inputPath, command, onProgress, onFinished):
+        self.logic, self.volumeNode, self.workDir, self.inputPath = logic, volumeNode, workDir, inputPath
         self.onProgress, self.onFinished = onProgress, onFinished
         self.resultFolder = os.path.join(workDir, RESULT_DIR)
         self.results = None
@@ -147,7 +158,10 @@ class AnalysisJob:
         if not self.analysis.finished:
             return
         self.timer.stop()
-        os.remove(os.path.join(self.workDir, INPUT_FILE))
+        if os.path.isdir(self.inputPath):
+            shutil.rmtree(self.inputPath)  # links to (or copies of) the DICOM database's files
+        else:
+            os.remove(self.inputPath)
         if self.cancelled or self.analysis.returncode != 0:
             self.error = None if self.cancelled else self.analysis.error_message
             shutil.rmtree(self.workDir, ignore_errors=True)
@@ -170,6 +184,7 @@ class CovidCTDiagnosisWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._job = None
         self._shown = None
         self._topSliceButtons = []
+        self._modelChoices = None  # the model combo box's (text, model) items
 
     def setup(self):
         ScriptedLoadableModuleWidget.setup(self)
@@ -189,7 +204,13 @@ class CovidCTDiagnosisWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.loadResultsButton.connect("clicked(bool)", self.onLoadResults)
         self.ui.slicesTableView.connect("clicked(QModelIndex)", self.onSliceClicked)
         self.ui.opacitySliderWidget.connect("valueChanged(double)", self.onOpacityChanged)
+        self.ui.saveDicomButton.connect("clicked(bool)", self.onSaveAsDicom)
         self.initializeParameterNode()
+
+    def onReload(self):
+        """Developer mode's Reload: the engine (CovidCTDiagnosisLib) is imported afresh too, not only this file."""
+        slicer_runtime.forget_engine_modules()
+        super().onReload()
 
     def cleanup(self):
         if self._job:
@@ -239,9 +260,11 @@ class CovidCTDiagnosisWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         choices.append((_("Untrained network (tests the pipeline; not a diagnosis)"), UNTRAINED_MODEL))
         combo = self.ui.modelComboBox
         wasBlocked = combo.blockSignals(True)
-        combo.clear()
-        for text, spec in choices:
-            combo.addItem(text, spec)
+        if choices != self._modelChoices:  # rebuilt only when they change, not on every parameter change (slider steps)
+            combo.clear()
+            for text, spec in choices:
+                combo.addItem(text, spec)
+            self._modelChoices = choices
         combo.currentIndex = [spec for _text, spec in choices].index(model)
         combo.blockSignals(wasBlocked)
 
@@ -329,6 +352,19 @@ class CovidCTDiagnosisWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._topSliceButtons.append(button)
         self.ui.resultsCollapsibleButton.collapsed = False
         self.onOpacityChanged(self.ui.opacitySliderWidget.value)
+        problem = self.logic.dicomExportProblem(results)
+        self.ui.saveDicomButton.enabled = problem is None
+        self.ui.dicomStatusLabel.text = problem or ""
+
+    def onSaveAsDicom(self):
+        folder = qt.QFileDialog.getExistingDirectory(
+            slicer.util.mainWindow(), _("Select a new or empty folder for the DICOM objects"))
+        if not folder:
+            return
+        with slicer.util.tryWithErrorDisplay(_("Failed to save the results as DICOM."), waitCursor=True):
+            written = self.logic.saveResultsAsDicom(self._shown, folder)
+            self.ui.dicomStatusLabel.text = _("{count} DICOM objects written to {folder} and added to the DICOM "
+                                              "database.").format(count=len(written), folder=folder)
 
     def onSliceClicked(self, index):
         if self._shown:
@@ -370,7 +406,7 @@ class CovidCTDiagnosisLogic(ScriptedLoadableModuleLogic):
             )
             if torch is None:
                 raise RuntimeError(_("PyTorch is required to analyse images."))
-        self._pipInstall(slicer_runtime.missing_requirements())
+        self._pipInstall(slicer_runtime.missing_requirements(slicer_runtime.ANALYSIS_REQUIREMENTS))
 
     def setupFileReaders(self):
         """Install the pip packages that reading result folders needs (not PyTorch), after asking."""
@@ -410,11 +446,18 @@ class CovidCTDiagnosisLogic(ScriptedLoadableModuleLogic):
         from CovidCTDiagnosisLib.outputs import write_outputs
         from CovidCTDiagnosisLib.pipeline import Analyzer
 
-        image = sitkUtils.PullVolumeFromSlicer(volumeNode)
-        result = Analyzer(model, device).analyze(
-            image, slices=slices, aggregate=aggregate, progress=lambda stage, fraction: logging.info(f"{stage}: {fraction:.0%}")
-        )
-        folder = write_outputs(result, image, os.path.join(self._workDirectory(), RESULT_DIR))
+        workDir = self._workDirectory()
+        sourceFiles = self.dicomSourceFiles(volumeNode)
+        source = (slicer_runtime.gather_files(sourceFiles, os.path.join(workDir, DICOM_INPUT_DIR)) if sourceFiles
+                  else sitkUtils.PullVolumeFromSlicer(volumeNode))
+        try:
+            result = Analyzer(model, device).analyze(
+                source, slices=slices, aggregate=aggregate, progress=lambda stage, fraction: logging.info(f"{stage}: {fraction:.0%}")
+            )
+        finally:
+            if sourceFiles:
+                shutil.rmtree(source)
+        folder = write_outputs(result, result.ct, os.path.join(workDir, RESULT_DIR))
         self.loadResults(str(folder), volumeNode)
         return result
 
@@ -428,12 +471,16 @@ class CovidCTDiagnosisLogic(ScriptedLoadableModuleLogic):
         if not python:
             raise RuntimeError(_("PythonSlicer, Slicer's Python interpreter, was not found."))
         workDir = self._workDirectory()
-        inputPath = os.path.join(workDir, INPUT_FILE)
-        if not slicer.util.exportNode(volumeNode, inputPath, {"useCompression": False}):
-            raise RuntimeError(_("Cannot write {volume} to {path}.").format(volume=volumeNode.GetName(), path=inputPath))
+        sourceFiles = self.dicomSourceFiles(volumeNode)
+        if sourceFiles:
+            inputPath = str(slicer_runtime.gather_files(sourceFiles, os.path.join(workDir, DICOM_INPUT_DIR)))
+        else:
+            inputPath = os.path.join(workDir, INPUT_FILE)
+            if not slicer.util.exportNode(volumeNode, inputPath, {"useCompression": False}):
+                raise RuntimeError(_("Cannot write {volume} to {path}.").format(volume=volumeNode.GetName(), path=inputPath))
         command = slicer_runtime.analyze_command(python, inputPath, os.path.join(workDir, RESULT_DIR), model=model, device=device,
                                                  slices=slices, aggregate=aggregate)
-        return AnalysisJob(self, volumeNode, workDir, command, onProgress, onFinished)
+        return AnalysisJob(self, volumeNode, workDir, inputPath, command, onProgress, onFinished)
 
     def processFiles(self, pathsOrFolder, outputFolder, model=None, device="auto", slices=15, aggregate="mean", ray=None,
                      workers=None, threadsPerWorker=None):
@@ -445,7 +492,7 @@ class CovidCTDiagnosisLogic(ScriptedLoadableModuleLogic):
         self._checkAggregate(aggregate)
         self.setupDependencies()
         if ray is not None:
-            self._pipInstall(slicer_runtime.missing_requirements(("ray",)))
+            self._pipInstall(slicer_runtime.missing_requirements(slicer_runtime.RAY_REQUIREMENTS))
         from CovidCTDiagnosisLib.batch import SUMMARY_CSV, run_batch
         from CovidCTDiagnosisLib.pipeline import Analyzer
 
@@ -466,29 +513,37 @@ class CovidCTDiagnosisLogic(ScriptedLoadableModuleLogic):
 
         Needs only the file readers, not PyTorch. Over a volume, the results must hold its voxels at their
         places, on any grid of them (Slicer makes left-handed files right-handed): slice numbers and box
-        names are then those of the volume's grid. Raises ValueError for results of another volume.
+        names are then those of the volume's grid. Raises ValueError for results of another volume (or DICOM series).
         Returns the ShownResults.
         """
         self.setupFileReaders()
         import numpy as np
         import SimpleITK as sitk
         from CovidCTDiagnosisLib import outputs, scene_plan
+        from CovidCTDiagnosisLib.geometry import VoxelGrid
 
         report = outputs.read_report(resultFolder)
         name = volumeNode.GetName() if volumeNode else os.path.basename(os.path.normpath(resultFolder))
         volumeGeometry = self._volumeGeometry(volumeNode) if volumeNode else None
-        if volumeGeometry is not None and not scene_plan.Geometry.from_report(report).matches(volumeGeometry):
-            raise ValueError(_("These results were computed on another volume than {volume}: select that CT, or none.").format(
-                volume=name))
+        analysedSeries, volumeSeries = report["input"].get("series_uid"), self._dicomSeriesUID(volumeNode)
+        otherSeries = bool(analysedSeries and volumeSeries and analysedSeries != volumeSeries)
+        if otherSeries or (volumeGeometry is not None and not VoxelGrid.from_report(report).matches(volumeGeometry)):
+            source = report["input"].get("path") or _("an image in memory")
+            if analysedSeries:
+                source += _(" (DICOM series {uid})").format(uid=analysedSeries)
+            raise ValueError(_("These results were computed on another CT than {volume}: on {source}. Select that CT, or "
+                               "none.").format(volume=name, source=source))
         plan = scene_plan.plan_scene(report, name, volumeGeometry)
         heatImage = sitk.ReadImage(os.path.join(resultFolder, outputs.GRADCAM_NRRD))
-        heatToScene = scene_plan.Geometry.from_image(heatImage).voxel_map(plan.geometry)
+        heatToScene = VoxelGrid.from_image(heatImage).voxel_map(plan.geometry)
         if heatToScene is None:
             raise ValueError(_("{file} does not have the grid of report.json.").format(file=outputs.GRADCAM_NRRD))
         heatArray = np.ascontiguousarray(heatToScene.array(sitk.GetArrayViewFromImage(heatImage)))
 
         shNode = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(slicer.mrmlScene)
-        volumeItem = shNode.GetItemByDataNode(volumeNode) if volumeNode else 0
+        volumeItem = 0
+        if volumeNode:  # Slicer's subject-hierarchy plugins give every volume an item; on a bare MRML scene give it one
+            volumeItem = shNode.GetItemByDataNode(volumeNode) or shNode.CreateItem(shNode.GetSceneItemID(), volumeNode)
         parentItem = shNode.GetItemParent(volumeItem) if volumeItem else shNode.GetSceneItemID()
         previous = shNode.GetItemChildWithName(parentItem, plan.folder_name)
         if previous:
@@ -497,30 +552,75 @@ class CovidCTDiagnosisLogic(ScriptedLoadableModuleLogic):
 
         slicer.mrmlScene.StartState(slicer.mrmlScene.BatchProcessState)
         try:
-            segmentation = self._addSegmentation(os.path.join(resultFolder, outputs.LUNGS_SEG_NRRD), plan)
+            segmentation = self._addSegmentation(os.path.join(resultFolder, outputs.LUNGS_SEG_NRRD), plan.segmentation_name,
+                                                 plan.segments)
             heat = slicer.util.addVolumeFromArray(heatArray, plan.geometry.ijk_to_ras(), plan.heat_name)
             self._styleHeatVolume(heat)
-            table = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLTableNode", plan.table_name)
-            columns = plan.table_columns()
-            slicer.util.updateTableFromArray(table, [values for _title, values in columns], [title for title, _values in columns])
-            table.SetLocked(True)
+            table = self._addTable(plan.table_name, plan.table_columns())
             rois = [self._addRoi(roi) for roi in plan.rois]
+            severity = severityTable = None
+            if plan.severity is not None:
+                severity = self._addSegmentation(os.path.join(resultFolder, outputs.SEVERITY_SEG_NRRD),
+                                                 plan.severity.segmentation_name, plan.severity.segments)
+                severityTable = self._addTable(plan.severity.table_name, plan.severity.table_columns())
         finally:
             slicer.mrmlScene.EndState(slicer.mrmlScene.BatchProcessState)
+        shown = ShownResults(plan, folderItem, segmentation, heat, table, rois, str(resultFolder), volumeNode, severity,
+                             severityTable)
 
+        if volumeNode:  # the segmentations belong to the CT (its grid and node), as DICOM SEG export needs
+            for node in (segmentation, severity):
+                if node is not None:
+                    node.SetReferenceImageGeometryParameterFromVolumeNode(volumeNode)
         transformID = volumeNode.GetTransformNodeID() if volumeNode else None
-        for node in [segmentation, heat, *rois]:
-            node.SetAndObserveTransformNodeID(transformID)
-        for node in [segmentation, heat, table, *rois]:  # Slicer's subject-hierarchy plugins (Qt) make items for new
-            item = shNode.GetItemByDataNode(node)       # nodes; without them (a bare MRML scene) make them here
-            if item:
+        for node in shown.nodes():
+            if node.IsA("vtkMRMLTransformableNode"):
+                node.SetAndObserveTransformNodeID(transformID)
+            item = shNode.GetItemByDataNode(node)  # Slicer's subject-hierarchy plugins (Qt) make items for new
+            if item:                               # nodes; without them (a bare MRML scene) make them here
                 shNode.SetItemParent(item, folderItem)
             else:
                 shNode.CreateItem(folderItem, node)
         background = volumeNode if volumeNode else "keep-current"
-        slicer.util.setSliceViewerLayers(background=background, foreground=heat, foregroundOpacity=DEFAULT_HEAT_OPACITY)
-        self.shownResults = ShownResults(plan, folderItem, segmentation, heat, table, rois)
+        slicer.util.setSliceViewerLayers(background=background, foreground=heat, foregroundOpacity=HEAT_OPACITY)
+        self.shownResults = shown
         return self.shownResults
+
+    @staticmethod
+    def dicomSourceFiles(volumeNode: Optional[vtkMRMLScalarVolumeNode]):
+        """The DICOM files `volumeNode` was loaded from, found in Slicer's DICOM database; [] if none."""
+        database = getattr(slicer, "dicomDatabase", None)
+        if volumeNode is None or database is None:
+            return []
+        return slicer_runtime.dicom_source_files(volumeNode.GetAttribute(slicer_runtime.DICOM_UIDS_ATTRIBUTE),
+                                                 database.fileForInstance)
+
+    def dicomExportProblem(self, results: ShownResults) -> Optional[str]:
+        """One line saying why `results` cannot be saved as DICOM here (old Python, not a DICOM analysis, no
+        source files in the DICOM database), or None."""
+        from CovidCTDiagnosisLib.outputs import read_report
+
+        resultFormat = read_report(results.resultFolder)["input"]["format"]
+        return slicer_runtime.dicom_export_problem(resultFormat, self.dicomSourceFiles(results.volumeNode))
+
+    def saveResultsAsDicom(self, results: ShownResults, outputFolder, addToDatabase=True):
+        """Write `results` as DICOM objects in their CT's study (the engine's dicom_export: SEG, parametric map,
+        secondary captures, SR, PDF) into `outputFolder` (new, or holding only an earlier export), and add them to
+        Slicer's DICOM database. Returns the written paths. Raises ValueError with dicomExportProblem's line, or
+        the engine's one-line errors."""
+        problem = self.dicomExportProblem(results)
+        if problem:
+            raise ValueError(problem)
+        self._pipInstall(slicer_runtime.missing_requirements(slicer_runtime.DICOM_REQUIREMENTS))
+        from CovidCTDiagnosisLib.dicom_export import export_dicom
+
+        written = [str(path) for path in export_dicom(results.resultFolder, self.dicomSourceFiles(results.volumeNode),
+                                                      outputFolder)]
+        if addToDatabase:
+            from DICOMLib import DICOMUtils
+
+            DICOMUtils.importDicom(str(outputFolder))
+        return written
 
     def jumpToSlice(self, results: ShownResults, rowIndex: int):
         """Centre every slice view on the analysed slice in row `rowIndex` of the results' table."""
@@ -542,18 +642,46 @@ class CovidCTDiagnosisLogic(ScriptedLoadableModuleLogic):
         return tempfile.mkdtemp(prefix=TEMP_KEY, dir=slicer.app.temporaryPath)
 
     @staticmethod
+    def _dicomSeriesUID(volumeNode: Optional[vtkMRMLScalarVolumeNode]) -> Optional[str]:
+        """The SeriesInstanceUID of a volume loaded from Slicer's DICOM database, else None."""
+        instanceUIDs = volumeNode.GetAttribute("DICOM.instanceUIDs") if volumeNode else None
+        database = getattr(slicer, "dicomDatabase", None)
+        if not instanceUIDs or database is None:
+            return None
+        return database.instanceValue(instanceUIDs.split()[0], SERIES_INSTANCE_UID_TAG) or None
+
+    @staticmethod
     def _volumeGeometry(volumeNode: vtkMRMLScalarVolumeNode):
-        from CovidCTDiagnosisLib.scene_plan import Geometry
+        from CovidCTDiagnosisLib.geometry import VoxelGrid
 
         ijkToRAS = vtk.vtkMatrix4x4()
         volumeNode.GetIJKToRASMatrix(ijkToRAS)
-        return Geometry.from_ijk_to_ras(slicer.util.arrayFromVTKMatrix(ijkToRAS), volumeNode.GetImageData().GetDimensions())
+        return VoxelGrid.from_ijk_to_ras(slicer.util.arrayFromVTKMatrix(ijkToRAS), volumeNode.GetImageData().GetDimensions())
 
     @staticmethod
-    def _addSegmentation(path, plan):
+    def _addTable(name, columns):
+        """A locked table node of (title, values) columns: text columns as strings, the others as numbers."""
+        import numpy as np
+        from vtk.util import numpy_support
+
+        table = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLTableNode", name)
+        for title, values in columns:
+            if values.dtype.kind in "US":
+                column = vtk.vtkStringArray()
+                for value in values:
+                    column.InsertNextValue(str(value))
+            else:
+                column = numpy_support.numpy_to_vtk(np.ascontiguousarray(values), deep=True)
+            column.SetName(title)
+            table.AddColumn(column)
+        table.SetLocked(True)
+        return table
+
+    @staticmethod
+    def _addSegmentation(path, name, segments):
         """Read `path` through Slicer's segmentation storage node (what the application's reader uses; needs no
         application, so the Logic also runs on a bare MRML scene), then name, colour and tag the planned segments."""
-        segmentationNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", plan.segmentation_name)
+        segmentationNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", name)
         storageNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationStorageNode")
         storageNode.SetFileName(path)
         segmentationNode.SetAndObserveStorageNodeID(storageNode.GetID())
@@ -562,7 +690,7 @@ class CovidCTDiagnosisLogic(ScriptedLoadableModuleLogic):
         segmentationNode.CreateDefaultDisplayNodes()
         segmentation = segmentationNode.GetSegmentation()
         display = segmentationNode.GetDisplayNode()
-        for planned in plan.segments:
+        for planned in segments:
             segment = segmentation.GetSegment(planned.segment_id)
             if segment is None:
                 raise ValueError(_("Segment {name} is missing from {path}.").format(name=planned.segment_id, path=path))
@@ -590,7 +718,7 @@ class CovidCTDiagnosisLogic(ScriptedLoadableModuleLogic):
         display.SetAutoWindowLevel(False)
         display.SetWindowLevelMinMax(0.0, 1.0)
         display.SetAutoThreshold(False)
-        display.SetThreshold(scene_plan.HEAT_THRESHOLD, 1.0)
+        display.SetThreshold(HEAT_THRESHOLD, 1.0)
         display.SetApplyThreshold(True)
 
     @staticmethod
@@ -633,7 +761,8 @@ class CovidCTDiagnosisTest(ScriptedLoadableModuleTest):
     def _checkNodes(self, volumeNode: vtkMRMLScalarVolumeNode, results: ShownResults, slices):
         """One folder named after the volume; heat map on the CT's grid; segments, ROIs and table rows per slice and box."""
         import numpy as np
-        from CovidCTDiagnosisLib.scene_plan import LPS_TO_RAS, folder_name
+        from CovidCTDiagnosisLib.geometry import LPS_TO_RAS
+        from CovidCTDiagnosisLib.scene_plan import folder_name
 
         shNode = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(slicer.mrmlScene)
         parentItem = shNode.GetItemParent(shNode.GetItemByDataNode(volumeNode))
@@ -654,6 +783,9 @@ class CovidCTDiagnosisTest(ScriptedLoadableModuleTest):
         np.testing.assert_allclose(center, LPS_TO_RAS @ np.array(boxes[0].center_lps), atol=1e-3)
         self.assertEqual(results.table.GetNumberOfRows(), len(slices))
         self.assertEqual(list(slicer.util.arrayFromTableColumn(results.table, "Slice")), [s.index for s in slices])
+        severity = results.severity.GetSegmentation()  # the phantom's lesions are ground-glass and consolidation
+        self.assertEqual([severity.GetNthSegment(i).GetName() for i in range(2)], ["Ground-glass", "Consolidation"])
+        self.assertEqual(results.severityTable.GetNumberOfRows(), len(results.plan.severity.rows))
 
     def test_ProcessObliqueVolume(self):
         """In-process analysis of an oblique volume."""
@@ -682,13 +814,16 @@ class CovidCTDiagnosisTest(ScriptedLoadableModuleTest):
         result = logic.process(volumeNode, model=UNTRAINED_MODEL, device="cpu")
         results = logic.shownResults
         self._checkNodes(volumeNode, results, result.slices)
-        self.assertEqual(len(slicer.util.getNodesByClass("vtkMRMLSegmentationNode")), 1)
+        self.assertEqual(len(slicer.util.getNodesByClass("vtkMRMLSegmentationNode")), 2)  # lungs and boxes; involvement
         for node in [results.segmentation, results.heat, *results.rois]:
             self.assertEqual(node.GetTransformNodeID(), transform.GetID())
         logic.jumpToSlice(results, 0)
         world = matrix @ np.append(results.plan.rows[0].center_ras, 1.0)
-        sliceOffset = slicer.app.layoutManager().sliceWidget("Red").sliceLogic().GetSliceOffset()
-        self.assertAlmostEqual(sliceOffset, world[2], delta=max(volumeNode.GetSpacing()))
+        sliceNodes = slicer.util.getNodesByClass("vtkMRMLSliceNode")
+        self.assertTrue(sliceNodes)
+        for sliceNode in sliceNodes:  # every view centred on the row's slice centre
+            sliceToRAS = slicer.util.arrayFromVTKMatrix(sliceNode.GetSliceToRAS())
+            np.testing.assert_allclose(sliceToRAS[:3, 3], world[:3], atol=1e-3)
         self.delayDisplay("Test passed")
 
     def test_BackgroundAnalysisCancelAndLoadResults(self):

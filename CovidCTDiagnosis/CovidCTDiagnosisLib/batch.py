@@ -15,6 +15,7 @@ from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from . import dicom_export
 from .errors import EXIT_CODES, CovidCTError, InputNotFoundError, OutputError
 from .outputs import check_writable, discard_leftovers, is_complete, read_report, write_outputs
 from .pipeline import Analyzer, analysis_options
@@ -74,6 +75,7 @@ def run_batch(
     out_dir,
     on_case: Callable[[CaseOutcome], None] | None = None,
     progress: Callable[[str, float], None] | None = None,
+    dicom_out=None,
     *,
     ray: str | None = None,
     workers: int | None = None,
@@ -84,18 +86,23 @@ def run_batch(
 
     out_dir is checked before any case is read (OutputError). A case whose folder is complete and was
     analysed with the same options and model (`resume_key`) is skipped; any other is analysed again. A
-    case that fails, for any reason but Ctrl-C, is recorded as failed and the batch carries on.
+    case that fails, for any reason but Ctrl-C, is recorded as failed and the batch carries on. With
+    `dicom_out`, each case's analysis is also written as DICOM objects into dicom_out/<case_id>/
+    (dicom_export.export_dicom; a case that is not a DICOM series fails; a finished case without them gets
+    them, not analysed again).
 
     ray: None analyses the cases here, one after the other; a Ray address ("auto", "ray://host:port", or
     "local" to start a local cluster) analyses them on Ray workers (`ray_batch.run_on_ray`: `workers`
-    actors, each with `threads_per_worker` torch threads; defaults in `ray_batch.plan_workers`). `progress(stage, fraction)`
-    gets the whole batch's fraction; here stages are "<case_id> (<n>/<cases>): <stage>", on Ray
-    "<d> done, <f> failed, <r> running of <n> cases; about <t> left". UsageError, before anything is
-    analysed or written, when `ray` is given and Ray is not installed, the cluster cannot be reached or is
-    too small for the workers asked for.
+    actors, each with `threads_per_worker` torch threads; defaults in `ray_batch.plan_workers`).
+    `progress(stage, fraction)` gets the whole batch's fraction; here stages are "<case_id> (<n>/<cases>):
+    <stage>", on Ray "<d> done, <f> failed, <r> running of <n> cases; about <t> left". UsageError, before
+    anything is analysed or written, when `ray` is given and Ray is not installed, the cluster cannot be
+    reached or is too small for the workers asked for.
     """
     cases = find_cases(source)
     out_dir = check_writable(out_dir, result_folder=False)
+    if dicom_out is not None:
+        dicom_out = dicom_export.check_dicom_out(dicom_out, out_dir)
     key = resume_key(asdict(analyzer.model_info), analysis_options(**analyze_options))
     with _cluster(ray, analyzer, workers, threads_per_worker) as plan:  # before anything is written
         try:
@@ -112,19 +119,20 @@ def run_batch(
         todo = []
         for n, case in enumerate(cases):
             report = finished_report(out_dir / case.case_id, key)
-            if report is None:
+            if report is None or (dicom_out is not None and not (Path(dicom_out) / case.case_id).is_dir()):
                 todo.append(n)
             else:
                 record(n, CaseOutcome(case, "skipped", report))
         if ray is None:
             for n in todo:
                 case_progress = None if progress is None else _case_progress(progress, cases[n].case_id, n, len(cases))
-                record(n, analyse_case(analyzer, cases[n], out_dir / cases[n].case_id, progress=case_progress,
+                record(n, analyse_case(analyzer, cases[n], out_dir, dicom_out, key, progress=case_progress,
                                        **analyze_options))
         else:
             from .ray_batch import run_on_ray
 
-            for i, outcome in run_on_ray(analyzer, [cases[n] for n in todo], out_dir, plan, progress, **analyze_options):
+            for i, outcome in run_on_ray(analyzer, [cases[n] for n in todo], out_dir, dicom_out, key, plan, progress,
+                                         **analyze_options):
                 record(todo[i], outcome)
         write_summary(outcomes, out_dir / SUMMARY_CSV)
     return outcomes
@@ -139,15 +147,26 @@ def _cluster(ray: str | None, analyzer: Analyzer, workers: int | None, threads_p
     return cluster(ray, analyzer, workers, threads_per_worker)
 
 
-def analyse_case(analyzer: Analyzer, case: Case, target: Path, progress=None, **analyze_options) -> CaseOutcome:
-    """Analyse one case and write its result folder `target` atomically (`outputs.write_outputs`): the one
-    path of the plain batch and of each Ray worker. Leftovers of an attempt that was killed while writing
-    are removed first. Any error but Ctrl-C becomes a "failed" outcome with a one-line error."""
+def analyse_case(analyzer: Analyzer, case: Case, out_dir: Path, dicom_out: Path | None, key: dict, progress=None,
+                 **analyze_options) -> CaseOutcome:
+    """Analyse one case and write its result folder out_dir/<case_id> atomically (`outputs.write_outputs`), and
+    with `dicom_out` its DICOM objects into dicom_out/<case_id>: the one path of the plain batch and of each
+    Ray worker. A result folder finished with `key` (`resume_key`) is not analysed again (only its DICOM
+    objects were missing). Leftovers of an attempt that was killed while writing are removed first. Any
+    error but Ctrl-C becomes a "failed" outcome with a one-line error."""
+    target = out_dir / case.case_id
     discard_leftovers(target)
     try:
-        result = analyzer.analyze(case.path, progress=progress, **analyze_options)
-        write_outputs(result, result.ct, target)
-        return CaseOutcome(case, "done", result.to_report())
+        if dicom_out is not None:
+            dicom_export.check_series_input(case.path)
+        report = finished_report(target, key)
+        if report is None:
+            result = analyzer.analyze(case.path, progress=progress, **analyze_options)
+            write_outputs(result, result.ct, target)
+            report = result.to_report()
+        if dicom_out is not None:
+            dicom_export.export_dicom(target, case.path, Path(dicom_out) / case.case_id)
+        return CaseOutcome(case, "done", report)
     except CovidCTError as exc:
         return CaseOutcome(case, "failed", error=str(exc))
     except Exception as exc:  # a bug on one input must not stop the others (it is in summary.csv)

@@ -40,9 +40,11 @@ COVID-19 diagnosis assistant for chest CT (DRENet, Song et al. 2021). Research u
 
 Typical use:
   covidct analyze path/to/dicom_folder --out results/case1
+  covidct analyze dicom_folder --out results/case1 --dicom-out dicom/case1   (+ DICOM objects for the PACS)
   covidct batch cases/ --out results/          (one folder per case + summary.csv)
   covidct score-images slice1.png slice2.jpg --out scores.csv
   covidct demo                                 (synthetic phantom, no data needed)
+  covidct send dicom_results/ --to PACS@pacs.hospital:104   (DICOM files to a PACS)
 Each result folder opens in 3D Slicer by drag and drop: lungs.seg.nrrd (lungs and lesion
 boxes), gradcam.nrrd (heat map), lesions.mrk.json (boxes as ROIs); report.html is for reading.
 """
@@ -119,6 +121,8 @@ class _CommandParser(_OneLineErrors, argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .dicom_send import DEFAULT_CALLING_AET  # a constant: pydicom and pynetdicom are imported by a send
+
     parser = _Parser(prog=PROG, description=DESCRIPTION, epilog=_exit_code_help(),
                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_CommandParser)
@@ -128,6 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog=_exit_code_help())
     p.add_argument("input", help="DICOM folder or volume file")
     p.add_argument("--out", required=True, metavar="DIR", help="result folder (replaced atomically if it exists)")
+    p.add_argument("--dicom-out", metavar="DDIR", help="also write the analysis as DICOM objects in the source study "
+                   "(SEG, Parametric Map, Secondary Captures, SR, PDF; DICOM input only) into DDIR (replaced atomically)")
     _add_analysis_options(p)
 
     p = sub.add_parser("batch", help="analyse many cases: one result folder each and summary.csv",
@@ -141,6 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("input", metavar="DIR_OR_MANIFEST")
     p.add_argument("--out", required=True, metavar="DIR")
+    p.add_argument("--dicom-out", metavar="DDIR", help="also write each case's analysis as DICOM objects into DDIR/<case_id> "
+                   "(see `analyze --dicom-out`; a case that is not a DICOM series fails)")
     _add_analysis_options(p)
     _add_ray_options(p)
 
@@ -158,6 +166,19 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog=_exit_code_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=DEMO_OUT, metavar="DIR", help=f"demo folder (default: ./{DEMO_OUT})")
     _add_model_options(p)
+
+    p = sub.add_parser("send", help="send DICOM files (e.g. --dicom-out's) to a PACS (C-STORE or DICOMweb STOW-RS)",
+                       description="Store every DICOM file in DDIR (searched recursively) on a PACS or other DICOM node, "
+                                   "in one association (or over DICOMweb). Succeeds only when every file was stored; otherwise one line "
+                                   "says how many of how many were, and the exit code is 10.",
+                       epilog=_exit_code_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("folder", metavar="DDIR", help="a folder of DICOM files (or one file)")
+    p.add_argument("--to", required=True, metavar="AET@HOST:PORT|URL",
+                   help="the PACS: its AE title, host and DICOM port for C-STORE, e.g. ORTHANC@127.0.0.1:4242; or the "
+                        "http(s) URL of its DICOMweb service for STOW-RS, e.g. http://127.0.0.1:8042/dicom-web")
+    p.add_argument("--aet", default=DEFAULT_CALLING_AET, metavar="AET",
+                   help=f"our (calling) AE title for C-STORE (default: {DEFAULT_CALLING_AET})")
+    p.add_argument("--quiet", action="store_true", help="no summary line")
 
     for name, (text, add_arguments, _run) in TRAINING_COMMANDS.items():
         sub.add_parser(name, help=text, add_arguments=add_arguments)
@@ -222,6 +243,10 @@ def _analysis_options(args) -> tuple:
     slices, aggregate = _slices(args.slices), _aggregate(args.aggregate)
     _check_series(args)
     check_writable(args.out, result_folder=args.command == "analyze")
+    if args.dicom_out is not None:
+        from .dicom_export import check_dicom_out
+
+        check_dicom_out(args.dicom_out, args.out, source=args.input if args.command == "analyze" else None)
     return slices, aggregate
 
 
@@ -272,9 +297,14 @@ def cmd_analyze(args) -> int:
     finally:
         progress.close()
     out = write_outputs(result, result.ct, args.out)
+    dicom = ""
+    if args.dicom_out is not None:
+        from .dicom_export import export_dicom
+
+        dicom = f"\nDICOM objects ({len(export_dicom(out, args.input, args.dicom_out))}) in {Path(args.dicom_out).resolve()}"
     if not args.quiet:
-        print(f"{Path(args.input).name}: {_summary_line(result.to_report())}{_trust_line(result.model)}\nresults in {out}",
-              file=sys.stderr)
+        print(f"{Path(args.input).name}: {_summary_line(result.to_report())}{_trust_line(result.model)}\nresults in {out}"
+              f"{dicom}", file=sys.stderr)
         for warning in result.warnings:
             if warning != UNTRAINED_WARNING:  # the summary line says so already
                 print(f"warning: {warning}", file=sys.stderr)
@@ -304,8 +334,8 @@ def cmd_batch(args) -> int:
     progress = _Progress(mode, "batch") if mode == "lines" or (args.ray and mode == "bar") else None
     try:
         outcomes = run_batch(analyzer, args.input, args.out, on_case=report, slices=slices, aggregate=aggregate,
-                             series_uid=args.series, progress=progress, ray=args.ray, workers=args.workers,
-                             threads_per_worker=args.threads_per_worker)
+                             series_uid=args.series, progress=progress, dicom_out=args.dicom_out, ray=args.ray,
+                             workers=args.workers, threads_per_worker=args.threads_per_worker)
     finally:
         if progress is not None:
             progress.close()
@@ -399,7 +429,18 @@ def cmd_demo(args) -> int:
     return 0
 
 
-COMMANDS = {"analyze": cmd_analyze, "batch": cmd_batch, "score-images": cmd_score_images, "demo": cmd_demo}
+def cmd_send(args) -> int:
+    from .dicom_send import parse_destination, send_dicom
+
+    destination = parse_destination(args.to)
+    stored = send_dicom(args.folder, destination, calling_aet=args.aet)
+    if not args.quiet:
+        print(f"{destination}: {stored} of {stored} DICOM files stored", file=sys.stderr)
+    return 0
+
+
+COMMANDS = {"analyze": cmd_analyze, "batch": cmd_batch, "score-images": cmd_score_images, "demo": cmd_demo,
+            "send": cmd_send}
 
 
 def main(argv=None) -> int:

@@ -60,6 +60,12 @@ class OutputError(CovidCTError):
     exit_code = 7
 
 
+class SendError(CovidCTError):
+    """A PACS could not be reached, refused the association or the files' kinds, or did not store every file."""
+
+    exit_code = 10
+
+
 BATCH_CASES_FAILED = 9  # `covidct batch`: it ran to the end, but some or all cases failed (see summary.csv)
 INTERRUPTED = 130  # Ctrl-C (128 + SIGINT, the shell's convention)
 
@@ -75,6 +81,8 @@ EXIT_CODES = {
     OutputError.exit_code: "output folder cannot be written",
     DeviceError.exit_code: "requested device not available (e.g. --device cuda without a CUDA GPU)",
     BATCH_CASES_FAILED: "batch: some or all cases failed (the others were analysed; summary.csv has each case's status and error)",
+    SendError.exit_code: "send: the PACS could not be reached in time, refused the association, or did not store every "
+                         "file (the message says how many of how many were stored)",
     INTERRUPTED: "interrupted (Ctrl-C); nothing was written",
 }
 

@@ -11,13 +11,16 @@ left-handed file and the right-handed volume Slicer makes of it do) and maps ind
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import SimpleITK as sitk
 
 LPS = "LPS"
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])  # RAS (Slicer's scene) = LPS_TO_RAS @ LPS (DICOM, ITK), and back
+GRID_TOLERANCE = 1e-4  # mm (origin, spacing) and direction cosines: two grids closer than this are the same
 AXIS_S = 2  # index of the superior component in an LPS vector
 SAME_PLACE_TOLERANCE = 0.01  # voxel centres closer than this fraction of the smallest spacing are at the same place
 # A grid is sheared when taking its voxel axes as perpendicular would move a voxel by more than
@@ -28,11 +31,6 @@ SHEAR_TOLERANCE = 0.5
 def orient_to_lps(image: sitk.Image) -> sitk.Image:
     """The image with its voxel axes permuted/flipped to be closest to L, P, S (no resampling)."""
     return sitk.DICOMOrient(image, LPS)
-
-
-def _direction(image: sitk.Image) -> np.ndarray:
-    """The 3x3 direction matrix; column a is voxel axis a in LPS."""
-    return np.array(image.GetDirection(), dtype=float).reshape(3, 3)
 
 
 @dataclass(frozen=True)
@@ -92,6 +90,88 @@ def voxel_map(ijk_to_lps, size: Sequence[int], other_ijk_to_lps, other_size: Seq
         if np.linalg.norm(here - there) > tolerance:
             return None
     return result
+
+
+@dataclass(frozen=True)
+class VoxelGrid:
+    """A voxel grid: size (i, j, k), spacing (mm), origin (LPS mm), direction (3x3 row-major, LPS: column a is voxel
+    axis a). The one description of a grid that the engine, the file writers and the Slicer module share."""
+
+    size: tuple[int, int, int]
+    spacing: tuple[float, float, float]
+    origin: tuple[float, float, float]
+    direction: tuple[float, ...]
+
+    @classmethod
+    def from_image(cls, image) -> VoxelGrid:
+        """The grid of a SimpleITK image."""
+        return cls(tuple(image.GetSize()), tuple(image.GetSpacing()), tuple(image.GetOrigin()), tuple(image.GetDirection()))
+
+    @classmethod
+    def from_report(cls, report: Mapping[str, Any]) -> VoxelGrid:
+        """The analysed volume's grid as report.json records it."""
+        info = report["input"]
+        return cls(tuple(info["size"]), tuple(info["spacing"]), tuple(info["origin"]), tuple(info["direction"]))
+
+    @classmethod
+    def from_ijk_to_ras(cls, ijk_to_ras, size: Sequence[int]) -> VoxelGrid:
+        """The grid of a Slicer volume node (its IJKToRAS matrix and image dimensions)."""
+        m = np.asarray(ijk_to_ras, dtype=float)
+        axes_lps = LPS_TO_RAS @ m[:3, :3]
+        spacing = np.linalg.norm(axes_lps, axis=0)
+        return cls(
+            tuple(int(n) for n in size),
+            tuple(float(s) for s in spacing),
+            tuple(float(v) for v in LPS_TO_RAS @ m[:3, 3]),
+            tuple(float(v) for v in (axes_lps / spacing).ravel()),
+        )
+
+    def ijk_to_lps(self) -> np.ndarray:
+        """4x4: LPS = origin + direction @ diag(spacing) @ ijk."""
+        m = np.eye(4)
+        m[:3, :3] = np.reshape(self.direction, (3, 3)) @ np.diag(self.spacing)
+        m[:3, 3] = self.origin
+        return m
+
+    def ijk_to_ras(self) -> np.ndarray:
+        """4x4 IJK-to-RAS matrix of a Slicer volume node on this grid."""
+        m = self.ijk_to_lps()
+        m[:3] = LPS_TO_RAS @ m[:3]
+        return m
+
+    def rotation_lps(self) -> np.ndarray:
+        """3x3, columns: the i, j, k axes in LPS as a proper rotation (k negated for a left-handed grid; a box is
+        symmetric about its centre, so as the axes of a box this changes nothing)."""
+        axes = np.reshape(self.direction, (3, 3)).copy()
+        if np.linalg.det(axes) < 0:
+            axes[:, 2] = -axes[:, 2]
+        return axes
+
+    def axial_axis(self) -> int:
+        """The voxel axis (0 = i, 1 = j, 2 = k) closest to the patient's superior direction."""
+        return int(np.argmax(np.abs(np.reshape(self.direction, (3, 3))[AXIS_S])))
+
+    def slice_center_ras(self, index: int) -> tuple[float, float, float]:
+        """RAS of the centre of axial slice `index`: mid-grid along the two in-plane axes."""
+        ijk = (np.array(self.size, dtype=float) - 1) / 2
+        ijk[self.axial_axis()] = index
+        return tuple(float(v) for v in (self.ijk_to_ras() @ np.append(ijk, 1.0))[:3])
+
+    def voxel_map(self, other: VoxelGrid) -> VoxelMap | None:
+        """How this grid's voxels lie on `other`, or None unless both put the same voxels at the
+        same places (axes may be permuted or reversed: see `geometry.voxel_map`)."""
+        return voxel_map(self.ijk_to_lps(), self.size, other.ijk_to_lps(), other.size)
+
+    def equals(self, other: VoxelGrid, tolerance: float = GRID_TOLERANCE) -> bool:
+        """The same grid: size equal, and origin, spacing (mm) and direction cosines within `tolerance`."""
+        return self.size == other.size and all(
+            np.allclose(a, b, atol=tolerance) for a, b in ((self.origin, other.origin), (self.spacing, other.spacing),
+                                                            (self.direction, other.direction))
+        )
+
+    def matches(self, other: VoxelGrid) -> bool:
+        """Whether both grids put the same voxels at the same places, in any voxel order."""
+        return self.voxel_map(other) is not None
 
 
 def _axis_map(oriented: sitk.Image, original: sitk.Image) -> VoxelMap:
@@ -155,7 +235,7 @@ def shear_deg(axes, extents_mm: Sequence[float], spacing_mm: Sequence[float]) ->
 
 def axial_axis(image: sitk.Image) -> int:
     """The voxel axis (0 = i, 1 = j, 2 = k) closest to the patient's superior direction."""
-    return int(np.argmax(np.abs(_direction(image)[AXIS_S])))
+    return VoxelGrid.from_image(image).axial_axis()
 
 
 def lps_to_ras(p: Sequence[float]) -> tuple[float, float, float]:
@@ -170,10 +250,7 @@ def ras_to_lps(p: Sequence[float]) -> tuple[float, float, float]:
 
 def ijk_to_lps_matrix(image: sitk.Image) -> np.ndarray:
     """The 4x4 affine with LPS = origin + direction @ diag(spacing) @ ijk."""
-    affine = np.eye(4)
-    affine[:3, :3] = _direction(image) @ np.diag(image.GetSpacing())
-    affine[:3, 3] = image.GetOrigin()
-    return affine
+    return VoxelGrid.from_image(image).ijk_to_lps()
 
 
 def midline_column(oriented: sitk.Image) -> float:

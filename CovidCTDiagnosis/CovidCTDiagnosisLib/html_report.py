@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import io
 from html import escape
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -17,15 +18,11 @@ import SimpleITK as sitk
 
 from . import geometry
 from .bundled_model import MODEL_CARD_FILE
+from .display import HEAT_COLORMAP, HEAT_OPACITY, HEAT_THRESHOLD, LUNG_WINDOW_LEVEL, LUNG_WINDOW_WIDTH
 from .performance import trust_sentence
-from .result import RESEARCH_USE_ONLY, UNTRAINED_WARNING, Result
+from .result import RESEARCH_USE_ONLY, UNTRAINED_WARNING, Result, SliceResult
 from .segmentation_file import lesion_colors
 
-LUNG_WINDOW_LEVEL = -700  # HU
-LUNG_WINDOW_WIDTH = 1500  # HU
-HEATMAP_COLORMAP = "inferno"
-HEATMAP_ALPHA = 0.45
-HEAT_VISIBLE_FROM = 0.15  # weaker heat is left transparent: inferno's dark end would hide the lung
 FIGURE_DPI = 80
 PANEL_INCHES = 4.0
 PROBABILITY_BAR_EM = 10  # width of a probability bar at 100 %
@@ -167,7 +164,7 @@ def _figure_section(result: Result, ct_image: sitk.Image) -> str:
         return ""
     caption = (
         f"Most suspicious slices (highest P({escape(result.positive_class)})), axial, lung window "
-        f"(level {LUNG_WINDOW_LEVEL}, width {LUNG_WINDOW_WIDTH} HU), patient's right on the left. "
+        f"(level {LUNG_WINDOW_LEVEL:g}, width {LUNG_WINDOW_WIDTH:g} HU), patient's right on the left. "
         f"Colour overlay: Grad-CAM for {escape(result.positive_class)}. Boxes: the navigator's regions, "
         "labelled rank: score."
     )
@@ -180,29 +177,43 @@ def _figure_section(result: Result, ct_image: sitk.Image) -> str:
 
 def _top_slices_png(result: Result, ct_image: sitk.Image) -> str | None:
     """The top slices side by side as a base64 PNG, or None if there are none."""
-    by_index = {s.index: s for s in result.slices}
-    top = [by_index[i] for i in result.top_slices if i in by_index]
+    fig = top_slices_figure(result.slices, result.top_slices, result.positive_class, ct_image, result.gradcam)
+    if fig is None:
+        return None
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", facecolor=fig.get_facecolor())
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def top_slices_figure(slices: Sequence[SliceResult], top_slices: Sequence[int], positive_class: str, ct_image: sitk.Image,
+                      gradcam: sitk.Image, *, dpi: float = FIGURE_DPI):
+    """A matplotlib Figure of the slices `top_slices` (indices on `ct_image`'s grid, in that order) side by side,
+    or None when there are none: axial, lung window, patient's right on the left (the slab reoriented with
+    `geometry.orient_to_lps`), the Grad-CAM heat map (`gradcam`, the CT's grid, 0..1) over it, and each slice's
+    boxes labelled "rank: score". Also the DICOM Secondary Capture images and PDF (dicom_export.py)."""
+    by_index = {s.index: s for s in slices}
+    top = [by_index[i] for i in top_slices if i in by_index]
     if not top:
         return None
     from matplotlib.figure import Figure
     from matplotlib.patches import Rectangle
 
     axis = geometry.axial_axis(ct_image)
-    all_boxes = [(s.index, b.rank) for s in result.slices for b in s.boxes]
-    colors = dict(zip(all_boxes, lesion_colors([b.score for s in result.slices for b in s.boxes])))
+    all_boxes = [(s.index, b.rank) for s in slices for b in s.boxes]
+    colors = dict(zip(all_boxes, lesion_colors([b.score for s in slices for b in s.boxes])))
     low = LUNG_WINDOW_LEVEL - LUNG_WINDOW_WIDTH / 2
 
-    fig = Figure(figsize=(PANEL_INCHES * len(top), PANEL_INCHES + 0.6), dpi=FIGURE_DPI, facecolor="black")
+    fig = Figure(figsize=(PANEL_INCHES * len(top), PANEL_INCHES + 0.6), dpi=dpi, facecolor="black")
     fig.subplots_adjust(left=0.005, right=0.995, bottom=0.01, top=0.88, wspace=0.03)
     axes = fig.subplots(1, len(top), squeeze=False)[0]
     for n, (ax, s) in enumerate(zip(axes, top), start=1):
         ct_slab, start = _axial_slab(ct_image, axis, s.index)
         oriented = geometry.orient_to_lps(ct_slab)
-        cam = geometry.orient_to_lps(_axial_slab(result.gradcam, axis, s.index)[0])
+        cam = geometry.orient_to_lps(_axial_slab(gradcam, axis, s.index)[0])
         aspect = oriented.GetSpacing()[1] / oriented.GetSpacing()[0]
         ax.imshow(sitk.GetArrayFromImage(oriented)[0], cmap="gray", vmin=low, vmax=low + LUNG_WINDOW_WIDTH, aspect=aspect)
-        heat = np.ma.masked_less(sitk.GetArrayFromImage(cam)[0], HEAT_VISIBLE_FROM)
-        ax.imshow(heat, cmap=HEATMAP_COLORMAP, vmin=0, vmax=1, alpha=HEATMAP_ALPHA, aspect=aspect)
+        heat = np.ma.masked_less(sitk.GetArrayFromImage(cam)[0], HEAT_THRESHOLD)
+        ax.imshow(heat, cmap=HEAT_COLORMAP, vmin=0, vmax=1, alpha=HEAT_OPACITY, aspect=aspect)
         for box in s.boxes:
             corners = np.array(
                 [
@@ -215,17 +226,15 @@ def _top_slices_png(result: Result, ct_image: sitk.Image) -> str | None:
             ax.add_patch(Rectangle((i0 - 0.5, j0 - 0.5), i1 - i0 + 1, j1 - j0 + 1, fill=False, edgecolor=color, linewidth=1.5))
             ax.text(i0 - 0.5, j0 - 0.5, f"{box.rank}: {box.score:.2f}", color=color, fontsize=8, va="bottom",
                     bbox={"facecolor": "black", "alpha": 0.6, "edgecolor": "none", "pad": 1})
-        p = s.probabilities.get(result.positive_class, float("nan"))
+        p = s.probabilities.get(positive_class, float("nan"))
         ax.set_title(
-            f"#{n}  slice {s.index}  z {s.z_mm:.1f} mm\nP({result.positive_class}) = {p:.2f}", color="white", fontsize=10
+            f"#{n}  slice {s.index}  z {s.z_mm:.1f} mm\nP({positive_class}) = {p:.2f}", color="white", fontsize=10
         )
         for x, letter in ((0.03, "R"), (0.97, "L")):
             ax.text(x, 0.5, letter, transform=ax.transAxes, color="white", fontsize=10, ha="center", va="center",
                     bbox={"facecolor": "black", "alpha": 0.6, "edgecolor": "none", "pad": 1.5})
         ax.set_axis_off()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", facecolor=fig.get_facecolor())
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
+    return fig
 
 
 def _axial_slab(image: sitk.Image, axis: int, index: int) -> tuple[sitk.Image, list[int]]:

@@ -15,9 +15,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from os import PathLike
 
-import numpy as np
 import SimpleITK as sitk
 
+from .geometry import VoxelGrid
 from .result import WARNING_KEY, SliceResult
 from .segmentation_file import box_description, box_name, lesion_colors
 
@@ -52,25 +52,13 @@ class LesionMarkup:
     orientation: tuple[float, ...]  # 3x3 row-major; columns are the ROI axes in LPS
 
 
-def roi_orientation(reference_image: sitk.Image) -> list[float]:
-    """The volume's i, j, k axes as ROI axes (row-major, columns = axes in LPS), as a rotation.
-
-    A left-handed grid (flipped direction) has its k axis negated: a box is symmetric about its
-    centre, so this leaves it unchanged while giving Slicer a proper rotation.
-    """
-    axes = np.array(reference_image.GetDirection(), dtype=float).reshape(3, 3)
-    if np.linalg.det(axes) < 0:
-        axes[:, 2] = -axes[:, 2]
-    return [float(v) for v in axes.ravel()]
-
-
 def write_lesion_markups(path: str | PathLike, slices: Sequence[SliceResult], reference_image: sitk.Image, *,
                          warning: str | None = None) -> None:
     """Write every slice's boxes as locked ROI markups in `path` (.mrk.json, LPS).
 
     `warning` (an untrained network's note) goes into the document (`covidct_warning`) and into
     every ROI's description (Slicer's node description)."""
-    orientation = roi_orientation(reference_image)
+    orientation = [float(v) for v in VoxelGrid.from_image(reference_image).rotation_lps().ravel()]  # ROI axes: the volume's
     boxes = [(s.index, box) for s in slices for box in s.boxes]
     colors = lesion_colors([box.score for _, box in boxes])
     markups = []

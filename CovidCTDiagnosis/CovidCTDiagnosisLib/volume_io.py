@@ -25,6 +25,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from . import geometry
+from .display import LUNG_WINDOW_LEVEL, LUNG_WINDOW_WIDTH
 from .errors import CovidCTError, InputNotFoundError, NotACTError, UnreadableInputError, UsageError
 from .nifti_header import qform_sform_notes
 from .result import InputInfo
@@ -68,8 +69,6 @@ SHARP_KERNEL = re.compile(r"^(?:[A-Z][a-z]?([5-9]\d)|FC5\d)")
 # No chest CT has more voxels than this (i, j, k in any order: a 1024 x 1024 matrix, 2000 slices);
 # larger volumes are refused from their header, before their pixels are read.
 MAX_VOLUME_SIZE = (1024, 1024, 2000)
-LUNG_WINDOW_LEVEL = -700.0  # DICOM slices are shown to read_image_2d's callers in this window
-LUNG_WINDOW_WIDTH = 1500.0
 MIN_SLICES = 8
 MIN_SPACING_MM = 0.1
 MAX_SPACING_MM = 20.0
@@ -489,8 +488,29 @@ def _unzipped(path: Path) -> Iterator[Path]:
         yield Path(tmp)
 
 
-def _read_dicom_series(folder: Path, series_uid: str | None) -> tuple[sitk.Image, str, list[str]]:
-    """The chosen series of a DICOM folder (or of the folders below it, `_dicom_files`), its uid, and notes."""
+def is_dicom_series_input(path: str | Path) -> bool:
+    """Whether `read_volume(path)` reads a DICOM series: a folder, a DICOMDIR or a zipped DICOM folder (not a file's volume)."""
+    path = Path(path)
+    return path.is_dir() or path.name.upper() == DICOMDIR or path.name.lower().endswith(ZIP_SUFFIX)
+
+
+@contextmanager
+def dicom_folder(path: str | Path) -> Iterator[Path]:
+    """The folder a DICOM series input is read from: the folder itself, a DICOMDIR's folder, or a zipped
+    folder unzipped into a temporary folder (removed afterwards); as `read_volume` reads them."""
+    path = Path(path)
+    if not path.exists():
+        raise InputNotFoundError(f"input not found: {path}")
+    if path.name.lower().endswith(ZIP_SUFFIX) and path.is_file():
+        with _unzipped(path) as folder:
+            yield folder
+    else:
+        yield path if path.is_dir() else path.parent
+
+
+def dicom_series_files(folder: Path, series_uid: str | None) -> tuple[list[str], str, list[str]]:
+    """The files of a DICOM folder's chosen series (`_choose_series`, or `series_uid`) in the order of the
+    volume's slices (k), localizers left out; its uid; notes. The errors of `read_volume`, from the headers."""
     files = _dicom_files(folder)
     uids = sorted(files)
     if not uids:
@@ -505,7 +525,23 @@ def _read_dicom_series(folder: Path, series_uid: str | None) -> tuple[sitk.Image
         notes += [note] if note else []
     _check_modality(_tag(_header(files[uid][0]), TAG_MODALITY), folder)
     names, series_notes = _series_files(files[uid], folder)
-    notes += series_notes
+    return names, uid, notes + series_notes
+
+
+def sort_series_files(names: list[str]) -> list[str]:
+    """One DICOM series' files in the order of the volume's slices (k), localizers left out, as
+    `read_volume` reads a folder holding only them; its errors, from the headers."""
+    return _series_files([str(n) for n in names], Path(names[0]).parent)[0]
+
+
+def _read_dicom_series(folder: Path, series_uid: str | None) -> tuple[sitk.Image, str, list[str]]:
+    """The chosen series of a DICOM folder (or of the folders below it, `_dicom_files`), its uid, and notes."""
+    names, uid, notes = dicom_series_files(folder, series_uid)
+    return read_dicom_files(names, folder, uid), uid, notes
+
+
+def read_dicom_files(names: list[str], where: Path, uid: str = "") -> sitk.Image:
+    """The volume of one series' files, in the given order (`dicom_series_files`), HU with pixel padding marked."""
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(names)
     reader.MetaDataDictionaryArrayUpdateOn()  # per-file tags: padding and rescale may differ by slice
@@ -513,12 +549,12 @@ def _read_dicom_series(folder: Path, series_uid: str | None) -> tuple[sitk.Image
         with _itk_warnings_off():
             image = reader.Execute()
     except RuntimeError:
-        raise _unreadable(folder, f"the DICOM series {uid} is corrupt or uses an unsupported encoding") from None
+        raise _unreadable(where, f"the DICOM series {uid} is corrupt or uses an unsupported encoding") from None
     paddings = [  # file n is the image's slice n
         _padding_hu(lambda tag, n=n: reader.GetMetaData(n, tag) if reader.HasMetaDataKey(n, tag) else None)
         for n in range(len(names))
     ]
-    return _mark_padding(image, paddings), uid, notes
+    return _mark_padding(image, paddings)
 
 
 def _read_file(path: Path) -> tuple[sitk.Image, str]:

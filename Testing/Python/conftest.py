@@ -1,4 +1,4 @@
-"""Shared fixtures: the real-data folder (skipped when absent) and a small synthetic chest phantom."""
+"""Shared fixtures: the real-data folder (skipped when absent), a small synthetic chest phantom, and Orthanc servers."""
 
 from __future__ import annotations
 
@@ -23,3 +23,25 @@ def shared_data() -> Path:
 def phantom() -> Phantom:
     """The default chest phantom (160 x 128 x 48 voxels, 2 x 2 x 5 mm, identity direction)."""
     return make_chest_phantom()
+
+
+@pytest.fixture
+def orthanc(tmp_path):
+    """Starts Orthanc servers on 127.0.0.1 (orthanc_server.OrthancServer): `orthanc(**settings)` -> a started server,
+    each in its own folder under tmp_path; all are stopped at teardown. Skips the test where Orthanc is not installed
+    (Testing/install-system-packages.sh installs it)."""
+    from orthanc_server import OrthancServer, orthanc_binary
+
+    if orthanc_binary() is None:
+        pytest.skip("Orthanc is not installed (Debian package 'orthanc'; Testing/install-system-packages.sh)")
+    servers = []
+
+    def start(**settings):
+        folder = tmp_path / f"orthanc{len(servers)}"
+        folder.mkdir()
+        servers.append(OrthancServer(folder, **settings))
+        return servers[-1].start()
+
+    yield start
+    for server in servers:
+        server.stop()

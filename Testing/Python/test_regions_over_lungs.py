@@ -7,7 +7,6 @@ chosen regions are over the lungs anyway, and that without the mask they would n
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F

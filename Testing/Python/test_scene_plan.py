@@ -17,7 +17,8 @@ from slicerio.segmentation import terminology_entry_from_string
 from CovidCTDiagnosisLib import markups_file, outputs, scene_plan
 from CovidCTDiagnosisLib.performance import NO_FIGURES, trust_sentence, validated_performance
 from CovidCTDiagnosisLib.result import RESEARCH_USE_ONLY, UNTRAINED_WARNING
-from CovidCTDiagnosisLib.scene_plan import LPS_TO_RAS, Geometry, plan_scene
+from CovidCTDiagnosisLib.geometry import LPS_TO_RAS, VoxelGrid
+from CovidCTDiagnosisLib.scene_plan import plan_scene
 from helpers_results import (
     FLIPPED,
     IDENTITY,
@@ -51,7 +52,7 @@ def test_heat_matrix_maps_voxel_centres_like_simpleitk(result_and_ct):
     for ijk in [(0, 0, 0), tuple(size - 1), (3, 17, 5), (size[0] - 1, 0, size[2] // 2)]:
         expected = _ras(ct.TransformIndexToPhysicalPoint([int(v) for v in ijk]))
         np.testing.assert_allclose((matrix @ np.append(ijk, 1.0))[:3], expected, atol=1e-9)
-    np.testing.assert_allclose(Geometry.from_image(result.gradcam).ijk_to_ras(), matrix)
+    np.testing.assert_allclose(VoxelGrid.from_image(result.gradcam).ijk_to_ras(), matrix)
 
 
 def test_box_at_known_lps_point_comes_out_at_its_ras_point_with_the_volume_axes(result_and_ct):
@@ -78,13 +79,13 @@ def test_box_at_known_lps_point_comes_out_at_its_ras_point_with_the_volume_axes(
 
 def test_geometry_from_slicer_matrix_round_trips(result_and_ct):
     result, _ = result_and_ct
-    geometry = Geometry.from_report(result.to_report())
-    again = Geometry.from_ijk_to_ras(geometry.ijk_to_ras(), geometry.size)
+    geometry = VoxelGrid.from_report(result.to_report())
+    again = VoxelGrid.from_ijk_to_ras(geometry.ijk_to_ras(), geometry.size)
     assert again.matches(geometry)
     moved = geometry.ijk_to_ras()
     moved[0, 3] += 1.0
-    assert not Geometry.from_ijk_to_ras(moved, geometry.size).matches(geometry)
-    assert not Geometry.from_ijk_to_ras(geometry.ijk_to_ras(), (1, 2, 3)).matches(geometry)
+    assert not VoxelGrid.from_ijk_to_ras(moved, geometry.size).matches(geometry)
+    assert not VoxelGrid.from_ijk_to_ras(geometry.ijk_to_ras(), (1, 2, 3)).matches(geometry)
 
 
 def test_slice_rows_jump_to_the_centre_of_their_slice(result_and_ct):
@@ -223,9 +224,9 @@ def test_left_handed_file_and_the_grid_slicer_reads_it_on_hold_the_same_voxels(t
     array = np.arange(np.prod(SIZE), dtype=np.int16).reshape(SIZE[::-1])
     sitk.WriteImage(make_image(array, direction), str(path))
     on_file = sitk.ReadImage(str(path))
-    file_grid = Geometry.from_image(on_file)
+    file_grid = VoxelGrid.from_image(on_file)
     assert np.linalg.det(np.reshape(file_grid.direction, (3, 3))) < 0
-    slicer_grid = Geometry.from_ijk_to_ras(slicer_right_handed(file_grid.ijk_to_ras(), file_grid.size), file_grid.size)
+    slicer_grid = VoxelGrid.from_ijk_to_ras(slicer_right_handed(file_grid.ijk_to_ras(), file_grid.size), file_grid.size)
     mapping = file_grid.voxel_map(slicer_grid)
     assert file_grid.matches(slicer_grid) and slicer_grid.matches(file_grid)
     assert (mapping.axes, mapping.signs) == ((0, 1, 2), (1, 1, -1))
@@ -240,7 +241,7 @@ def test_left_handed_file_and_the_grid_slicer_reads_it_on_hold_the_same_voxels(t
 
 
 def test_grids_of_other_voxels_do_not_match():
-    grid = Geometry.from_report(make_result(direction=left_handed_oblique_direction())[0].to_report())
+    grid = VoxelGrid.from_report(make_result(direction=left_handed_oblique_direction())[0].to_report())
     m = grid.ijk_to_ras()
     size = grid.size
     spacing = min(grid.spacing)
@@ -252,22 +253,22 @@ def test_grids_of_other_voxels_do_not_match():
     turned = m.copy()
     turned[:3, :3] = np.reshape(oblique_direction(21.0), (3, 3)) @ m[:3, :3]
     for other in (shifted, nudged, finer, turned, slicer_right_handed(shifted, size)):
-        assert not grid.matches(Geometry.from_ijk_to_ras(other, size))
-    assert not grid.matches(Geometry.from_ijk_to_ras(slicer_right_handed(m, size), (size[0], size[1], size[2] + 1)))
+        assert not grid.matches(VoxelGrid.from_ijk_to_ras(other, size))
+    assert not grid.matches(VoxelGrid.from_ijk_to_ras(slicer_right_handed(m, size), (size[0], size[1], size[2] + 1)))
     within = m.copy()
     within[:3, 3] += [0.0, 0.0, 0.005 * spacing]
-    assert grid.matches(Geometry.from_ijk_to_ras(slicer_right_handed(within, size), size))
+    assert grid.matches(VoxelGrid.from_ijk_to_ras(slicer_right_handed(within, size), size))
 
 
 def test_permuted_axes_hold_the_same_voxels():
     """Any permutation/flip of the voxel axes that keeps every voxel in place is the same grid."""
-    grid = Geometry.from_report(make_result(direction=oblique_direction())[0].to_report())
+    grid = VoxelGrid.from_report(make_result(direction=oblique_direction())[0].to_report())
     m, size = grid.ijk_to_lps(), grid.size
     # new i = old k reversed, new j = old i, new k = old j
     permuted = np.eye(4)
     permuted[:3, 0], permuted[:3, 1], permuted[:3, 2] = -m[:3, 2], m[:3, 0], m[:3, 1]
     permuted[:3, 3] = m[:3, 3] + m[:3, 2] * (size[2] - 1)
-    other = Geometry.from_ijk_to_ras(LPS_TO_RAS_4 @ permuted, (size[2], size[0], size[1]))
+    other = VoxelGrid.from_ijk_to_ras(LPS_TO_RAS_4 @ permuted, (size[2], size[0], size[1]))
     mapping = grid.voxel_map(other)
     assert (mapping.axes, mapping.signs) == ((1, 2, 0), (1, 1, -1))
     values = np.arange(np.prod(size)).reshape(size[::-1])
@@ -283,7 +284,7 @@ def test_plan_on_the_slicer_grid_numbers_slices_and_boxes_there():
     result, _ = make_result(direction=LAS)
     on_file = plan_scene(result, "CT")
     grid = on_file.geometry
-    slicer_grid = Geometry.from_ijk_to_ras(slicer_right_handed(grid.ijk_to_ras(), grid.size), grid.size)
+    slicer_grid = VoxelGrid.from_ijk_to_ras(slicer_right_handed(grid.ijk_to_ras(), grid.size), grid.size)
     plan = plan_scene(result, "CT", slicer_grid)
     nk = grid.size[2]
     assert plan.geometry == slicer_grid
@@ -298,4 +299,43 @@ def test_plan_on_the_slicer_grid_numbers_slices_and_boxes_there():
     for ours, theirs in zip(plan.rows, on_file.rows):
         assert ours.center_ras == theirs.center_ras
     with pytest.raises(ValueError, match="another grid"):
-        plan_scene(result, "CT", Geometry.from_ijk_to_ras(grid.ijk_to_ras() @ np.diag([1.0, 1.0, 2.0, 1.0]), grid.size))
+        plan_scene(result, "CT", VoxelGrid.from_ijk_to_ras(grid.ijk_to_ras() @ np.diag([1.0, 1.0, 2.0, 1.0]), grid.size))
+
+
+def _severity_report(partial: bool = False) -> dict:
+    """A report.json `severity` block as severity.Severity writes it: left lower zone 30 % involved (score 3), the rest 1 %."""
+    from CovidCTDiagnosisLib.severity import Involvement, Severity, Zone
+
+    def involvement(lung_ml, ggo_ml, cons_ml):
+        return dict(lung_ml=lung_ml, ground_glass_ml=ggo_ml, consolidation_ml=cons_ml, ground_glass_percent=100 * ggo_ml / lung_ml,
+                    consolidation_percent=100 * cons_ml / lung_ml, involved_percent=100 * (ggo_ml + cons_ml) / lung_ml)
+
+    zones = [Zone(**involvement(400.0, 4.0, 0.0), lung=lung, zone=zone, z_range_mm=(0.0, 1.0), score=1)
+             for lung in ("right", "left") for zone in ("upper", "middle", "lower")]
+    zones[-1] = Zone(**involvement(400.0, 100.0, 20.0), lung="left", zone="lower", z_range_mm=(0.0, 1.0), score=3)
+    lungs = {"right": Involvement(**involvement(1200.0, 12.0, 0.0)), "left": Involvement(**involvement(1200.0, 108.0, 20.0)),
+             "both": Involvement(**involvement(2400.0, 120.0, 20.0))}
+    return Severity(lungs=lungs, zones=zones, score=8, partial_coverage=partial).to_report()
+
+
+def test_severity_plan_has_its_segments_a_table_of_zones_lungs_and_both_and_a_summary():
+    """Measured involvement in the scene: severity.seg.nrrd's segments, a row per zone, per lung and for both, the score."""
+    report = make_result()[0].to_report()
+    assert plan_scene(report, "CT").severity is None and plan_scene(report, "CT").result.severity == ""
+    plan = plan_scene({**report, "severity": _severity_report()}, "P001")
+    severity = plan.severity
+    assert [s.name for s in severity.segments] == ["Ground-glass", "Consolidation"]
+    assert all(s.fill_opacity > 0 and not s.is_lesion for s in severity.segments)
+    assert len({plan.segmentation_name, plan.table_name, severity.segmentation_name, severity.table_name}) == 4
+    columns = dict(severity.table_columns())
+    assert list(columns) == ["Lung", "Zone", "Volume (mL)", "Ground-glass (mL)", "Consolidation (mL)", "Involved (%)", "Score"]
+    assert columns["Lung"].tolist() == ["right"] * 3 + ["left"] * 3 + ["right", "left", "both"]
+    assert columns["Zone"].tolist() == ["upper", "middle", "lower"] * 2 + ["all"] * 3
+    assert columns["Score"].tolist() == [1, 1, 1, 1, 1, 3, 3, 5, 8]  # a lung's score: its zones' sum; both: the 0-30 score
+    assert columns["Involved (%)"].tolist() == [1.0] * 5 + [30.0, 1.0, 10.7, 5.8]
+    assert columns["Consolidation (mL)"][-1] == 20.0
+    assert severity.summary == ("Measured, not predicted: 5.8 % of the lungs involved (ground-glass 120 mL, consolidation 20 mL); "
+                                "6-zone CT severity score (0-30): 8.")
+    assert severity.summary in plan.result.html()
+    partial = plan_scene({**report, "severity": _severity_report(partial=True)}, "P001").severity
+    assert "only in part" in partial.summary

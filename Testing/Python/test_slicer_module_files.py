@@ -19,7 +19,9 @@ MODULE_NAME = "CovidCTDiagnosis"
 MODULE_DIR = REPO / MODULE_NAME
 MODULE_FILE = MODULE_DIR / f"{MODULE_NAME}.py"
 UI_FILE = MODULE_DIR / "Resources" / "UI" / f"{MODULE_NAME}.ui"
-ICON_FILE = MODULE_DIR / "Resources" / "Icons" / f"{MODULE_NAME}.png"
+ICON_FILE = MODULE_DIR / "Resources" / "Icons" / f"{MODULE_NAME}.png"  # the module's, where Slicer's resourcePath() finds it
+EXTENSION_ICON_FILE = REPO / "Resources" / "Icons" / f"{MODULE_NAME}.png"  # the extension's, for the catalog
+CATALOG_ENTRY = REPO / "Resources" / f"{MODULE_NAME}.json"  # what Slicer's ExtensionsIndex holds for the extension
 CATALOG_SCHEMA = REPO.parent / "shared" / "slicer-api" / "slicer-extension-catalog-entry-schema-v1.0.2.json"
 EXTENSION_FIELDS = ("HOMEPAGE", "CATEGORY", "CONTRIBUTORS", "DESCRIPTION", "ICONURL", "SCREENSHOTURLS", "DEPENDS")
 ICON_SIZE = (128, 128)
@@ -145,8 +147,9 @@ def test_module_strings_shown_to_users_are_translatable():
     assert checked >= 10
 
 
-def test_icon_is_a_128_pixel_png():
-    header = ICON_FILE.read_bytes()[:24]
+@pytest.mark.parametrize("icon", [ICON_FILE, EXTENSION_ICON_FILE], ids=["module", "extension"])
+def test_icon_is_a_128_pixel_png(icon):
+    header = icon.read_bytes()[:24]
     assert header[:8] == b"\x89PNG\r\n\x1a\n"
     assert struct.unpack(">II", header[16:24]) == ICON_SIZE
 
@@ -167,23 +170,23 @@ def test_extension_metadata_is_complete_and_its_urls_point_at_repository_files()
     for url in urls:
         assert url.startswith(raw + "/"), url
         assert (REPO / url[len(raw) + 1:]).is_file(), f"{url} names no file of the repository"
-    assert variables["EXTENSION_ICONURL"][0].endswith(str(ICON_FILE.relative_to(REPO)))
+    assert variables["EXTENSION_ICONURL"][0] == f"{raw}/{EXTENSION_ICON_FILE.relative_to(REPO)}"
+    assert all(url.startswith(f"{raw}/Resources/Screenshots/") for url in urls[1:])
     cmake = (REPO / "CMakeLists.txt").read_text(encoding="utf-8")
     assert re.search(rf"add_subdirectory\(\s*{MODULE_NAME}\s*\)", cmake)
     assert re.search(r"project\(\s*" + MODULE_NAME + r"\s*\)", cmake)
 
 
-def test_extension_metadata_makes_a_valid_catalog_entry():
+def test_catalog_entry_is_valid_and_agrees_with_the_extension_metadata():
+    """Resources/CovidCTDiagnosis.json, the entry to submit to Slicer's ExtensionsIndex, against Slicer's schema."""
     jsonschema = pytest.importorskip("jsonschema")
+    entry = json.loads(CATALOG_ENTRY.read_text(encoding="utf-8"))
+    variables = _extension_metadata()
+    assert entry["category"] == variables["EXTENSION_CATEGORY"][0]
+    assert entry["scm_url"] == variables["COVIDCT_REPOSITORY_URL"][0] + ".git"
+    assert entry["build_dependencies"] == variables["EXTENSION_DEPENDS"]
     if not CATALOG_SCHEMA.is_file():
         pytest.skip(f"catalog schema not available: {CATALOG_SCHEMA} does not exist")
     schema = json.loads(CATALOG_SCHEMA.read_text(encoding="utf-8"))
-    variables = _extension_metadata()
-    entry = {
-        "$schema": schema["$id"],
-        "category": variables["EXTENSION_CATEGORY"][0],
-        "scm_url": variables["COVIDCT_REPOSITORY_URL"][0] + ".git",
-        "scm_revision": "main",
-        "build_dependencies": variables["EXTENSION_DEPENDS"],
-    }
+    assert entry["$schema"] == schema["$id"]
     jsonschema.validate(entry, schema)

@@ -27,13 +27,14 @@ pytest.importorskip("slicer_core", reason="slicer-core (Slicer's MRML; Python >=
 import slicer  # noqa: E402  (slicer-core's package)
 import vtk  # noqa: E402
 
-from CovidCTDiagnosisLib import outputs  # noqa: E402
+from CovidCTDiagnosisLib import outputs, slicer_runtime  # noqa: E402
 from CovidCTDiagnosisLib.checkpoint import save_checkpoint  # noqa: E402
 from CovidCTDiagnosisLib.drenet import DRENet, DRENetConfig  # noqa: E402
 from CovidCTDiagnosisLib.phantom import make_chest_phantom  # noqa: E402
 from CovidCTDiagnosisLib.pipeline import Analyzer  # noqa: E402
-from CovidCTDiagnosisLib.scene_plan import LPS_TO_RAS, folder_name, plan_scene  # noqa: E402
-from helpers_results import left_handed_oblique_direction, oblique_direction, slicer_right_handed  # noqa: E402
+from CovidCTDiagnosisLib.geometry import LPS_TO_RAS  # noqa: E402
+from CovidCTDiagnosisLib.scene_plan import folder_name  # noqa: E402
+from helpers_results import left_handed_oblique_direction, oblique_direction  # noqa: E402
 from slicer_stand_ins import load_module_file  # noqa: E402
 from test_slicer_module_files import MODULE_FILE  # noqa: E402
 from test_slicer_module_logic import SLICER_PYTHON  # noqa: E402
@@ -67,8 +68,11 @@ def scene(module, monkeypatch):
     """A new vtkMRMLScene as `slicer.mrmlScene`, with the Red slice view's nodes (axial) that a layout would add."""
     scene = slicer.vtkMRMLScene()
     monkeypatch.setattr(slicer, "mrmlScene", scene, raising=False)
-    scene.AddNewNodeByClass("vtkMRMLSliceNode").SetLayoutName("Red")
-    scene.AddNewNodeByClass("vtkMRMLSliceCompositeNode").SetLayoutName("Red")
+    for node_class in ("vtkMRMLSliceNode", "vtkMRMLSliceCompositeNode"):  # singletons, as in Slicer: kept by Clear()
+        node = scene.CreateNodeByClass(node_class)
+        node.SetLayoutName("Red")
+        node.SetSingletonTag("Red")
+        scene.AddNode(node)
     yield scene
     scene.Clear(True)
 
@@ -141,7 +145,7 @@ def test_load_results_on_a_real_scene(module, scene, analysed, grid, transformed
     assert shNode.GetItemChildWithName(shNode.GetSceneItemID(), folder_name("CT")) == shown.folderItem
     children = vtk.vtkIdList()
     shNode.GetItemChildren(shown.folderItem, children)
-    nodes = [shown.segmentation, shown.heat, shown.table, *shown.rois]
+    nodes = [shown.segmentation, shown.heat, shown.table, *shown.rois, shown.severity, shown.severityTable]
     assert sorted(children.GetId(i) for i in range(children.GetNumberOfIds())) == sorted(shNode.GetItemByDataNode(n) for n in nodes)
 
     boxes_lps = np.array([b["center_lps"] for s in report["slices"] for b in s["boxes"]])
@@ -150,6 +154,9 @@ def test_load_results_on_a_real_scene(module, scene, analysed, grid, transformed
     for planned in shown.plan.segments:
         segment = segmentation.GetSegment(planned.segment_id)
         assert segment.GetName() == planned.name and segment.GetColor() == pytest.approx(planned.color)
+        terminology = vtk.reference("")
+        assert segment.GetTag(segment.GetTerminologyEntryTagName(), terminology)
+        assert str(terminology) == planned.terminology  # SNOMED CT codes, as the file's
     assert [segmentation.GetNthSegment(i).GetName() for i in range(2)] == ["Right lung", "Left lung"]
 
     np.testing.assert_allclose(_ijk_to_ras(shown.heat), ct_matrix, atol=1e-6)  # the heat map on the CT's IJK grid
@@ -160,8 +167,18 @@ def test_load_results_on_a_real_scene(module, scene, analysed, grid, transformed
     nk = volume.GetImageData().GetDimensions()[2]
     flipped = grid == "oblique left-handed"
     assert slices == [nk - 1 - s["index"] if flipped else s["index"] for s in report["slices"]]
-    for node in [shown.segmentation, shown.heat, *shown.rois]:
+    for node in [shown.segmentation, shown.heat, *shown.rois, shown.severity]:
         assert node.GetTransformNodeID() == volume.GetTransformNodeID()
+    for node in (shown.segmentation, shown.severity):  # linked to the CT, as Slicer's editor and DICOM SEG export need
+        assert node.GetNodeReferenceID(node.GetReferenceImageGeometryReferenceRole()) == volume.GetID()
+    severity = shown.severity.GetSegmentation()  # the measured involvement: its own node and table
+    assert [severity.GetNthSegment(i).GetName() for i in range(severity.GetNumberOfSegments())] == ["Ground-glass", "Consolidation"]
+    table = shown.severityTable
+    assert table.GetNumberOfRows() == 9 and table.GetColumnName(0) == "Lung"
+    assert [table.GetCellText(r, 0) + " " + table.GetCellText(r, 1) for r in (0, 5, 8)] == ["right upper", "left lower", "both all"]
+    assert int(table.GetCellText(8, table.GetColumnIndex("Score"))) == report["severity"]["score"]
+    assert float(table.GetCellText(8, table.GetColumnIndex("Involved (%)"))) == pytest.approx(
+        report["severity"]["lungs"]["both"]["involved_percent"], abs=0.05)
 
     # Every output file through Slicer's own storage nodes, against what the engine wrote (sitk: LPS, the file's grid)
     def on_ct_grid(array_kji):
@@ -173,6 +190,13 @@ def test_load_results_on_a_real_scene(module, scene, analysed, grid, transformed
     labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode")
     assert slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(shown.segmentation, lungs, labelmap, volume)
     np.testing.assert_array_equal(slicer.util.arrayFromVolume(labelmap), on_ct_grid(lung_labels))
+    bands = vtk.vtkStringArray()  # label 1 ground-glass, 2 consolidation, as the engine numbers them
+    for name in ["Ground-glass", "Consolidation"]:
+        bands.InsertNextValue(severity.GetSegmentIdBySegmentName(name))
+    assert slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(shown.severity, bands, labelmap, volume)
+    engine_bands = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / outputs.SEVERITY_SEG_NRRD)))
+    assert (engine_bands == 1).sum() > 0 and (engine_bands == 2).sum() > 0  # the phantom's lesions
+    np.testing.assert_array_equal(slicer.util.arrayFromVolume(labelmap), on_ct_grid(engine_bands))
     heat = _read(scene, "vtkMRMLScalarVolumeNode", "vtkMRMLVolumeArchetypeStorageNode", folder / outputs.GRADCAM_NRRD)
     np.testing.assert_allclose(_ijk_to_ras(heat), ct_matrix, atol=1e-6)
     engine_heat = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / outputs.GRADCAM_NRRD)))
@@ -200,11 +224,13 @@ def test_reload_replaces_and_jump_lands_on_the_transformed_slice(module, scene, 
     shNode.GetItemChildren(shNode.GetSceneItemID(), top)
     named = [shNode.GetItemName(top.GetId(i)) for i in range(top.GetNumberOfIds())]
     assert named.count(folder_name("CT")) == 1 and named.count("CT") == 1
-    # Found with slicer-core: the removed results' items stay, empty (no data node), at the scene level.
+    # Found with slicer-core: items of removed nodes stay, empty (no data node), at the scene level, whether the folder
+    # is removed with RemoveItem or its nodes with vtkMRMLScene.RemoveNode (the subject hierarchy node reports a
+    # "DataNodeCache inconsistency"); Slicer's Qt subject-hierarchy plugins, absent here, keep them in step.
     assert all(shNode.GetItemDataNode(top.GetId(i)) is None for i, n in enumerate(named) if n not in ("CT", folder_name("CT")))
     counts = {c: scene.GetNumberOfNodesByClass(c) for c in
               ["vtkMRMLSegmentationNode", "vtkMRMLTableNode", "vtkMRMLMarkupsROINode", "vtkMRMLColorTableNode"]}
-    assert counts == {"vtkMRMLSegmentationNode": 1, "vtkMRMLTableNode": 1, "vtkMRMLMarkupsROINode": len(shown.rois),
+    assert counts == {"vtkMRMLSegmentationNode": 2, "vtkMRMLTableNode": 2, "vtkMRMLMarkupsROINode": len(shown.rois),
                       "vtkMRMLColorTableNode": 1}
     assert scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode") == 2  # the CT and one heat map
     composite = scene.GetFirstNodeByClass("vtkMRMLSliceCompositeNode")
@@ -215,3 +241,145 @@ def test_reload_replaces_and_jump_lands_on_the_transformed_slice(module, scene, 
     world = TILT @ np.append(shown.plan.rows[row].center_ras, 1.0)
     red = scene.GetFirstNodeByClass("vtkMRMLSliceNode")
     np.testing.assert_allclose(slicer.util.arrayFromVTKMatrix(red.GetSliceToRAS())[:3, 3], world[:3], atol=1e-6)
+
+
+@pytest.fixture
+def in_process(module, monkeypatch, tmp_path):
+    """What process() needs beyond MRML: Slicer's own sitkUtils (from Slicer's Python modules) and, as stand-ins, the
+    PyTorch extension's `PyTorchUtils` reporting torch installed (it is, here) and `slicer.app.temporaryPath`."""
+    monkeypatch.syspath_prepend(str(SLICER_PYTHON))
+    monkeypatch.delitem(sys.modules, "sitkUtils", raising=False)  # imported again, and removed after the test
+    torch_utils = mock.MagicMock(name="PyTorchUtils")
+    torch_utils.PyTorchUtilsLogic.return_value.torchInstalled.return_value = True
+    monkeypatch.setitem(sys.modules, "PyTorchUtils", torch_utils)
+    monkeypatch.setattr(slicer, "app", mock.MagicMock(name="app", temporaryPath=str(tmp_path)), raising=False)
+    return module
+
+
+def test_process_analyses_the_volume_in_the_scene(in_process, scene, analysed, tmp_path):
+    """process(): the engine on the scene's own volume (pulled with Slicer's sitkUtils), results shown over it;
+    a second process() replaces them."""
+    import torch
+
+    ct_file, _, _ = analysed("oblique")
+    volume = _ct_in_scene(scene, ct_file)
+    torch.manual_seed(0)
+    model = save_checkpoint(tmp_path / "tiny.pt", DRENet(DRENetConfig(input_size=64)), trained=False, metadata={"name": "tiny"})
+    logic = in_process.CovidCTDiagnosisLogic()
+    logic.process(volume, model=str(model), device="cpu", slices=5)
+    result = logic.process(volume, model=str(model), device="cpu", slices=5)
+    shown = logic.shownResults
+    assert not result.model.trained and 0 < len(result.slices) <= 5  # of 5 equidistant, those with enough lung
+    np.testing.assert_allclose(_ijk_to_ras(shown.heat), _ijk_to_ras(volume), atol=1e-6)
+    assert slicer.util.arrayFromTableColumn(shown.table, "Slice").tolist() == [s.index for s in result.slices]
+    assert scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == 2  # lungs and involvement, replaced not added
+    assert shown.severity.GetSegmentation().GetNumberOfSegments() == 2
+    lungs = vtk.vtkStringArray()
+    for name in ["Right lung", "Left lung"]:
+        lungs.InsertNextValue(shown.segmentation.GetSegmentation().GetSegmentIdBySegmentName(name))
+    labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode")
+    assert slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(shown.segmentation, lungs, labelmap, volume)
+    np.testing.assert_array_equal(slicer.util.arrayFromVolume(labelmap), sitk.GetArrayFromImage(result.lung_labels))
+
+
+def _dicom_files_in_slicer_order(folder) -> list[str]:
+    """A DICOM series' files as Slicer's DICOM scalar-volume plugin loads them: sorted by position along the slice normal."""
+    positions = []
+    for path in sorted(folder.iterdir()):
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(path))
+        reader.ReadImageInformation()
+        orientation = np.array(reader.GetMetaData("0020|0037").split("\\"), dtype=float)
+        normal = np.cross(orientation[:3], orientation[3:])
+        positions.append((float(np.dot(normal, np.array(reader.GetMetaData("0020|0032").split("\\"), dtype=float))), str(path)))
+    return [path for _, path in sorted(positions)]
+
+
+def _read_as_slicers_dicom_module_does(scene, folder):
+    """A volume node of the DICOM series in `folder`, read by Slicer's reader from its files in the DICOM module's order."""
+    files = _dicom_files_in_slicer_order(folder)
+    volume = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", folder.name)
+    storage = scene.AddNewNodeByClass("vtkMRMLVolumeArchetypeStorageNode")
+    storage.SetFileName(files[0])
+    storage.ResetFileNameList()
+    for path in files:
+        storage.AddFileName(path)
+    storage.SetSingleFile(False)
+    volume.SetAndObserveStorageNodeID(storage.GetID())
+    assert storage.ReadData(volume), f"Slicer's reader cannot read {folder}"
+    shNode = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
+    shNode.CreateItem(shNode.GetSceneItemID(), volume)
+    return volume
+
+
+def test_load_results_over_a_real_dicom_ct_read_as_slicers_dicom_module_does(module, scene, tmp_path):
+    """P001 (real, JPEG-lossless DICOM): analysed by the engine from its folder; Slicer's reader given the files in the
+    DICOM module's order holds the same voxels, and the results land on it (heat map on the CT's grid, slice numbers)."""
+    from conftest import SHARED_DATA
+
+    folder = SHARED_DATA / "ct" / "covid-ct-md" / "P001-covid"
+    if not folder.is_dir():
+        pytest.skip(f"real CT not available: {folder} does not exist")
+    import torch
+
+    torch.manual_seed(0)
+    model = save_checkpoint(tmp_path / "tiny.pt", DRENet(DRENetConfig(input_size=64)), trained=False, metadata={"name": "tiny"})
+    result = Analyzer(str(model), "cpu").analyze(str(folder), slices=3)
+    results = outputs.write_outputs(result, result.ct, tmp_path / "P001")
+
+    volume = _read_as_slicers_dicom_module_does(scene, folder)
+    assert volume.GetImageData().GetDimensions() == tuple(result.ct.GetSize())
+
+    shown = module.CovidCTDiagnosisLogic().loadResults(str(results), volume)
+    ct_matrix = _ijk_to_ras(volume)
+    np.testing.assert_allclose(_ijk_to_ras(shown.heat), ct_matrix, atol=1e-4)
+    hu_scene, hu_engine = slicer.util.arrayFromVolume(volume), sitk.GetArrayFromImage(result.ct)
+    flipped = not np.array_equal(hu_scene, hu_engine)  # Slicer may hold the slices in the other order (k reversed)
+    if flipped:
+        np.testing.assert_array_equal(hu_scene, np.flip(hu_engine, axis=0))
+    nk = hu_engine.shape[0]
+    assert [row.index for row in shown.plan.rows] == [nk - 1 - s.index if flipped else s.index for s in result.slices]
+    for row in shown.plan.rows:  # each row's slice number, on Slicer's grid, is where its centre lies in the CT
+        assert np.linalg.solve(ct_matrix, np.append(row.center_ras, 1.0))[2] == pytest.approx(row.index, abs=1e-3)
+
+
+def test_the_modules_self_test_passes_on_slicer_core(in_process, scene, monkeypatch):
+    """The module's own in-process self-tests (an oblique volume; a transformed one analysed twice, then the jump) on
+    Slicer's real MRML; its background test needs Slicer's PythonSlicer and runs only in Slicer. delayDisplay (a Qt
+    dialog) only logs here."""
+    self_test = in_process.CovidCTDiagnosisTest()
+    monkeypatch.setattr(self_test, "delayDisplay", lambda message, *args, **kwargs: None)
+    for test in (self_test.test_ProcessObliqueVolume, self_test.test_TransformedVolumeIsReplacedNotDuplicated):
+        self_test.setUp()  # clears the scene, keeping its singletons (the slice views' nodes), as runTest does
+        test()
+        assert scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == 2  # lungs and boxes; involvement
+
+
+def test_process_analyses_a_dicom_ct_from_its_files_in_the_database(in_process, scene, tmp_path, monkeypatch):
+    """process() on P001 loaded from the DICOM database analyses its files (found through DICOM.instanceUIDs and the
+    database), not a copy of the voxels: the results are of the DICOM series (so they can be saved into its study),
+    land on the volume, and the gathered files are removed afterwards."""
+    import pydicom
+    import torch
+
+    from conftest import SHARED_DATA
+
+    folder = SHARED_DATA / "ct" / "covid-ct-md" / "P001-covid"
+    if not folder.is_dir():
+        pytest.skip(f"real CT not available: {folder} does not exist")
+    volume = _read_as_slicers_dicom_module_does(scene, folder)
+    headers = [pydicom.dcmread(path, stop_before_pixels=True) for path in _dicom_files_in_slicer_order(folder)]
+    by_uid = {str(h.SOPInstanceUID): str(h.filename) for h in headers}
+    volume.SetAttribute(slicer_runtime.DICOM_UIDS_ATTRIBUTE, " ".join(by_uid))  # as Slicer's DICOM plugin does
+    series = str(headers[0].SeriesInstanceUID)
+    database = mock.MagicMock(name="dicomDatabase", **{"fileForInstance.side_effect": lambda uid: by_uid.get(uid, ""),
+                                                      "instanceValue.return_value": series})
+    monkeypatch.setattr(slicer, "dicomDatabase", database, raising=False)
+    torch.manual_seed(0)
+    model = save_checkpoint(tmp_path / "tiny.pt", DRENet(DRENetConfig(input_size=64)), trained=False, metadata={"name": "tiny"})
+    logic = in_process.CovidCTDiagnosisLogic()
+    report = logic.process(volume, model=str(model), device="cpu", slices=3).to_report()
+    assert (report["input"]["format"], report["input"]["series_uid"]) == ("dicom", series)
+    np.testing.assert_allclose(_ijk_to_ras(logic.shownResults.heat), _ijk_to_ras(volume), atol=1e-4)
+    assert logic.dicomExportProblem(logic.shownResults) is None
+    assert not list(tmp_path.rglob(in_process.DICOM_INPUT_DIR))

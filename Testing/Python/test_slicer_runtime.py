@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ast
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -59,11 +60,10 @@ def test_pip_requirements_cover_the_engine_imports():
             elif isinstance(node, ast.ImportFrom) and node.level == 0:
                 imported.add(node.module.split(".")[0])
     third_party = {name for name in imported - set(sys.stdlib_module_names) if name not in ("CovidCTDiagnosisLib", "__future__")}
-    assert third_party - SLICER_SHIPPED - PYTORCH_EXTENSION - TRAINING_ONLY <= {*slicer_runtime.PIP_REQUIREMENTS,
-                                                                                *slicer_runtime.OPTIONAL_REQUIREMENTS}
+    assert third_party - SLICER_SHIPPED - PYTORCH_EXTENSION - TRAINING_ONLY <= set(slicer_runtime.PIP_REQUIREMENTS)
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     declared = {req.split(">=")[0].lower(): req for req in project["dependencies"] + project["optional-dependencies"]["ray"]}
-    assert set(slicer_runtime.OPTIONAL_REQUIREMENTS.values()) <= set(declared.values())
+    assert slicer_runtime.PIP_REQUIREMENTS["ray"] == declared["ray"]  # the `ray` extra
     for requirement in slicer_runtime.PIP_REQUIREMENTS.values():
         name = requirement.split(">=")[0].lower()
         if name in declared:
@@ -84,8 +84,9 @@ def test_reading_result_folders_needs_only_the_reader_packages():
 
 
 def test_missing_requirements(monkeypatch):
-    monkeypatch.setattr(slicer_runtime, "PIP_REQUIREMENTS", {"numpy": "numpy", "no_such_module_xyz": "no-such>=1"})
-    assert slicer_runtime.missing_requirements() == ["no-such>=1"]
+    monkeypatch.setattr(slicer_runtime, "PIP_REQUIREMENTS", {"numpy": "numpy", "no_such_module_xyz": "no-such>=1",
+                                                             "no_such_old_xyz": "old-only>=1; python_version < '3.0'"})
+    assert slicer_runtime.missing_requirements() == ["no-such>=1"]  # a marker excluding this Python: not to install
 
 
 def test_constraints_pin_what_pip_must_not_change(tmp_path):
@@ -175,3 +176,52 @@ def test_background_analysis_reports_progress_and_writes_the_result(tmp_path, ph
     assert (out / REPORT_JSON).is_file()
     plan = plan_scene(read_report(out), "phantom")
     assert len(plan.rows) == QUICK_SLICES and plan.rois and not plan.result.trained
+
+
+def test_forget_engine_modules_makes_the_next_import_read_the_files_again(tmp_path):
+    """What the module's Reload does for the engine: a changed engine file is seen by the next import (in a fresh process:
+    forgetting the package here would give the other tests' modules second copies)."""
+    import shutil
+    import textwrap
+
+    package = tmp_path / "CovidCTDiagnosisLib"
+    shutil.copytree(Path(slicer_runtime.__file__).parent, package, ignore=shutil.ignore_patterns("__pycache__", "training"))
+    script = textwrap.dedent("""
+        import sys
+        from pathlib import Path
+        sys.path.insert(0, sys.argv[1])
+        from CovidCTDiagnosisLib import aggregation, slicer_runtime
+        target = Path(aggregation.__file__)
+        target.write_text(target.read_text() + "\\nRELOADED = True\\n")
+        forgotten = slicer_runtime.forget_engine_modules()
+        import CovidCTDiagnosisLib.aggregation as again
+        print("CovidCTDiagnosisLib.aggregation" in forgotten, again is not aggregation, getattr(again, "RELOADED", False))
+    """)
+    out = subprocess.run([sys.executable, "-B", "-c", script, str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["True", "True", "True"]
+
+
+def test_dicom_source_files_and_gathering_them(tmp_path):
+    """A volume's DICOM files through the database's lookup; gathered into one folder for the engine, untouched."""
+    database = {f"1.2.3.{n}": tmp_path / "db" / str(n) / "same-name" for n in range(4)}  # files of one name
+    for uid, path in database.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(uid.encode())
+    lookup = lambda uid: str(database[uid]) if uid in database else ""  # noqa: E731  (fileForInstance)
+    files = slicer_runtime.dicom_source_files("1.2.3.0 1.2.3.1", lookup)
+    assert files == [str(database["1.2.3.0"]), str(database["1.2.3.1"])]
+    assert slicer_runtime.dicom_source_files(None, lookup) == slicer_runtime.dicom_source_files("", lookup) == []
+    assert slicer_runtime.dicom_source_files("1.2.3.0 9.9", lookup) == []  # one not in the database: none
+    folder = slicer_runtime.gather_files(files, tmp_path / "work" / "input")
+    assert [p.read_bytes() for p in sorted(folder.iterdir())] == [b"1.2.3.0", b"1.2.3.1"]
+    shutil.rmtree(folder)
+    assert all(Path(f).read_bytes() for f in files)  # removing the gathered folder leaves the database's files
+
+
+def test_dicom_export_problem():
+    assert slicer_runtime.dicom_export_problem("dicom", ["a.dcm"], (3, 12)) is None
+    assert slicer_runtime.dicom_export_problem("dicom", ["a.dcm"], (3, 9)) == (
+        "Saving as DICOM needs Slicer with Python 3.10 or newer (highdicom); this Slicer has Python 3.9.")
+    assert "not a DICOM series" in slicer_runtime.dicom_export_problem("nrrd", ["a.dcm"], (3, 12))
+    assert "not loaded from Slicer's DICOM database" in slicer_runtime.dicom_export_problem("dicom", [], (3, 12))

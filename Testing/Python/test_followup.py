@@ -1,0 +1,71 @@
+"""Follow-up against baseline: the change in measured involvement, on two phantoms of one 'patient' where the follow-up
+has one more lesion of known size and place."""
+
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from CovidCTDiagnosisLib.checkpoint import save_checkpoint
+from CovidCTDiagnosisLib.drenet import DRENet, DRENetConfig
+from CovidCTDiagnosisLib.errors import UnreadableInputError
+from CovidCTDiagnosisLib.followup import compare_involvement
+from CovidCTDiagnosisLib.phantom import DEFAULT_LESIONS, LesionSpec, make_chest_phantom
+from CovidCTDiagnosisLib.pipeline import Analyzer
+
+NEW_LESION = LesionSpec((-75.0, -10.0, -40.0), 20.0, -500.0)  # ground glass inside the right lower lung
+
+
+@pytest.fixture(scope="module")
+def reports(tmp_path_factory):
+    torch.manual_seed(0)
+    model = save_checkpoint(tmp_path_factory.mktemp("followup") / "tiny.pt", DRENet(DRENetConfig(input_size=64)),
+                            trained=False, metadata={"name": "tiny"})
+    analyzer = Analyzer(str(model), "cpu")
+    baseline = analyzer.analyze(make_chest_phantom().image, slices=3).to_report()
+    grown = make_chest_phantom(lesions=(*DEFAULT_LESIONS, NEW_LESION))
+    followup = analyzer.analyze(grown.image, slices=3).to_report()
+    # the truth: the phantom's lung voxels the new lesion turned from aerated to ground-glass
+    before, after = (sitk.GetArrayFromImage(p.image) for p in (make_chest_phantom(), grown))
+    lung = sitk.GetArrayFromImage(grown.lung_labels) > 0
+    new_ml = float(np.count_nonzero(lung & (after != before))) * float(np.prod(grown.image.GetSpacing())) / 1000.0
+    return baseline, followup, new_ml
+
+
+def test_a_new_lesion_shows_in_its_zone_and_nowhere_else(reports, tmp_path):
+    baseline, followup, new_ml = reports
+    change = compare_involvement(baseline, followup)
+    rows = {(r.lung, r.zone): r for r in change.rows}
+    assert list(rows) == [(lung, zone) for lung in ("right", "left") for zone in ("upper", "middle", "lower")] + [
+        ("right", "all"), ("left", "all"), ("both", "all")]
+    right = rows["right", "all"]
+    assert right.ground_glass_change_ml == pytest.approx(new_ml, rel=0.1) and abs(right.consolidation_change_ml) < 1.0
+    assert max(rows, key=lambda key: rows[key].change_points if key[1] != "all" else -1) == ("right", "lower")
+    for zone in ("upper", "middle", "lower"):  # the left lung's voxels are the same at both times (its mask, nearly)
+        assert rows["left", zone].change_points == pytest.approx(0.0, abs=0.25)
+    total = change.total
+    assert (total.baseline_score, total.followup_score) == (baseline["severity"]["score"], followup["severity"]["score"])
+    assert total.followup_score > total.baseline_score
+    assert total.change_points == pytest.approx(followup["severity"]["lungs"]["both"]["involved_percent"]
+                                                - baseline["severity"]["lungs"]["both"]["involved_percent"])
+    assert "right lower" in change.summary() and change.summary().startswith("involvement ")
+    assert change.notes == []
+    change.write_csv(tmp_path / "change.csv")
+    with open(tmp_path / "change.csv", newline="") as f:
+        written = list(csv.DictReader(f))
+    assert len(written) == 9 and written[-1]["lung"] == "both" and int(written[-1]["followup_score"]) == total.followup_score
+
+
+def test_what_makes_the_volumes_less_comparable_is_said(reports):
+    baseline, followup, _ = reports
+    spacing = followup["input"]["spacing"]  # the phantom's axial axis is k
+    thick = {**followup, "input": {**followup["input"], "spacing": [*spacing[:2], 2 * spacing[2]]},
+             "severity": {**followup["severity"], "partial_coverage": True}}
+    notes = compare_involvement(baseline, thick).notes
+    assert any("slice spacings differ" in n for n in notes) and any("follow-up CT covers the lungs only in part" in n for n in notes)
+    with pytest.raises(UnreadableInputError, match="baseline analysis has no measured involvement"):
+        compare_involvement({**baseline, "severity": None}, followup)
