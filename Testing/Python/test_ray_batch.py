@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from CovidCTDiagnosisLib import dicom_export
 from CovidCTDiagnosisLib.batch import SUMMARY_CSV, run_batch
 from CovidCTDiagnosisLib.checkpoint import save_checkpoint
 from CovidCTDiagnosisLib.cli import main
@@ -28,6 +29,7 @@ from CovidCTDiagnosisLib.outputs import REPORT_JSON, is_complete
 from CovidCTDiagnosisLib.phantom import make_chest_phantom
 from CovidCTDiagnosisLib.pipeline import Analyzer
 from CovidCTDiagnosisLib.ray_batch import RAY_EXTRA, plan_workers
+from dicom_series import write_ct_series
 from helpers_batch import phantom_cases, summary_rows
 
 ray = pytest.importorskip("ray", reason="Ray is not installed: pip install -e '.[test]' installs it")
@@ -121,6 +123,19 @@ def test_ray_rerun_skips_finished_cases_and_redoes_other_options(tmp_path, cases
     assert [o.status for o in other] == ["done", "done", "failed"]
     assert [o.report["options"]["slices"] for o in other[:2]] == [7, 7]
     assert ray.is_initialized(), "a connection made by the caller is left open"
+
+
+def test_ray_workers_write_the_dicom_objects_too(tmp_path, tiny_model, cluster):
+    """--dicom-out goes through the same per-case path on a worker: result folder and DICOM folder per case."""
+    reason = dicom_export.unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    write_ct_series(make_chest_phantom().image, tmp_path / "cases" / "phantom")
+    out, dicom = tmp_path / "out", tmp_path / "dicom"
+    [outcome] = run_batch(Analyzer(tiny_model), tmp_path / "cases", out, dicom_out=dicom, ray="local")
+    assert outcome.status == "done", outcome.error
+    written = list((dicom / "phantom").iterdir())
+    assert is_complete(out / "phantom") and written and all(p.suffix == ".dcm" for p in written)
 
 
 def test_more_worker_threads_than_the_cluster_has_is_a_usage_error(tmp_path, cases, tiny_model, cluster, capsys):
