@@ -180,6 +180,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"our (calling) AE title for C-STORE (default: {DEFAULT_CALLING_AET})")
     p.add_argument("--quiet", action="store_true", help="no summary line")
 
+    p = sub.add_parser("follow-up", help="the change in measured lung involvement from a baseline CT to a follow-up CT",
+                       description="Compare two result folders of one patient's CTs (a baseline and a follow-up): the "
+                                   "involved share (percentage points), ground-glass and consolidation volumes (mL) and "
+                                   "scores per zone, per lung and for both lungs (the 6-zone CT severity score), all "
+                                   "measured from HU. Prints one summary line and any reason the volumes are less "
+                                   "comparable; --out writes the table.",
+                       epilog=_exit_code_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("baseline", metavar="BASELINE_DIR", help="result folder of the earlier CT")
+    p.add_argument("followup", metavar="FOLLOWUP_DIR", help="result folder of the later CT")
+    p.add_argument("--out", metavar="CSV", help="write the change per zone, lung and both lungs here")
+
     for name, (text, add_arguments, _run) in TRAINING_COMMANDS.items():
         sub.add_parser(name, help=text, add_arguments=add_arguments)
     return parser
@@ -439,8 +450,25 @@ def cmd_send(args) -> int:
     return 0
 
 
+def cmd_follow_up(args) -> int:
+    from .followup import compare_involvement
+    from .outputs import check_writable, read_report
+
+    if args.out:
+        if Path(args.out).is_dir():
+            raise OutputError(f"cannot write {args.out}: it is a folder; --out is the CSV file to write")
+        check_writable(args.out, result_folder=False)
+    change = compare_involvement(read_report(args.baseline), read_report(args.followup))
+    print(change.summary())
+    for note in change.notes:
+        print(f"note: {note}", file=sys.stderr)
+    if args.out:
+        change.write_csv(args.out)
+    return 0
+
+
 COMMANDS = {"analyze": cmd_analyze, "batch": cmd_batch, "score-images": cmd_score_images, "demo": cmd_demo,
-            "send": cmd_send}
+            "send": cmd_send, "follow-up": cmd_follow_up}
 
 
 def main(argv=None) -> int:

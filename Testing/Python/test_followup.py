@@ -69,3 +69,27 @@ def test_what_makes_the_volumes_less_comparable_is_said(reports):
     assert any("slice spacings differ" in n for n in notes) and any("follow-up CT covers the lungs only in part" in n for n in notes)
     with pytest.raises(UnreadableInputError, match="baseline analysis has no measured involvement"):
         compare_involvement({**baseline, "severity": None}, followup)
+
+
+def test_follow_up_command(reports, tmp_path):
+    """`covidct follow-up BASELINE FOLLOWUP --out CSV`: the summary on stdout, the table written; a result folder without
+    measured involvement is one line on stderr with exit 3, and nothing written."""
+    import json
+    import subprocess
+    import sys
+
+    baseline, followup, _ = reports
+    folders = []
+    for name, report in (("baseline", baseline), ("followup", followup)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "report.json").write_text(json.dumps(report))
+        folders.append(str(tmp_path / name))
+    command = [sys.executable, "-m", "CovidCTDiagnosisLib.cli", "follow-up", *folders, "--out", str(tmp_path / "change.csv")]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("involvement ") and "right lower" in done.stdout
+    assert (tmp_path / "change.csv").read_text().count("\n") == 10
+    (tmp_path / "baseline" / "report.json").write_text(json.dumps({**baseline, "severity": None}))
+    failed = subprocess.run([*command[:-1], str(tmp_path / "other.csv")], capture_output=True, text=True, timeout=120)
+    assert failed.returncode == 3 and len(failed.stderr.strip().splitlines()) == 1
+    assert "baseline analysis has no measured involvement" in failed.stderr and not (tmp_path / "other.csv").exists()
