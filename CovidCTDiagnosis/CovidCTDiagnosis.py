@@ -582,7 +582,8 @@ class CovidCTDiagnosisLogic(ScriptedLoadableModuleLogic):
             else:
                 shNode.CreateItem(folderItem, node)
         background = volumeNode if volumeNode else "keep-current"
-        slicer.util.setSliceViewerLayers(background=background, foreground=heat, foregroundOpacity=HEAT_OPACITY)
+        slicer.util.setSliceViewerLayers(background=background, foreground=heat,
+                                         foregroundOpacity=self.getParameterNode().heatOpacity)  # as saved with the scene
         self.shownResults = shown
         return self.shownResults
 

@@ -16,7 +16,10 @@ class Node:
 
 
 def _parameter_node_wrapper(cls):
-    typing.get_type_hints(cls, include_extras=True)  # as slicer.parameterNodeWrapper does
+    """As slicer.parameterNodeWrapper: the annotations are evaluated, and the class wraps a parameter node (here its
+    fields are the class's defaults until set)."""
+    typing.get_type_hints(cls, include_extras=True)
+    cls.__init__ = lambda self, parameterNode=None: None
     return cls
 
 

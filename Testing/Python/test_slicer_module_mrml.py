@@ -32,6 +32,7 @@ from CovidCTDiagnosisLib.checkpoint import save_checkpoint  # noqa: E402
 from CovidCTDiagnosisLib.drenet import DRENet, DRENetConfig  # noqa: E402
 from CovidCTDiagnosisLib.phantom import make_chest_phantom  # noqa: E402
 from CovidCTDiagnosisLib.pipeline import Analyzer  # noqa: E402
+from CovidCTDiagnosisLib.display import HEAT_OPACITY  # noqa: E402
 from CovidCTDiagnosisLib.geometry import LPS_TO_RAS  # noqa: E402
 from CovidCTDiagnosisLib.scene_plan import folder_name  # noqa: E402
 from helpers_results import left_handed_oblique_direction, oblique_direction  # noqa: E402
@@ -212,6 +213,15 @@ def test_load_results_on_a_real_scene(module, scene, analysed, grid, transformed
     assert [int(table.GetCellText(r, 0)) for r in range(table.GetNumberOfRows())] == [s["index"] for s in report["slices"]]
 
 
+def test_results_load_with_the_heat_opacity_saved_in_the_parameter_node(module, scene, analysed):
+    ct_file, folder, _ = analysed("phantom")
+    volume = _ct_in_scene(scene, ct_file)
+    logic = module.CovidCTDiagnosisLogic()
+    logic.getParameterNode().heatOpacity = 0.7  # as a scene saved with another opacity brings it back
+    logic.loadResults(str(folder), volume)
+    assert scene.GetFirstNodeByClass("vtkMRMLSliceCompositeNode").GetForegroundOpacity() == pytest.approx(0.7)
+
+
 def test_reload_replaces_and_jump_lands_on_the_transformed_slice(module, scene, analysed):
     """Loading again replaces the folder and its nodes; jumpToSlice centres the slice views on the row's slice in world RAS."""
     ct_file, folder, _ = analysed("phantom")
@@ -235,6 +245,7 @@ def test_reload_replaces_and_jump_lands_on_the_transformed_slice(module, scene, 
     assert scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode") == 2  # the CT and one heat map
     composite = scene.GetFirstNodeByClass("vtkMRMLSliceCompositeNode")
     assert (composite.GetBackgroundVolumeID(), composite.GetForegroundVolumeID()) == (volume.GetID(), shown.heat.GetID())
+    assert composite.GetForegroundOpacity() == pytest.approx(HEAT_OPACITY)
 
     row = 1
     logic.jumpToSlice(shown, row)
