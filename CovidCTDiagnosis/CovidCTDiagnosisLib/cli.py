@@ -250,6 +250,8 @@ def _summary_line(report: dict) -> str:
 
 
 def cmd_analyze(args) -> int:
+    import gc
+
     from .outputs import write_outputs
     from .result import UNTRAINED_WARNING
 
@@ -257,6 +259,8 @@ def cmd_analyze(args) -> int:
     progress = _Progress("none" if args.quiet and args.progress == "bar" else args.progress, Path(args.input).name)
     try:
         analyzer, found = _load_model_while_reading(args, progress)
+        gc.collect()  # torch's and the model's objects live to the end: frozen, no later collection (nor the
+        gc.freeze()  # interpreter's exit, about 0.5 s on 2 cores) walks them again; nothing is left uncollected
         result = analyzer.analyze(found, slices=slices, aggregate=aggregate, progress=progress)
     finally:
         progress.close()
