@@ -130,6 +130,30 @@ def test_errors_come_as_if_the_model_were_loaded_before_the_input_is_read(tmp_pa
     assert not _model_loaders() and not (tmp_path / "o").exists()
 
 
+def test_the_model_loads_while_the_ct_is_read(tmp_path, ct_file, tiny_model, monkeypatch, capsys):
+    """Loading the model and reading the CT meet half-way: each waits until the other has started."""
+    from CovidCTDiagnosisLib import cli, preparation
+
+    loading, reading = threading.Event(), threading.Event()
+    load, find = cli._analyzer, preparation.find_ct_lungs
+
+    def analyzer(args):
+        loading.set()
+        assert reading.wait(30), "the CT was not read while the model loaded"
+        return load(args)
+
+    def find_ct_lungs(*args, **kwargs):
+        reading.set()
+        assert loading.wait(30), "the model did not load while the CT was read"
+        return find(*args, **kwargs)
+
+    monkeypatch.setattr(cli, "_analyzer", analyzer)
+    monkeypatch.setattr(preparation, "find_ct_lungs", find_ct_lungs)
+    code, _, err = run(["analyze", ct_file, "--out", tmp_path / "o", "--model", tiny_model, "--quiet"], capsys)
+    assert code == 0, err
+    assert not _model_loaders()
+
+
 def test_ctrl_c_while_the_model_loads_is_one_line_and_130(tmp_path, ct_file, tiny_model, monkeypatch, capsys):
     from CovidCTDiagnosisLib import preparation
 
