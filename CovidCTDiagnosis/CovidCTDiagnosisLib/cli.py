@@ -259,8 +259,8 @@ def cmd_analyze(args) -> int:
     progress = _Progress("none" if args.quiet and args.progress == "bar" else args.progress, Path(args.input).name)
     try:
         analyzer, found = _load_model_while_reading(args, progress)
-        gc.collect()  # torch's and the model's objects live to the end: frozen, no later collection (nor the
-        gc.freeze()  # interpreter's exit, about 0.5 s on 2 cores) walks them again; nothing is left uncollected
+        gc.collect()  # what lives now (torch, the model, the CT) lives to the end: frozen, no later collection
+        gc.freeze()  # walks it again, nor the interpreter's exit (about 0.5 s less on 2 cores)
         result = analyzer.analyze(found, slices=slices, aggregate=aggregate, progress=progress)
     finally:
         progress.close()

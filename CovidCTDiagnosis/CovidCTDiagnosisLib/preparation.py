@@ -1,8 +1,8 @@
 """One path from a CT volume or a slice image to the network's input, for analysis and training.
 
 Volume: read -> check it is a CT -> orient to LPS -> lungs -> coverage (`find_ct_lungs`: all that
-needs no model) -> choose slices -> window and crop (`prepare_ct`). Slice image: read -> lung mask -> refuse without lungs -> crop
-(`prepare_image`). `pipeline.Analyzer` and `training.datasets` both call these, so the network
+needs no model) -> choose slices -> window and crop (`prepare_ct`). Slice image: read -> lung
+mask -> refuse without lungs -> crop (`prepare_image`). `pipeline.Analyzer` and `training.datasets` both call these, so the network
 is trained on exactly the masks and crops it is later asked about.
 """
 
