@@ -12,12 +12,16 @@
    1 and 2 workers (RAY_WORKERS), each over the same RAY_CASES cases (P001-covid listed RAY_CASES times
    in a manifest, or demo phantom files). The cluster is started before the clock; each run's time
    includes its workers loading the model. Needs the `ray` extra.
+5. What a user waits for: `covidct analyze <P001 or the phantom> --out DIR --quiet`, process start
+   to exit, against a bare `python -c "import torch"` in the same run, fresh processes taken in
+   turn, median of START_RUNS: target <= 2.5x (issue 12; the machine's speed cancels out).
 Run: `make benchmark` or `.venv/bin/python benchmarks/benchmark.py [--device cuda] [--repeats N] [--only PART]`.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import subprocess
 import sys
@@ -41,6 +45,7 @@ TOTAL_TARGET_S = 5.0
 NON_NETWORK_TARGET_S = 3.0
 RESNET_RATIO_TARGET = 1.2
 START_RATIO_TARGET = 1.5
+ANALYZE_RATIO_TARGET = 2.5  # `covidct analyze`, start to exit, against a bare torch import
 START_RUNS = 3
 RAY_CASES = 6
 RAY_WORKERS = (1, 2)
@@ -172,10 +177,35 @@ def batch_throughput(device: str, cases: int = RAY_CASES) -> None:
             ray.shutdown()
 
 
+def command_line(runs: int = START_RUNS) -> None:
+    """`covidct analyze` start to exit against `python -c "import torch"`, fresh processes in turn."""
+    with tempfile.TemporaryDirectory() as tmp:
+        if P001.is_dir():
+            source, name = P001, "P001-covid"
+        else:
+            source, name = Path(tmp) / "phantom.nrrd", "demo phantom"
+            sitk.WriteImage(make_demo_phantom().image, str(source), True)
+        out = Path(tmp) / "out"
+        analyze = ["-m", "CovidCTDiagnosisLib.cli", "analyze", str(source), "--out", str(out), "--quiet"]
+        times = {"torch": [], "analyze": []}
+        for _ in range(runs):
+            for what, argv in (("torch", ["-c", "import torch"]), ("analyze", analyze)):
+                start = time.perf_counter()
+                subprocess.run([sys.executable, *argv], check=True, stdout=subprocess.DEVNULL)
+                times[what].append(time.perf_counter() - start)
+        stages = json.loads((out / "report.json").read_text())["timings"]
+    t_torch, t_analyze = statistics.median(times["torch"]), statistics.median(times["analyze"])
+    print(f"== covidct analyze {name} --quiet, start to exit, median of {runs} fresh processes each, in turn")
+    print(f"  python -c 'import torch'  {t_torch:7.3f} s")
+    print(f"  covidct analyze           {t_analyze:7.3f} s  ratio {t_analyze / t_torch:.3f}  target <= {ANALYZE_RATIO_TARGET}")
+    print("  its stages (last run): " + ", ".join(f"{k} {v:.2f}" for k, v in stages.items()))
+
+
 PARTS = {"analysis": lambda args: end_to_end(args.device, args.repeats),
          "resnet": lambda args: resnet_overhead(args.device, args.repeats, args.slices),
          "start-up": lambda args: start_up(),
-         "batch": lambda args: batch_throughput(args.device)}
+         "batch": lambda args: batch_throughput(args.device),
+         "command-line": lambda args: command_line()}
 
 
 def main() -> int:

@@ -226,6 +226,26 @@ def _analyzer(args):
     return Analyzer(_model_spec(args), args.device)
 
 
+def _load_model_while_reading(args, progress):
+    """(Analyzer, preparation.LungCT): the model is loaded (torch imported) in a worker thread while
+    this one reads the CT and finds its lungs (SimpleITK's reader and OpenCV release the GIL; the
+    lungs stage waits for torch). Errors come as if the model had been loaded first: a bad model
+    file or device before a bad input. On any exit the worker is waited for (a thread still
+    importing torch when Python shuts down would print an error)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from .preparation import find_ct_lungs  # before the worker starts: its imports are then all torch's and the model's
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="covidct-model") as pool:
+        loading = pool.submit(_analyzer, args)
+        try:
+            found = find_ct_lungs(args.input, args.series, progress=progress)
+        except CovidCTError:
+            loading.result()
+            raise
+        return loading.result(), found
+
+
 def _model_spec(args):
     """None (bundled model), one model, or a list (an ensemble)."""
     if args.model is None or len(args.model) > 1:
@@ -297,14 +317,18 @@ def _summary_line(report: dict) -> str:
 
 
 def cmd_analyze(args) -> int:
+    import gc
+
     from .outputs import write_outputs
     from .result import UNTRAINED_WARNING
 
     slices, aggregate = _analysis_options(args)
-    analyzer = _analyzer(args)
     progress = _Progress("none" if args.quiet and args.progress == "bar" else args.progress, Path(args.input).name)
     try:
-        result = analyzer.analyze(args.input, slices=slices, aggregate=aggregate, series_uid=args.series, progress=progress)
+        analyzer, found = _load_model_while_reading(args, progress)
+        gc.collect()  # what lives now (torch, the model, the CT) lives to the end: frozen, no later collection
+        gc.freeze()  # walks it again, nor the interpreter's exit (about 0.5 s less on 2 cores)
+        result = analyzer.analyze(found, slices=slices, aggregate=aggregate, progress=progress)
     finally:
         progress.close()
     out = write_outputs(result, result.ct, args.out)

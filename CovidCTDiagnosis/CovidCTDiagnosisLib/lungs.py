@@ -108,7 +108,7 @@ def _air_regions(
     count, labels, stats, centroids = cv2.connectedComponentsWithStats(air, connectivity=8)
     sides_touched = np.zeros(count, dtype=np.int64)  # image sides each air region reaches
     for edge in (labels[0], labels[-1], labels[:, 0], labels[:, -1]):
-        sides_touched[np.unique(edge)] += 1
+        sides_touched += np.bincount(edge, minlength=count) > 0
     outside = sides_touched > 0
     outside[0] = True  # label 0 is everything not air
     # the body's (and table's) centre: all pixels minus the outside air, from the stats
@@ -131,14 +131,21 @@ def _air_regions(
         # may be cropped to the lungs on 3 sides, so only volumes use it
         surrounding = (sides_touched >= OUTSIDE_MIN_SIDES) & in_volume
         surrounding[0] = False
-        outside_air = surrounding[labels]
         dense = (lungish & valid & (labels == 0)).astype(np.uint8)
-        if outside_air.any():  # dense lung lies inside the chest wall: dense "lung" reaching the air around the body is not lung
-            dense_labels = cv2.connectedComponents(dense, connectivity=8)[1]
-            touching = np.unique(dense_labels[cv2.dilate(outside_air.astype(np.uint8), np.ones((5, 5), np.uint8)) > 0])
-            dense[np.isin(dense_labels, touching[touching > 0])] = 0
-        lung_air = (labels > 0) & ~outside_air & ((mean_prob[labels] >= LUNG_PROBABILITY_THRESHOLD) | lungish)
-        candidate = lung_air | (dense > 0)
+        if surrounding.any():  # dense lung lies inside the chest wall: dense "lung" reaching the air around the body is not lung
+            outside_air = surrounding.view(np.uint8)[labels]
+            dense_count, dense_labels = cv2.connectedComponents(dense, connectivity=8)
+            touching = np.zeros(dense_count, dtype=bool)
+            touching[dense_labels[cv2.dilate(outside_air, np.ones((5, 5), np.uint8)) > 0]] = True
+            touching[0] = False
+            dense[touching[dense_labels]] = 0
+        # per air region: 0 not lung (no region, or the air around the body), 1 lung where the network
+        # calls the pixel lung, 2 lung (the network calls the region lung on average)
+        air_lung = np.zeros(count, dtype=np.uint8)
+        air_lung[1:] = ~surrounding[1:]
+        air_lung += air_lung.astype(bool) & (mean_prob >= LUNG_PROBABILITY_THRESHOLD)
+        air_kind = air_lung[labels]
+        candidate = (air_kind == 2) | ((air_kind == 1) & lungish) | (dense > 0)
         count, labels, stats, centroids = cv2.connectedComponentsWithStats(candidate.astype(np.uint8), connectivity=8)
         outside = np.zeros(count, dtype=bool)
         outside[0] = True
@@ -378,11 +385,12 @@ def _clear_mediastinum(labels: np.ndarray, hu_slice: np.ndarray, midline_col: fl
         rows = aerated.any(axis=1)
         if not rows.any():
             continue
+        # each row's aerated pixel nearest the midline (rows without one are left alone below)
         if side == RIGHT:  # i grows towards the patient's left
-            edge = np.where(aerated, cols, -1).max(axis=1)
+            edge = labels.shape[1] - 1 - np.argmax(aerated[:, ::-1], axis=1)
             medial = (cols[None, :] > edge[:, None]) & (cols[None, :] <= max(midline_col, 0))
         else:
-            edge = np.where(aerated, cols, labels.shape[1]).min(axis=1)
+            edge = np.argmax(aerated, axis=1)
             medial = (cols[None, :] < edge[:, None]) & (cols[None, :] >= midline_col)
         labels[medial & rows[:, None] & (labels == side) & ~air] = 0
 

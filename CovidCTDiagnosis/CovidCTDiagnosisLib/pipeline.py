@@ -1,7 +1,7 @@
 """The whole analysis of one chest CT, as a Python API: `Analyzer(...).analyze(path_or_image)`.
 
-Stages: read -> lungs -> choose slices -> prepare input (all four in `preparation.prepare_ct`,
-shared with training) -> severity (measured from HU, `severity.measure_severity`) -> DRENet -> Grad-CAM -> map back to
+Stages: read -> lungs (`preparation.find_ct_lungs`: no model needed) -> choose slices -> prepare
+input (all four in `preparation.prepare_ct`, shared with training) -> severity (measured from HU, `severity.measure_severity`) -> DRENet -> Grad-CAM -> map back to
 the input's voxels and patient coordinates -> aggregate. Nothing is printed and nothing global
 is kept: an `Analyzer` holds one loaded model and can be reused for many cases. Writing files
 is separate (`outputs.write_outputs`).
@@ -9,9 +9,7 @@ is separate (`outputs.write_outputs`).
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Sequence
-from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -21,16 +19,14 @@ import SimpleITK as sitk
 
 from . import aggregation, geometry
 from .checkpoint import check_ensemble, resolve_model
-from .errors import AnalysisCancelled
 from .inference import SliceScorer
-from .preparation import PARTIAL_COVERAGE, prepare_ct
+from .preparation import PARTIAL_COVERAGE, LungCT, ProgressCallback, Stages, prepare_ct
 from .preprocessing import CropTransform
 from .severity import measure_severity
 from .result import UNTRAINED_WARNING, LesionBox, ModelInfo, PatientResult, Result, SliceResult
 from .slice_selection import lung_fraction
 
 PAPER_SLICE_COUNT = 15
-ProgressCallback = Callable[[str, float], None]
 
 
 class Analyzer:
@@ -74,14 +70,15 @@ class Analyzer:
         progress: ProgressCallback | None = None,
         cancel: Callable[[], bool] | None = None,
     ) -> Result:
-        """Analyse a CT (path to DICOM folder / NIfTI / NRRD / MHA, or a SimpleITK image).
+        """Analyse a CT (path to DICOM folder / NIfTI / NRRD / MHA, a SimpleITK image, or a
+        `preparation.LungCT` already read and its lungs found, whose timings are kept).
 
         slices: 15 (the paper's equidistant choice), another count, or "all"/None for every lung slice.
         """
         options = analysis_options(slices, aggregate, series_uid)
         count = None if options["slices"] == "all" else options["slices"]
-        timings: dict[str, float] = {}
-        stage = _Stages(timings, progress, cancel)
+        timings = dict(source.timings) if isinstance(source, LungCT) else {}
+        stage = Stages(progress, cancel, timings)
         cfg = self.config
 
         prepared = prepare_ct(
@@ -180,23 +177,6 @@ def _ensemble_info(infos: list[ModelInfo], configs: list) -> ModelInfo:
 def analyze(source, model=None, device: str = "auto", **options) -> Result:
     """One-off analysis; for several cases build one `Analyzer` and call `.analyze` on each."""
     return Analyzer(model, device).analyze(source, **options)
-
-
-class _Stages:
-    """Times each stage, reports progress after it, and honours cancellation between stages."""
-
-    def __init__(self, timings: dict, progress: ProgressCallback | None, cancel: Callable[[], bool] | None):
-        self.timings, self.progress, self.cancel = timings, progress, cancel
-
-    @contextmanager
-    def __call__(self, name: str, done_fraction: float):
-        if self.cancel is not None and self.cancel():
-            raise AnalysisCancelled("analysis cancelled")
-        start = time.perf_counter()
-        yield
-        self.timings[name] = round(time.perf_counter() - start, 4)
-        if self.progress is not None:
-            self.progress(name, done_fraction)
 
 
 def _cam_to_slice(cam: np.ndarray, crop: CropTransform, shape: tuple[int, int]) -> np.ndarray:

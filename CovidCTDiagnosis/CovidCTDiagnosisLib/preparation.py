@@ -1,15 +1,16 @@
 """One path from a CT volume or a slice image to the network's input, for analysis and training.
 
-Volume: read -> check it is a CT -> orient to LPS -> lungs -> coverage -> choose slices -> window
-and crop (`prepare_ct`). Slice image: read -> lung mask -> refuse without lungs -> crop
-(`prepare_image`). `pipeline.Analyzer` and `training.datasets` both call these, so the network
+Volume: read -> check it is a CT -> orient to LPS -> lungs -> coverage (`find_ct_lungs`: all that
+needs no model) -> choose slices -> window and crop (`prepare_ct`). Slice image: read -> lung
+mask -> refuse without lungs -> crop (`prepare_image`). `pipeline.Analyzer` and `training.datasets` both call these, so the network
 is trained on exactly the masks and crops it is later asked about.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from . import geometry
-from .errors import NoLungsError
+from .errors import AnalysisCancelled, NoLungsError
 from .lungs import Lungs, extract_lungs, lung_mask_2d
 from .preprocessing import CropTransform, crop_mask, prepare_image_2d, prepare_slice
 from .slice_selection import DEFAULT_COUNT, choose_slices
@@ -35,10 +36,31 @@ PARTIAL_COVERAGE = "partial lung coverage"  # the coverage warning starts so (se
 MIN_LUNG_FRACTION_2D = 0.05
 
 StageContext = Callable[[str, float], AbstractContextManager]  # (stage name, fraction done when it ends)
+ProgressCallback = Callable[[str, float], None]  # (stage just done, fraction of the analysis done)
 
 
 def _no_stages(name: str, done_fraction: float) -> AbstractContextManager:
     return nullcontext()
+
+
+class Stages:
+    """A StageContext that times each stage into `timings` (seconds, rounded), reports progress after
+    it, and honours cancellation (AnalysisCancelled) before it."""
+
+    def __init__(self, progress: ProgressCallback | None = None, cancel: Callable[[], bool] | None = None,
+                 timings: dict[str, float] | None = None):
+        self.timings = {} if timings is None else timings
+        self.progress, self.cancel = progress, cancel
+
+    @contextmanager
+    def __call__(self, name: str, done_fraction: float):
+        if self.cancel is not None and self.cancel():
+            raise AnalysisCancelled("analysis cancelled")
+        start = time.perf_counter()
+        yield
+        self.timings[name] = round(time.perf_counter() - start, 4)
+        if self.progress is not None:
+            self.progress(name, done_fraction)
 
 
 @dataclass
@@ -52,6 +74,16 @@ class OrientedCT:
     def hu(self) -> np.ndarray:
         """HU, float32 [k, j, i] (a read-only view of `oriented`)."""
         return sitk.GetArrayViewFromImage(self.oriented)
+
+
+@dataclass
+class LungCT:
+    """A CT read and its lungs found (`find_ct_lungs`): the part of an analysis that needs no model."""
+
+    ct: OrientedCT
+    lungs: Lungs  # on the LPS-oriented grid
+    warnings: list[str]  # e.g. field of view, partial lung coverage
+    timings: dict[str, float] = field(default_factory=dict)  # seconds of its stages, "read" and "lungs"
 
 
 @dataclass
@@ -112,6 +144,32 @@ def check_coverage(lungs: Lungs) -> list[str]:
     ]
 
 
+def find_ct_lungs(
+    source, series_uid: str | None = None, *, progress: ProgressCallback | None = None, cancel: Callable[[], bool] | None = None
+) -> LungCT:
+    """Read a CT (path or SimpleITK image) and find its lungs: the stages "read" and "lungs", timed.
+
+    `prepare_ct` (and so `Analyzer.analyze`) goes on from the result, so that a caller can load the
+    model meanwhile (the command line does, in another thread). progress and cancel as in
+    `Analyzer.analyze`. Raises what `read_ct` raises, NoLungsError, and AnalysisCancelled.
+    """
+    stages = Stages(progress, cancel)
+    found = _read_and_find_lungs(source, series_uid, stages)
+    found.timings = stages.timings
+    return found
+
+
+def _read_and_find_lungs(source, series_uid: str | None, stage: StageContext) -> LungCT:
+    from .lung_net import load_lung_net  # imports torch: not needed to read results
+
+    with stage("read", 0.05):
+        ct = read_ct(source, series_uid)
+    load_lung_net()  # once per process, untimed: waits here while another thread imports torch
+    with stage("lungs", 0.25):
+        lungs, warnings = find_lungs(ct)
+    return LungCT(ct, lungs, warnings)
+
+
 def prepare_ct(
     source,
     size: int,
@@ -122,16 +180,15 @@ def prepare_ct(
     series_uid: str | None = None,
     stage: StageContext = _no_stages,
 ) -> PreparedCT:
-    """A CT (path or SimpleITK image) -> the model inputs of its chosen slices.
+    """A CT (path or SimpleITK image, or a LungCT already read) -> the model inputs of its chosen slices.
 
     size: model input pixels; window: HU level and width; count: slices to choose (None: every
-    lung slice); stage: a context per stage ("read", "lungs", "slices", "prepare"), for timing,
-    progress and cancellation. Raises what `read_ct` raises, and NoLungsError.
+    lung slice); stage: a context per stage ("read", "lungs", "slices", "prepare"; a LungCT has
+    been through the first two), for timing, progress and cancellation. Raises what `read_ct`
+    raises, and NoLungsError.
     """
-    with stage("read", 0.05):
-        ct = read_ct(source, series_uid)
-    with stage("lungs", 0.25):
-        lungs, warnings = find_lungs(ct)
+    found = source if isinstance(source, LungCT) else _read_and_find_lungs(source, series_uid, stage)
+    ct, lungs, warnings = found.ct, found.lungs, list(found.warnings)
     with stage("slices", 0.3):
         chosen = choose_slices(lungs.area_mm2, count)
     with stage("prepare", 0.35):

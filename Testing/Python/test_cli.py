@@ -6,6 +6,7 @@ import csv
 import json
 import subprocess
 import sys
+import threading
 
 import numpy as np
 import pytest
@@ -49,6 +50,8 @@ def test_analyze_writes_every_file(tmp_path, ct_file, tiny_model, capsys):
     assert report["patient"]["aggregation"] == "mean" and report["model"]["trained"] is False
     assert "UNTRAINED" in err and "not a diagnosis" in err
     assert ct_file.read_bytes() == before, "the input is never modified"
+    # read while the model loaded in another thread: still timed, as the stages that follow
+    assert list(report["timings"])[:4] == ["read", "lungs", "slices", "prepare"] and report["timings"]["read"] > 0
 
 
 @pytest.mark.parametrize("command", ["analyze", "batch"])
@@ -60,7 +63,7 @@ def test_removed_noisy_or_is_a_one_line_usage_error(tmp_path, ct_file, command, 
 
 
 def test_the_same_model_file_twice_is_refused(tmp_path, ct_file, tiny_model, capsys):
-    code, _, err = run(["analyze", ct_file, "--out", tmp_path / "o", "--model", tiny_model, tiny_model], capsys)
+    code, _, err = run(["analyze", ct_file, "--out", tmp_path / "o", "--model", tiny_model, tiny_model, "--quiet"], capsys)
     assert code == 6 and len(err.strip().splitlines()) == 1 and "same model" in err
     assert not (tmp_path / "o").exists()
 
@@ -109,6 +112,57 @@ def test_model_and_output_errors(tmp_path, ct_file, tiny_model, capsys):
     assert code == 7 and as_file.read_text().startswith("a file")
     code, _, err = run(["analyze", ct_file, "--out", tmp_path / "o2", "--model", tiny_model, "--slices", "many"], capsys)
     assert code != 0 and "--slices" in err
+
+
+def _model_loaders() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("covidct-model")]
+
+
+def test_errors_come_as_if_the_model_were_loaded_before_the_input_is_read(tmp_path, tiny_model, capsys):
+    """analyze loads the model in a worker thread while it reads the CT: a bad model file is reported
+    before a bad input, each in one line, and the worker never outlives the command."""
+    bad_model, missing = tmp_path / "bad.pt", tmp_path / "missing.nrrd"
+    bad_model.write_text("not a model")
+    code, _, err = run(["analyze", missing, "--out", tmp_path / "o", "--model", bad_model, "--quiet"], capsys)
+    assert code == 6 and "bad.pt" in err and len(err.strip().splitlines()) == 1
+    code, _, err = run(["analyze", missing, "--out", tmp_path / "o", "--model", tiny_model, "--quiet"], capsys)
+    assert code == 3 and "missing.nrrd" in err and len(err.strip().splitlines()) == 1
+    assert not _model_loaders() and not (tmp_path / "o").exists()
+
+
+def test_the_model_loads_while_the_ct_is_read(tmp_path, ct_file, tiny_model, monkeypatch, capsys):
+    """Loading the model and reading the CT meet half-way: each waits until the other has started."""
+    from CovidCTDiagnosisLib import cli, preparation
+
+    loading, reading = threading.Event(), threading.Event()
+    load, find = cli._analyzer, preparation.find_ct_lungs
+
+    def analyzer(args):
+        loading.set()
+        assert reading.wait(30), "the CT was not read while the model loaded"
+        return load(args)
+
+    def find_ct_lungs(*args, **kwargs):
+        reading.set()
+        assert loading.wait(30), "the model did not load while the CT was read"
+        return find(*args, **kwargs)
+
+    monkeypatch.setattr(cli, "_analyzer", analyzer)
+    monkeypatch.setattr(preparation, "find_ct_lungs", find_ct_lungs)
+    code, _, err = run(["analyze", ct_file, "--out", tmp_path / "o", "--model", tiny_model, "--quiet"], capsys)
+    assert code == 0, err
+    assert not _model_loaders()
+
+
+def test_ctrl_c_while_the_model_loads_is_one_line_and_130(tmp_path, ct_file, tiny_model, monkeypatch, capsys):
+    from CovidCTDiagnosisLib import preparation
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(preparation, "find_ct_lungs", interrupted)
+    assert run(["analyze", ct_file, "--out", tmp_path / "o", "--model", tiny_model, "--quiet"], capsys)[::2] == (130, "covidct: interrupted\n")
+    assert not _model_loaders() and not (tmp_path / "o").exists()
 
 
 def test_no_lungs(tmp_path, tiny_model, capsys):
@@ -190,6 +244,7 @@ print(json.dumps({{"code": code, "loaded": loaded}}))
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     report = json.loads(run.stdout.splitlines()[-1])
     assert report["code"] == 3 and "missing.nrrd" in run.stderr  # got as far as reading the input
+    assert len(run.stderr.strip().splitlines()) == 1, run.stderr  # nothing from the model's thread at exit
     for stage, modules in report["loaded"].items():
         top = {m.split(".")[0] for m in modules}
         assert not top & {"sklearn", "matplotlib"}, stage

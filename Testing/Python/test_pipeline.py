@@ -21,6 +21,7 @@ from CovidCTDiagnosisLib.drenet import DRENet, DRENetConfig
 from CovidCTDiagnosisLib.errors import AnalysisCancelled, NoLungsError, NotACTError
 from CovidCTDiagnosisLib.phantom import make_chest_phantom
 from CovidCTDiagnosisLib.pipeline import Analyzer
+from CovidCTDiagnosisLib.preparation import find_ct_lungs
 from CovidCTDiagnosisLib.result import ModelInfo
 
 INPUT = 256
@@ -137,6 +138,22 @@ def test_result_contents(hand_analyzer):
     for k in range(heat.shape[0]):
         if k not in analysed:
             assert not heat[k].any(), "heat only on analysed slices"
+
+
+def test_an_analysis_goes_on_from_the_lungs_found_before_the_model(hand_analyzer):
+    """`find_ct_lungs` then `analyze` (the command line loads the model meanwhile): the same result,
+    the read and lungs stages timed once each, in order, and progress from both parts in order."""
+    image = make_chest_phantom().image
+    progress = []
+    found = find_ct_lungs(image, progress=lambda stage, f: progress.append((stage, f)))
+    assert list(found.timings) == ["read", "lungs"] and [s for s, _ in progress] == ["read", "lungs"]
+    result = hand_analyzer.analyze(found, progress=lambda stage, f: progress.append((stage, f)))
+    direct = hand_analyzer.analyze(image)
+    assert list(result.timings) == list(direct.timings) and result.timings["lungs"] == found.timings["lungs"]
+    assert [f for _, f in progress] == sorted(f for _, f in progress) and progress[-1][1] == 1.0
+    assert result.to_report()["slices"] == direct.to_report()["slices"]
+    assert result.patient == direct.patient and result.warnings == direct.warnings
+    assert np.array_equal(sitk.GetArrayViewFromImage(result.lung_labels), sitk.GetArrayViewFromImage(direct.lung_labels))
 
 
 def test_more_slices_and_no_noisy_or(hand_analyzer):
