@@ -24,6 +24,7 @@ from CovidCTDiagnosisLib.checkpoint import save_checkpoint
 from CovidCTDiagnosisLib.cli import ERROR_PREFIX, main
 from CovidCTDiagnosisLib.drenet import DRENet, DRENetConfig
 from CovidCTDiagnosisLib.errors import NotACTError
+from CovidCTDiagnosisLib.result import ModelInfo
 from CovidCTDiagnosisLib.volume_io import MAX_VOLUME_SIZE, read_volume
 
 P001 = ("ct", "covid-ct-md", "P001-covid")
@@ -159,6 +160,8 @@ def test_a_bug_in_one_case_fails_that_case_only(p001, tmp_path):
     sitk.WriteImage(volume_of(p001), str(cases / "b-bug.mha"))
 
     class Analyzer:
+        model_info = ModelInfo("stand-in", None, None, ["COVID-19", "Non-COVID-19"], "efficientnet_lite0", 224, False)
+
         def analyze(self, path, **options):
             read_volume(path)
             raise ValueError("a bug\nover two lines")
