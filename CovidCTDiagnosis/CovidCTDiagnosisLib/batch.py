@@ -10,7 +10,7 @@ cluster (`ray_batch`); both analyse and write each case through `analyse_case`.
 from __future__ import annotations
 
 import csv
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -134,7 +134,7 @@ def run_batch(
             for i, outcome in run_on_ray(analyzer, [cases[n] for n in todo], out_dir, dicom_out, key, plan, progress,
                                          **analyze_options):
                 record(todo[i], outcome)
-        write_summary(outcomes, out_dir / SUMMARY_CSV)
+        write_summary(outcomes, out_dir / SUMMARY_CSV, analyzer.model_info.classes)
     return outcomes
 
 
@@ -199,10 +199,11 @@ def _case_progress(progress: Callable[[str, float], None], case_id: str, n: int,
     return report
 
 
-def write_summary(outcomes: list[CaseOutcome], path: Path) -> None:
+def write_summary(outcomes: list[CaseOutcome], path: Path, classes: Sequence[str] = ()) -> None:
     """One row per case: status, patient label and class probabilities, the measured involvement (% of both
-    lungs, ground-glass + consolidation) and the 6-zone CT severity score (0-30), or the error."""
-    classes: list[str] = []
+    lungs, ground-glass + consolidation) and the 6-zone CT severity score (0-30), or the error. `classes`: the
+    model's, so that the columns are the same when no case succeeded (others found in the reports are added)."""
+    classes = list(classes)
     for o in outcomes:
         for c in (o.report or {}).get("model", {}).get("classes", []):
             if c not in classes:

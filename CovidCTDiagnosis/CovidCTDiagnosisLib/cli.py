@@ -475,14 +475,14 @@ def cmd_send(args) -> int:
 
 
 def cmd_follow_up(args) -> int:
-    from .followup import compare_involvement
-    from .outputs import check_writable, read_report
+    from .followup import compare_involvement, read_analysis
+    from .outputs import check_writable
 
     if args.out:
         if Path(args.out).is_dir():
             raise OutputError(f"cannot write {args.out}: it is a folder; --out is the CSV file to write")
         check_writable(args.out, result_folder=False)
-    change = compare_involvement(read_report(args.baseline), read_report(args.followup))
+    change = compare_involvement(read_analysis(args.baseline), read_analysis(args.followup))
     print(change.summary())
     for note in change.notes:
         print(f"note: {note}", file=sys.stderr)

@@ -6,7 +6,8 @@ percentage points, the ground-glass and consolidation volumes in mL and the scor
 its zones', both lungs' the 6-zone CT severity score 0-30). Measured involvement of the same patient at two times is
 what radiologists compare on follow-up CT; the patient-level probability is not compared (it is not a quantity).
 
-The two CTs are taken to be of the same patient (report.json holds no patient identity to check). Differences
+The two CTs are taken to be of the same patient, the baseline first: report.json holds no patient identity or
+date to check (the same CT twice is said). Differences
 that make volumes less comparable are said in `notes`: other HU bands or method, partial lung coverage, very
 different slice spacing (partial-volume effects grow with slice thickness).
 """
@@ -82,6 +83,16 @@ class FollowUp:
             raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from exc
 
 
+def read_analysis(folder: str | PathLike) -> dict[str, Any]:
+    """The report.json of a covidct result folder, as an input: UnreadableInputError (exit 3) when it is not one."""
+    from .outputs import read_report
+
+    try:
+        return read_report(folder)
+    except OutputError as exc:
+        raise UnreadableInputError(f"{folder} is not a covidct result folder ({exc})") from exc
+
+
 def _severity(report: Mapping[str, Any], name: str) -> Mapping[str, Any]:
     severity = report.get("severity")
     if not severity:
@@ -103,6 +114,9 @@ def compare_involvement(baseline: Mapping[str, Any], followup: Mapping[str, Any]
     for name, severity in (("baseline", before), ("follow-up", after)):
         if severity["partial_coverage"]:
             notes.append(f"the {name} CT covers the lungs only in part: its involvement describes the scanned part")
+    source = [r["input"].get("series_uid") or r["input"].get("path") for r in (baseline, followup)]  # None: in memory
+    if source[0] is not None and source[0] == source[1]:
+        notes.append("both analyses are of the same CT (the same DICOM series or file): this is not a follow-up")
     spacings = sorted(float(r["input"]["spacing"][VoxelGrid.from_report(r).axial_axis()]) for r in (baseline, followup))
     if spacings[1] > SPACING_RATIO_NOTED * spacings[0]:
         notes.append(f"slice spacings differ ({spacings[0]:g} and {spacings[1]:g} mm): partial-volume effects differ, "

@@ -40,7 +40,7 @@ PIP_REQUIREMENTS = {
     "highdicom": "highdicom>=0.28; python_version >= '3.10'",  # DICOM export; older Pythons are told it is unavailable
     "pynetdicom": "pynetdicom>=2.0",
     "dicomweb_client": "dicomweb-client>=0.61; python_version >= '3.10'",
-    "ray": "ray>=2.9",  # batch on Ray (the engine's `ray` extra, docs/ray.md)
+    "ray": "ray[client]>=2.9",  # batch on Ray (the engine's `ray` extra; [client]: ray:// addresses; docs/ray.md)
 }
 # What reading a result folder imports (outputs, scene_plan): no torch
 READER_REQUIREMENTS = ("slicerio", "nrrd")

@@ -87,3 +87,18 @@ def test_leftovers_of_a_killed_writer_are_removed(tmp_path, cases, models):
     assert [o.status for o in outcomes] == ["done", "done"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", SUMMARY_CSV]
 
+
+
+def test_summary_has_the_models_class_columns_when_no_case_succeeded(tmp_path):
+    """Scripts read summary.csv by column: the class columns are there even when every case failed."""
+    import csv as csv_module
+
+    from CovidCTDiagnosisLib.batch import Case, CaseOutcome, write_summary
+
+    outcomes = [CaseOutcome(Case("c1", tmp_path / "c1.nrrd"), "failed", error="no lungs")]
+    write_summary(outcomes, tmp_path / "summary.csv", ["COVID-19", "Non-COVID-19"])
+    with open(tmp_path / "summary.csv", newline="") as f:
+        reader = csv_module.DictReader(f)
+        rows = list(reader)
+    assert reader.fieldnames[:7] == ["case_id", "path", "status", "label", "aggregation", "COVID-19", "Non-COVID-19"]
+    assert rows[0]["status"] == "failed" and rows[0]["COVID-19"] == ""

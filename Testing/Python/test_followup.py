@@ -93,3 +93,14 @@ def test_follow_up_command(reports, tmp_path):
     failed = subprocess.run([*command[:-1], str(tmp_path / "other.csv")], capture_output=True, text=True, timeout=120)
     assert failed.returncode == 3 and len(failed.stderr.strip().splitlines()) == 1
     assert "baseline analysis has no measured involvement" in failed.stderr and not (tmp_path / "other.csv").exists()
+
+
+def test_inputs_that_are_not_two_ct_analyses(reports, tmp_path):
+    """The same CT twice is said; a folder that is not a result folder is an input error (exit 3), not an output one."""
+    from CovidCTDiagnosisLib.followup import read_analysis
+
+    baseline, _, _ = reports
+    same = {**baseline, "input": {**baseline["input"], "path": "/data/P001.nrrd"}}
+    assert any("same CT" in note for note in compare_involvement(same, same).notes)
+    with pytest.raises(UnreadableInputError, match="is not a covidct result folder"):
+        read_analysis(tmp_path)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ast
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -62,12 +63,14 @@ def test_pip_requirements_cover_the_engine_imports():
     third_party = {name for name in imported - set(sys.stdlib_module_names) if name not in ("CovidCTDiagnosisLib", "__future__")}
     assert third_party - SLICER_SHIPPED - PYTORCH_EXTENSION - TRAINING_ONLY <= set(slicer_runtime.PIP_REQUIREMENTS)
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
-    declared = {req.split(">=")[0].lower(): req for req in project["dependencies"] + project["optional-dependencies"]["ray"]}
+    def name_of(requirement: str) -> str:  # "ray[client]>=2.9" -> "ray"
+        return re.split(r"[\[<>=;! ]", requirement, maxsplit=1)[0].lower()
+
+    declared = {name_of(req): req for req in project["dependencies"] + project["optional-dependencies"]["ray"]}
     assert slicer_runtime.PIP_REQUIREMENTS["ray"] == declared["ray"]  # the `ray` extra
     for requirement in slicer_runtime.PIP_REQUIREMENTS.values():
-        name = requirement.split(">=")[0].lower()
-        if name in declared:
-            assert declared[name] == requirement
+        if name_of(requirement) in declared:
+            assert declared[name_of(requirement)] == requirement
     assert declared["torch"] == "torch" + slicer_runtime.TORCH_REQUIREMENT
     assert declared["torchvision"] == "torchvision" + slicer_runtime.TORCHVISION_REQUIREMENT
 
