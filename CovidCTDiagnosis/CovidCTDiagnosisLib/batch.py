@@ -17,7 +17,7 @@ from pathlib import Path
 
 from . import dicom_export
 from .errors import EXIT_CODES, CovidCTError, InputNotFoundError, OutputError
-from .outputs import check_writable, discard_leftovers, is_complete, read_report, write_outputs
+from .outputs import check_writable, discard_leftovers, is_complete, read_report, write_csv_file, write_outputs
 from .pipeline import Analyzer, analysis_options
 
 VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd", ".zip")  # .zip: a zipped DICOM folder
@@ -210,27 +210,17 @@ def write_summary(outcomes: list[CaseOutcome], path: Path, classes: Sequence[str
                 classes.append(c)
     fields = ["case_id", "path", "status", "label", "aggregation", *classes, "involved_percent", "severity_score",
               "trained_model", "result_folder", "error"]
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        _write_rows(tmp, fields, outcomes, path.parent)
-        tmp.replace(path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from exc
+    write_csv_file(path, fields, ([row.get(f, "") for f in fields] for row in (_summary_row(o, path.parent) for o in outcomes)))
 
 
-def _write_rows(tmp: Path, fields: list[str], outcomes: list[CaseOutcome], out_dir: Path) -> None:
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
-        writer.writeheader()
-        for o in outcomes:
-            row = {"case_id": o.case.case_id, "path": str(o.case.path), "status": o.status, "error": o.error}
-            if o.report:
-                patient = o.report["patient"]
-                row.update(label=patient["label"], aggregation=patient["aggregation"], trained_model=o.report["model"]["trained"])
-                row.update({c: f"{p:.4f}" for c, p in patient["probabilities"].items()})
-                row["result_folder"] = str(out_dir / o.case.case_id)
-                severity = o.report.get("severity")  # absent in reports of schema < 1.3
-                if severity:
-                    row.update(involved_percent=f"{severity['lungs']['both']['involved_percent']:.2f}", severity_score=severity["score"])
-            writer.writerow(row)
+def _summary_row(o: CaseOutcome, out_dir: Path) -> dict:
+    row = {"case_id": o.case.case_id, "path": str(o.case.path), "status": o.status, "error": o.error}
+    if o.report:
+        patient = o.report["patient"]
+        row.update(label=patient["label"], aggregation=patient["aggregation"], trained_model=o.report["model"]["trained"])
+        row.update({c: f"{p:.4f}" for c, p in patient["probabilities"].items()})
+        row["result_folder"] = str(out_dir / o.case.case_id)
+        severity = o.report.get("severity")  # absent in reports of schema < 1.3
+        if severity:
+            row.update(involved_percent=f"{severity['lungs']['both']['involved_percent']:.2f}", severity_score=severity["score"])
+    return row

@@ -12,9 +12,6 @@ import sys
 
 try:  # Ctrl-C while Python is still starting: one line and 130, not an import traceback
     import argparse
-    import csv
-    import os
-    import tempfile
     import time
     from pathlib import Path
 
@@ -405,28 +402,17 @@ def _slice_images(paths: list[str]) -> list[str]:
 
 
 def cmd_score_images(args) -> int:
-    from .outputs import check_writable
+    from .outputs import check_csv_target, write_csv_file
     from .pipeline import score_images
     from .result import PROBABILITY_DECIMALS
 
-    out = Path(args.out)
-    if out.is_dir():
-        raise OutputError(f"cannot write {out}: it is a folder; --out is the CSV file to write")
-    check_writable(out, result_folder=False)
+    check_csv_target(args.out)
     images = _slice_images(args.images)
     analyzer = _analyzer(args)
     rows = score_images(analyzer, images)
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
-        with os.fdopen(fd, "w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(["path", *analyzer.config.classes])
-            for path, probs in zip(images, rows):
-                writer.writerow([path, *(f"{probs[c]:.{PROBABILITY_DECIMALS}f}" for c in analyzer.config.classes)])
-        os.replace(tmp, out)
-    except OSError as exc:
-        raise OutputError(f"cannot write {out}: {exc.strerror or exc}") from exc
+    classes = analyzer.config.classes
+    write_csv_file(args.out, ["path", *classes],
+                   ([path, *(f"{probs[c]:.{PROBABILITY_DECIMALS}f}" for c in classes)] for path, probs in zip(images, rows)))
     if not analyzer.model_info.trained and not args.quiet:
         print("warning: UNTRAINED network: these probabilities are meaningless", file=sys.stderr)
     return 0
@@ -476,12 +462,10 @@ def cmd_send(args) -> int:
 
 def cmd_follow_up(args) -> int:
     from .followup import compare_involvement, read_analysis
-    from .outputs import check_writable
+    from .outputs import check_csv_target
 
     if args.out:
-        if Path(args.out).is_dir():
-            raise OutputError(f"cannot write {args.out}: it is a folder; --out is the CSV file to write")
-        check_writable(args.out, result_folder=False)
+        check_csv_target(args.out)
     change = compare_involvement(read_analysis(args.baseline), read_analysis(args.followup))
     print(change.summary())
     for note in change.notes:

@@ -14,17 +14,14 @@ different slice spacing (partial-volume effects grow with slice thickness).
 
 from __future__ import annotations
 
-import csv
-import os
-import tempfile
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import astuple, dataclass, field, fields
 from os import PathLike
-from pathlib import Path
 from typing import Any
 
 from .errors import OutputError, UnreadableInputError
 from .geometry import VoxelGrid
+from .outputs import write_csv_file
 
 SPACING_RATIO_NOTED = 1.5  # slice spacings further apart than this ratio are said to make volumes less comparable
 CHANGE_NOTED_POINTS = 1.0  # zones whose involved share changes by at least this many percentage points are named
@@ -69,18 +66,8 @@ class FollowUp:
 
     def write_csv(self, path: str | PathLike) -> None:
         """One row per region, the columns of InvolvementChange; written whole or not at all (OutputError)."""
-        path = Path(path)
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-            with os.fdopen(fd, "w", newline="", encoding="utf-8") as f:
-                writer = csv.DictWriter(f, fieldnames=[x.name for x in fields(InvolvementChange)])
-                writer.writeheader()
-                for row in self.rows:
-                    writer.writerow({k: round(v, 2) if isinstance(v, float) else v for k, v in asdict(row).items()})
-            os.replace(tmp, path)
-        except OSError as exc:
-            raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from exc
+        write_csv_file(path, [x.name for x in fields(InvolvementChange)],
+                       ([round(v, 2) if isinstance(v, float) else v for v in astuple(row)] for row in self.rows))
 
 
 def read_analysis(folder: str | PathLike) -> dict[str, Any]:

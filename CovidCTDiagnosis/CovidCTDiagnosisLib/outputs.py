@@ -14,7 +14,7 @@ import os
 import secrets
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from os import PathLike
@@ -73,6 +73,31 @@ def write_outputs(result: Result, ct_image: sitk.Image, out_dir: str | PathLike,
             for job in jobs:
                 job.result()
     return out_dir
+
+
+def check_csv_target(path: str | PathLike) -> None:
+    """OutputError at once, before any work, unless the CSV file `path` can be written (a folder is refused; see
+    `check_writable`)."""
+    if Path(path).is_dir():
+        raise OutputError(f"cannot write {path}: it is a folder; --out is the CSV file to write")
+    check_writable(path, result_folder=False)
+
+
+def write_csv_file(path: str | PathLike, header: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
+    """A CSV file written whole or not at all: into a hidden file beside it, renamed into place. OutputError (the
+    hidden file removed) when it cannot be written."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "x", newline="", encoding="utf-8") as f:
+            writer = csv.writer(f)
+            writer.writerow(header)
+            writer.writerows(rows)
+        tmp.replace(path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from exc
 
 
 def is_result_file(name: str) -> bool:
