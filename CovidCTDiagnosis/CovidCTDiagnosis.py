@@ -645,7 +645,7 @@ class CovidCTDiagnosisLogic(ScriptedLoadableModuleLogic):
     @staticmethod
     def _dicomSeriesUID(volumeNode: Optional[vtkMRMLScalarVolumeNode]) -> Optional[str]:
         """The SeriesInstanceUID of a volume loaded from Slicer's DICOM database, else None."""
-        instanceUIDs = volumeNode.GetAttribute("DICOM.instanceUIDs") if volumeNode else None
+        instanceUIDs = volumeNode.GetAttribute(slicer_runtime.DICOM_UIDS_ATTRIBUTE) if volumeNode else None
         database = getattr(slicer, "dicomDatabase", None)
         if not instanceUIDs or database is None:
             return None

@@ -70,8 +70,6 @@ _WINDOWS = os.name == "nt"
 def forget_engine_modules() -> list[str]:
     """Drop this package's modules from `sys.modules`, so that the next import reads them afresh (the module's Reload
     in Slicer's developer mode reloads only the module file). Returns their names."""
-    import sys
-
     names = [name for name in sys.modules if name == __package__ or name.startswith(__package__ + ".")]
     for name in names:
         del sys.modules[name]
