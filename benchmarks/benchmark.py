@@ -15,6 +15,10 @@
 5. What a user waits for: `covidct analyze <P001 or the phantom> --out DIR --quiet`, process start
    to exit, against a bare `python -c "import torch"` in the same run, fresh processes taken in
    turn, median of START_RUNS: target <= 2.5x (issue 12; the machine's speed cancels out).
+6. Memory: peak resident memory of `covidct analyze` (a fresh process, model loading included) on
+   P001 (or the phantom), target <= 1.5 GB (issue 12), and on a CT of the largest accepted size
+   (`volume_io.MAX_VOXELS` voxels: P001's or the phantom's slices repeated to 512 x 512 x K),
+   target < 4 GB (issue 11).
 Run: `make benchmark` or `.venv/bin/python benchmarks/benchmark.py [--device cuda] [--repeats N] [--only PART]`.
 """
 
@@ -201,11 +205,54 @@ def command_line(runs: int = START_RUNS) -> None:
     print("  its stages (last run): " + ", ".join(f"{k} {v:.2f}" for k, v in stages.items()))
 
 
+def _peak_rss_mb(argv: list[str]) -> float:
+    """Peak resident memory (MB) of `python argv`, run in a process of its own that reports it."""
+    probe = ("import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True, stdout=subprocess.DEVNULL); "
+             "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
+    out = subprocess.run([sys.executable, "-c", probe, sys.executable, *argv], check=True, capture_output=True, text=True)
+    return int(out.stdout.split()[-1]) / 1024  # Linux: kilobytes
+
+
+def memory() -> None:
+    """Peak memory of `covidct analyze` on a usual CT and on one of MAX_VOXELS voxels."""
+    from CovidCTDiagnosisLib.volume_io import MAX_VOXELS, read_volume
+
+    with tempfile.TemporaryDirectory() as tmp:
+        if P001.is_dir():
+            source, name = P001, "P001-covid"
+            image = read_volume(P001).image
+        else:
+            source, name = Path(tmp) / "phantom.nrrd", "demo phantom"
+            image = sitk.Cast(sitk.Round(make_demo_phantom().image), sitk.sitkInt16)
+            sitk.WriteImage(image, str(source), True)
+        base = sitk.GetArrayFromImage(image)
+        rows = cols = 512
+        slices = MAX_VOXELS // (rows * cols)
+        repeat_k = -(-slices // len(base))
+        big = np.repeat(base, repeat_k, axis=0)[:slices]
+        big = np.repeat(np.repeat(big, -(-rows // base.shape[1]), axis=1), -(-cols // base.shape[2]), axis=2)[:, :rows, :cols]
+        largest = sitk.GetImageFromArray(big.astype(np.int16))
+        del big
+        spacing = image.GetSpacing()
+        largest.SetSpacing((spacing[0] * base.shape[2] / cols, spacing[1] * base.shape[1] / rows, spacing[2] / repeat_k))
+        largest.SetOrigin(image.GetOrigin())
+        largest.SetDirection(image.GetDirection())
+        large_path = Path(tmp) / "largest.nrrd"
+        sitk.WriteImage(largest, str(large_path), True)
+        del largest
+        print("== peak memory of `covidct analyze` (a fresh process; the model loads while the CT is read)")
+        for what, path, target in ((name, source, 1.5 * 1024), (f"{cols} x {rows} x {slices} ({MAX_VOXELS / 1e6:.0f} M voxels, "
+                                                                   "the most accepted)", large_path, 4 * 1024)):
+            peak = _peak_rss_mb(["-m", "CovidCTDiagnosisLib.cli", "analyze", str(path), "--out", str(Path(tmp) / "out"), "--quiet"])
+            print(f"  {what:50s} {peak:7.0f} MB  ratio to target {peak / target:.3f}  target <= {target:.0f} MB")
+
+
 PARTS = {"analysis": lambda args: end_to_end(args.device, args.repeats),
          "resnet": lambda args: resnet_overhead(args.device, args.repeats, args.slices),
          "start-up": lambda args: start_up(),
          "batch": lambda args: batch_throughput(args.device),
-         "command-line": lambda args: command_line()}
+         "command-line": lambda args: command_line(),
+         "memory": lambda args: memory()}
 
 
 def main() -> int:

@@ -188,7 +188,7 @@ class _SourceSeries:
 
     def __init__(self, datasets, ct: sitk.Image, planes: list[tuple[int, geometry.VoxelMap]]):
         self.datasets = datasets  # in the volume's slice order
-        self.ct = ct  # float32 HU, the result's grid
+        self.ct = ct  # HU, the result's grid
         self.planes = planes  # per dataset: its slice k on the result grid, and the map from that slice to its pixels
 
     @classmethod

@@ -29,7 +29,10 @@ SHEAR_TOLERANCE = 0.5
 
 
 def orient_to_lps(image: sitk.Image) -> sitk.Image:
-    """The image with its voxel axes permuted/flipped to be closest to L, P, S (no resampling)."""
+    """The image with its voxel axes permuted/flipped to be closest to L, P, S (no resampling); the
+    image itself (no copy of its voxels) when its axes already are."""
+    if sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(image.GetDirection()) == LPS:
+        return image
     return sitk.DICOMOrient(image, LPS)
 
 
@@ -198,6 +201,25 @@ def to_original_grid(array_kji: np.ndarray, oriented: sitk.Image, original: sitk
         out = out.view(np.uint8)
     image = sitk.GetImageFromArray(out)
     image.CopyInformation(original)
+    return image
+
+
+def slices_to_original_grid(
+    planes: Mapping[int, np.ndarray], oriented: sitk.Image, original: sitk.Image, pixel_type: int = sitk.sitkFloat32
+) -> sitk.Image:
+    """Axial slices of the oriented grid (k -> (J, I) array) as an image on the original grid, zero
+    elsewhere: exact, like `to_original_grid`, but the one volume in memory is the image itself
+    (for a map that lives on a few slices, such as the Grad-CAM heat map)."""
+    mapping = _axis_map(oriented, original)
+    image = sitk.Image(original.GetSize(), pixel_type)
+    image.CopyInformation(original)
+    dtype = sitk.GetArrayViewFromImage(sitk.Image([1, 1, 1], pixel_type)).dtype
+    for k, plane in planes.items():
+        block = sitk.GetImageFromArray(np.ascontiguousarray(mapping.array(np.asarray(plane, dtype)[None])))
+        region = [slice(None)] * 3
+        at = mapping.slice_index(2, k)
+        region[mapping.axes[2]] = slice(at, at + 1)
+        image[tuple(region)] = block  # in place (sitk.Paste would copy the volume)
     return image
 
 

@@ -124,7 +124,7 @@ def lung_probability(slices_u8: np.ndarray) -> np.ndarray:
 
 
 def lung_probability_hu(hu_kji: np.ndarray, spacing_k_mm: float) -> np.ndarray:
-    """Lung probability of a CT's axial slices at the network's size: (K, J, I) HU -> (K, S, S)
+    """Lung probability of a CT's axial slices at the network's size: (K, J, I) HU (int16 or float32) -> (K, S, S)
     float32 in [0, 1] (`to_slice_size` brings a slice's back to J x I).
 
     Each slice is reduced to twice the network's size before the lung window (the same input
@@ -136,7 +136,10 @@ def lung_probability_hu(hu_kji: np.ndarray, spacing_k_mm: float) -> np.ndarray:
     step = 2 if spacing_k_mm <= INTERPOLATE_MAX_SPACING_MM and k_count > 2 else 1
     read = np.unique(np.r_[np.arange(0, k_count, step), k_count - 1])
     half = (2 * LUNG_NET_SIZE, 2 * LUNG_NET_SIZE)
-    inputs = np.stack([to_network_input(hu_to_u8(cv2.resize(hu_kji[k], half, interpolation=cv2.INTER_AREA))) for k in read])
+    inputs = np.stack([
+        to_network_input(hu_to_u8(cv2.resize(hu_kji[k].astype(np.float32, copy=False), half, interpolation=cv2.INTER_AREA)))
+        for k in read
+    ])
     small = np.empty((k_count, LUNG_NET_SIZE, LUNG_NET_SIZE), np.float32)
     small[read] = _probability_small(inputs)
     between = np.setdiff1d(np.arange(k_count), read)

@@ -68,7 +68,7 @@ class Lungs:
 
     def volume_ml(self, label: int | None = None) -> float:
         """Volume of one lung (RIGHT or LEFT) or, with None, of both."""
-        voxels = np.count_nonzero(self.mask if label is None else self.labels == label)
+        voxels = np.count_nonzero(self.labels if label is None else self.labels == label)
         return float(voxels * np.prod(self.spacing_ijk) / MM3_PER_ML)
 
 

@@ -87,7 +87,7 @@ class Analyzer:
         ct, lungs, chosen, crops, batch, input_masks = (
             prepared.ct, prepared.lungs, prepared.chosen, prepared.crops, prepared.inputs, prepared.masks
         )
-        image, oriented, hu, mask = ct.loaded.image, ct.oriented, ct.hu, lungs.mask
+        image, oriented, hu = ct.loaded.image, ct.oriented, ct.hu
         fractions = lung_fraction(lungs.area_mm2)
         positive = cfg.classes.index(cfg.positive_class)
         mapper = _BoxMapper(oriented, image)
@@ -105,10 +105,9 @@ class Analyzer:
                 ]
                 scores.probabilities = np.mean(members, axis=0)
         with stage("explain", 0.97):
-            heat = np.zeros(hu.shape, dtype=np.float32)
-            for n, k in enumerate(chosen):
-                heat[k] = _cam_to_slice(scores.cams[n], crops[n], hu.shape[1:]) * mask[k]
-            gradcam = geometry.to_original_grid(heat, oriented, image)
+            gradcam = geometry.slices_to_original_grid(
+                {k: _cam_to_slice(scores.cams[n], crops[n], hu.shape[1:]) * (lungs.labels[k] > 0) for n, k in enumerate(chosen)}, oriented, image
+            )
             lung_labels = geometry.to_original_grid(lungs.labels, oriented, image)
             slice_results = [
                 SliceResult(

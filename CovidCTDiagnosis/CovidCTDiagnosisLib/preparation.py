@@ -20,6 +20,7 @@ import SimpleITK as sitk
 from . import geometry
 from .errors import AnalysisCancelled, NoLungsError
 from .lungs import Lungs, extract_lungs, lung_mask_2d
+from .memory import release_free_memory
 from .preprocessing import CropTransform, crop_mask, prepare_image_2d, prepare_slice
 from .slice_selection import DEFAULT_COUNT, choose_slices
 from .volume_io import LoadedVolume, check_ct, read_image_2d, read_volume
@@ -58,6 +59,7 @@ class Stages:
             raise AnalysisCancelled("analysis cancelled")
         start = time.perf_counter()
         yield
+        release_free_memory()
         self.timings[name] = round(time.perf_counter() - start, 4)
         if self.progress is not None:
             self.progress(name, done_fraction)
@@ -68,11 +70,11 @@ class OrientedCT:
     """A loaded CT and its copy reoriented to LPS (`geometry.orient_to_lps`, no resampling)."""
 
     loaded: LoadedVolume  # the input's own geometry
-    oriented: sitk.Image  # float32 HU, LPS-oriented: numpy [k, j, i] = inferior->superior, anterior->posterior, right->left
+    oriented: sitk.Image  # HU (int16 or float32, `volume_io.hu_pixel_type`), LPS-oriented: numpy [k, j, i] = inferior->superior, anterior->posterior, right->left
 
     @property
     def hu(self) -> np.ndarray:
-        """HU, float32 [k, j, i] (a read-only view of `oriented`)."""
+        """HU [k, j, i] (a read-only view of `oriented`)."""
         return sitk.GetArrayViewFromImage(self.oriented)
 
 
@@ -192,9 +194,9 @@ def prepare_ct(
     with stage("slices", 0.3):
         chosen = choose_slices(lungs.area_mm2, count)
     with stage("prepare", 0.35):
-        hu, mask = ct.hu, lungs.mask
-        prepared = [prepare_slice(hu[k], mask[k], size, window_level, window_width) for k in chosen]
-        masks = np.stack([crop_mask(mask[k], size) for k in chosen]) if chosen else np.zeros((0, size, size), bool)
+        hu = ct.hu
+        prepared = [prepare_slice(hu[k], lungs.labels[k] > 0, size, window_level, window_width) for k in chosen]
+        masks = np.stack([crop_mask(lungs.labels[k] > 0, size) for k in chosen]) if chosen else np.zeros((0, size, size), bool)
     inputs = np.stack([p[0] for p in prepared]) if prepared else np.zeros((0, size, size), np.float32)
     return PreparedCT(ct, lungs, chosen, inputs, [p[1] for p in prepared], masks, warnings)
 

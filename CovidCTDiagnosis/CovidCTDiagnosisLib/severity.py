@@ -157,7 +157,7 @@ def measure_severity(
 ) -> Severity:
     """Ground-glass and consolidation per lung and zone, and the 6-zone score.
 
-    hu_kji: float HU [k, j, i] on the LPS-oriented grid; lungs on the same grid; z_mm: LPS S (mm) of
+    hu_kji: HU [k, j, i] (int16 or float32) on the LPS-oriented grid; lungs on the same grid; z_mm: LPS S (mm) of
     each slice k's centre (ascending); partial_coverage: the scan ends inside the lungs
     (`preparation.check_coverage` warned), said in `notes`.
     """

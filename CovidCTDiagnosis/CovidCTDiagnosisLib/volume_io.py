@@ -1,7 +1,8 @@
 """Reading CT volumes and 2-D slice images, and checking that a volume is a usable CT.
 
-Volumes come back in Hounsfield units as float32 with the input's own geometry (never
-reoriented: `geometry.orient_to_lps` does that on a copy). Voxels without data (DICOM pixel
+Volumes come back in Hounsfield units with the input's own geometry (never reoriented:
+`geometry.orient_to_lps` does that). HU are int16 where every value is a whole number in its
+range (CT as scanners store it: half the memory of float32, `hu_pixel_type`), else float32. Voxels without data (DICOM pixel
 padding outside the reconstruction circle) are set to NO_DATA_HU; any value below
 NO_DATA_BELOW_HU is no data, never air or tissue (`has_data`). Every failure is a one-line
 `CovidCTError` a user can act on; SimpleITK's multi-line exception text is not passed on.
@@ -69,6 +70,11 @@ SHARP_KERNEL = re.compile(r"^(?:[A-Z][a-z]?([5-9]\d)|FC5\d)")
 # No chest CT has more voxels than this (i, j, k in any order: a 1024 x 1024 matrix, 2000 slices);
 # larger volumes are refused from their header, before their pixels are read.
 MAX_VOLUME_SIZE = (1024, 1024, 2000)
+# An analysis holds about 12 bytes per voxel at its peak (int16 HU, labels, the float32 heat map,
+# the writers' buffers) beside the model's 0.7 GB: this many voxels keep it under 4 GB (measured
+# by `make benchmark`). A 512 x 512 CT of up to 915 slices (0.5 mm over 450 mm); a 1024 x 1024
+# ultra-high-resolution CT only up to 228 slices (the 512 x 512 reconstruction serves the lungs).
+MAX_VOXELS = 240_000_000
 MIN_SLICES = 8
 MIN_SPACING_MM = 0.1
 MAX_SPACING_MM = 20.0
@@ -80,7 +86,7 @@ SINGLE_SLICE_MESSAGE = "analyze needs a 3-D CT volume; for single slices use `co
 
 @dataclass
 class LoadedVolume:
-    image: sitk.Image  # float32 HU, the input's geometry
+    image: sitk.Image  # int16 or float32 HU (`hu_pixel_type`), the input's geometry
     info: InputInfo
 
 
@@ -131,12 +137,19 @@ def _size_text(size) -> str:
 
 
 def _check_size(size, where) -> None:
-    """NotACTError, before any pixel is read, for a volume larger than MAX_VOLUME_SIZE (voxels, any axis order)."""
+    """NotACTError, before any pixel is read, for a volume larger than MAX_VOLUME_SIZE (voxels, any
+    axis order) or holding more than MAX_VOXELS voxels."""
     dims = sorted(tuple(int(n) for n in size[:3]) + (1,) * (3 - len(size[:3])))
     if any(n > m for n, m in zip(dims, MAX_VOLUME_SIZE)) or np.prod(size, dtype=float) > np.prod(MAX_VOLUME_SIZE, dtype=float):
         raise NotACTError(
             f"{_size_text(size)} voxels, more than a chest CT has (at most {_size_text(MAX_VOLUME_SIZE)} in any axis "
             f"order); not read ({where})"
+        )
+    if np.prod(size, dtype=float) > MAX_VOXELS:
+        raise NotACTError(
+            f"{_size_text(size)} voxels ({np.prod(size, dtype=float) / 1e6:.0f} million), more than the "
+            f"{MAX_VOXELS / 1e6:.0f} million that fit the analysis's 4 GB of memory; read a thicker or 512 x 512 "
+            f"reconstruction of the series instead; not read ({where})"
         )
 
 
@@ -343,11 +356,14 @@ def _padding_hu(tags: Callable[[str], str | None]) -> tuple[float, float] | None
 
 
 def _mark_padding(image: sitk.Image, paddings: list[tuple[float, float] | None]) -> sitk.Image:
-    """A float32 copy of `image` with NO_DATA_HU where slice n's HU lie in paddings[n] (numpy's
-    first axis; one entry for a 2-D image), or `image` itself when no slice has padding."""
+    """A copy of `image` with NO_DATA_HU where slice n's HU lie in paddings[n] (numpy's first
+    axis; one entry for a 2-D image), or `image` itself when no slice has padding. Integer pixel
+    types that cannot hold NO_DATA_HU become float32."""
     if not any(paddings):
         return image
-    array = sitk.GetArrayFromImage(image).astype(np.float32)
+    array = sitk.GetArrayFromImage(image)
+    if not (array.dtype.kind == "f" or (array.dtype.kind == "i" and array.dtype.itemsize >= 2)):
+        array = array.astype(np.float32)
     planes = array if image.GetDimension() == 3 else array[None]
     for plane, padding in zip(planes, paddings):
         if padding is not None:
@@ -608,7 +624,7 @@ def read_volume(source: str | Path | sitk.Image, series_uid: str | None = None) 
     """A CT from a DICOM folder (its files, or those in the folders below it, as on a CD with a
     DICOMDIR, which may be given instead of its folder), a zipped DICOM folder (.zip), a volume file
     (.nii, .nii.gz, .nrrd, .nhdr, .mha, .mhd), a single DICOM or 2-D image file, or an in-memory
-    SimpleITK image; float32 HU in its own geometry.
+    SimpleITK image; HU (int16 or float32, `hu_pixel_type`) in its own geometry.
 
     Several DICOM series in a folder: the thin lung-kernel axial CT series (`_choose_series`, with a
     note), unless `series_uid` names one; its localizer images are left out (with a note). Raises InputNotFoundError, UnreadableInputError,
@@ -648,8 +664,39 @@ def read_volume(source: str | Path | sitk.Image, series_uid: str | None = None) 
         )
     if image.GetDimension() > 3:
         raise NotACTError(_too_many_dimensions(image))
-    image = sitk.Cast(image, sitk.sitkFloat32)
+    image = sitk.Cast(image, hu_pixel_type(image))
     return LoadedVolume(image=image, info=_info(image, path, fmt, uid, notes + _no_data_note(image)))
+
+
+def hu_pixel_type(image: sitk.Image) -> int:
+    """sitkInt16 when every voxel is a whole number of HU within int16's range, else sitkFloat32.
+
+    CT is stored as 12- to 16-bit integers with an integer rescale (DICOM PS3.3 C.11.1.1.2), so
+    its HU are whole numbers: int16 holds them exactly in half the memory of float32, which is
+    what lets the largest accepted volume (MAX_VOXELS) fit the memory budget.
+    """
+    array = sitk.GetArrayViewFromImage(image)
+    if array.dtype.kind in "iub":
+        info = np.iinfo(np.int16)
+        if array.dtype.itemsize < 2 or (array.dtype.itemsize == 2 and array.dtype.kind == "i"):
+            return sitk.sitkInt16
+        low, high = _chunked_range(array)
+        return sitk.sitkInt16 if info.min <= low and high <= info.max else sitk.sitkFloat32
+    flat = array.reshape(-1)
+    for start in range(0, flat.size, _CHECK_CHUNK):
+        chunk = flat[start:start + _CHECK_CHUNK]
+        if not (np.all(np.abs(chunk) <= np.iinfo(np.int16).max) and np.array_equal(chunk, np.rint(chunk))):
+            return sitk.sitkFloat32
+    return sitk.sitkInt16
+
+
+_CHECK_CHUNK = 1 << 22  # voxels checked at once: a bounded temporary, not a copy of the volume
+
+
+def _chunked_range(array: np.ndarray) -> tuple[int, int]:
+    flat = array.reshape(-1)
+    chunks = [flat[s:s + _CHECK_CHUNK] for s in range(0, flat.size, _CHECK_CHUNK)]
+    return min(int(c.min()) for c in chunks), max(int(c.max()) for c in chunks)
 
 
 def _sample(array: np.ndarray) -> np.ndarray:

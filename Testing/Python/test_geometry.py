@@ -62,6 +62,25 @@ def test_round_trip_keeps_dtype_and_bool_becomes_uint8(pair):
     assert np.array_equal(sitk.GetArrayFromImage(mask), sitk.GetArrayFromImage(back) > 0)
 
 
+def test_slices_to_original_grid_equals_the_whole_volume_mapped(pair):
+    """A few axial slices pasted into the original grid: the same voxels as the full oriented volume
+    (zero elsewhere) mapped by to_original_grid, on every grid (flipped, permuted, oblique)."""
+    original, oriented, _ = pair
+    full = np.zeros(tuple(reversed(oriented.GetSize())), np.float32)
+    planes = {k: np.random.default_rng(k).random(full.shape[1:]).astype(np.float32) for k in (0, 2, full.shape[0] - 1)}
+    for k, plane in planes.items():
+        full[k] = plane
+    pasted = geometry.slices_to_original_grid(planes, oriented, original)
+    assert np.array_equal(sitk.GetArrayFromImage(pasted), sitk.GetArrayFromImage(geometry.to_original_grid(full, oriented, original)))
+    assert geometry.VoxelGrid.from_image(pasted).equals(geometry.VoxelGrid.from_image(original))
+
+
+def test_an_lps_image_is_its_own_oriented_image():
+    """No copy of the voxels when the axes already run L, P, S (the usual axial CT)."""
+    image, _ = make_image(np.eye(3))
+    assert geometry.orient_to_lps(image) is image
+
+
 def test_oriented_axes_point_left_posterior_superior(pair):
     _, oriented, _ = pair
     direction = np.array(oriented.GetDirection()).reshape(3, 3)

@@ -25,7 +25,7 @@ from CovidCTDiagnosisLib.cli import ERROR_PREFIX, main
 from CovidCTDiagnosisLib.drenet import DRENet, DRENetConfig
 from CovidCTDiagnosisLib.errors import NotACTError
 from CovidCTDiagnosisLib.result import ModelInfo
-from CovidCTDiagnosisLib.volume_io import MAX_VOLUME_SIZE, read_volume
+from CovidCTDiagnosisLib.volume_io import MAX_VOLUME_SIZE, MAX_VOXELS, read_volume
 
 P001 = ("ct", "covid-ct-md", "P001-covid")
 EVERY = 5  # keep every 5th slice: 30 slices 10 mm apart
@@ -351,6 +351,18 @@ def test_huge_header_is_refused_before_reading(tmp_path, small_model, capfd, wri
     assert time.perf_counter() - start < 20  # the pixels (GB) were never read
     limit = " x ".join(map(str, MAX_VOLUME_SIZE))
     assert f"{' x '.join(map(str, size))} voxels, more than a chest CT has (at most {limit}" in line
+
+
+@pytest.mark.parametrize("size", [(1024, 1024, 300), (512, 512, MAX_VOXELS // (512 * 512) + 1)])
+def test_more_voxels_than_fit_in_memory_is_refused_before_reading(tmp_path, small_model, capfd, size):
+    """Within MAX_VOLUME_SIZE but over MAX_VOXELS (the 4 GB budget): refused from the header, saying why."""
+    path = tmp_path / "large.nrrd"
+    huge_nrrd(path, size)
+    start = time.perf_counter()
+    line = analyze_refused(path, tmp_path, small_model, capfd)
+    assert time.perf_counter() - start < 20
+    assert f"{' x '.join(map(str, size))} voxels" in line and f"more than the {MAX_VOXELS / 1e6:.0f} million" in line
+    assert "4 GB" in line
 
 
 # ---- 12. several series of one study: the thin lung-kernel one -------------------------------

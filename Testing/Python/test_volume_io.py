@@ -16,6 +16,7 @@ from CovidCTDiagnosisLib.volume_io import (
     SINGLE_SLICE_MESSAGE,
     check_ct,
     has_data,
+    hu_pixel_type,
     read_image_2d,
     read_volume,
 )
@@ -93,9 +94,25 @@ def test_in_memory_image_is_not_modified(small_ct):
     before = sitk.GetArrayFromImage(int_image)
     loaded = read_volume(int_image)
     assert (loaded.info.format, loaded.info.path) == ("image", None)
-    assert loaded.image.GetPixelID() == sitk.sitkFloat32
+    assert loaded.image.GetPixelID() == sitk.sitkInt16
     assert int_image.GetPixelID() == sitk.sitkInt16
     assert np.array_equal(sitk.GetArrayFromImage(int_image), before)
+
+
+@pytest.mark.parametrize("values, dtype, expected", [
+    ([-1024, 0, 3071], np.int16, sitk.sitkInt16),  # CT as stored
+    ([0, 1024, 4095], np.uint16, sitk.sitkInt16),  # unsigned storage, values in range
+    ([0, 40000, 10], np.uint16, sitk.sitkFloat32),  # beyond int16: kept exactly as float32
+    ([-1000.0, 35.0, 500.0], np.float32, sitk.sitkInt16),  # whole HU in a float file
+    ([-1000.0, 35.5, 500.0], np.float32, sitk.sitkFloat32),  # fractional HU (resampled data)
+    ([-1000.0, np.nan, 500.0], np.float32, sitk.sitkFloat32),
+])
+def test_hu_pixel_type_holds_every_value_exactly(values, dtype, expected):
+    """int16 (half of float32's memory) only where it holds every HU exactly."""
+    image = sitk.GetImageFromArray(np.array(values, dtype=dtype).reshape(1, 1, 3))
+    assert hu_pixel_type(image) == expected
+    if expected == sitk.sitkInt16:
+        assert np.array_equal(sitk.GetArrayViewFromImage(sitk.Cast(image, expected)).ravel(), np.array(values))
 
 
 def test_colour_and_4d_volumes_are_not_ct():
