@@ -164,6 +164,7 @@ def analyse_case(analyzer: Analyzer, case: Case, out_dir: Path, dicom_out: Path 
             result = analyzer.analyze(case.path, progress=progress, **analyze_options)
             write_outputs(result, result.ct, target)
             report = result.to_report()
+            del result  # the export reads the result folder: the analysis's volumes are not needed beside it
         if dicom_out is not None:
             dicom_export.export_dicom(target, case.path, Path(dicom_out) / case.case_id)
         return CaseOutcome(case, "done", report)

@@ -329,17 +329,20 @@ def cmd_analyze(args) -> int:
     finally:
         progress.close()
     out = write_outputs(result, result.ct, args.out)
+    summary = f"{Path(args.input).name}: {_summary_line(result.to_report())}{_trust_line(result.model)}\nresults in {out}"
+    warnings = [w for w in result.warnings if w != UNTRAINED_WARNING]  # the summary line says that one already
     dicom = ""
     if args.dicom_out is not None:
         from .dicom_export import export_dicom
+        from .memory import release_free_memory
 
+        del result, found  # the export reads the result folder: the analysis's volumes are not needed beside it
+        release_free_memory()
         dicom = f"\nDICOM objects ({len(export_dicom(out, args.input, args.dicom_out))}) in {Path(args.dicom_out).resolve()}"
     if not args.quiet:
-        print(f"{Path(args.input).name}: {_summary_line(result.to_report())}{_trust_line(result.model)}\nresults in {out}"
-              f"{dicom}", file=sys.stderr)
-        for warning in result.warnings:
-            if warning != UNTRAINED_WARNING:  # the summary line says so already
-                print(f"warning: {warning}", file=sys.stderr)
+        print(summary + dicom, file=sys.stderr)
+        for warning in warnings:
+            print(f"warning: {warning}", file=sys.stderr)
     return 0
 
 

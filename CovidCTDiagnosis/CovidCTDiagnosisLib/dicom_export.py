@@ -25,7 +25,7 @@ from __future__ import annotations
 import io
 import os
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime
 from os import PathLike
@@ -37,6 +37,7 @@ import SimpleITK as sitk
 
 from . import __version__, geometry, volume_io
 from .errors import UnreadableInputError, UsageError
+from .memory import release_free_memory
 from .outputs import GRADCAM_NRRD, LUNGS_SEG_NRRD, check_writable, is_complete, read_report, staged_folder
 from .result import RESEARCH_USE_ONLY, UNTRAINED_NOTE, SliceResult
 from .segmentation_file import LEFT_LUNG_SEGMENT, LESION_TERMINOLOGY, RIGHT_LUNG_SEGMENT, box_name, lesion_colors
@@ -217,6 +218,14 @@ class _SourceSeries:
             return np.stack([self.frames(array_kji[..., c], keep) for c in range(array_kji.shape[3])], axis=-1)
         return np.stack([self.planes[n][1].array(array_kji[self.planes[n][0]][None])[0] for n in keep])
 
+    def frame(self, plane_of_slice: Callable[[int], np.ndarray], n: int) -> np.ndarray:
+        """Image n's frame ([rows, columns, ...]) of a map given slice by slice on the result grid
+        (`plane_of_slice(k)`: [j, i, ...])."""
+        k, mapping = self.planes[n]
+        plane = plane_of_slice(k)
+        return np.stack([mapping.array(plane[None, ..., c])[0] for c in range(plane.shape[2])], axis=-1) if plane.ndim == 3 \
+            else mapping.array(plane[None])[0]
+
     def image_of_slice(self, k: int) -> int:
         """The index into `datasets` of the image holding slice k of the result grid."""
         return next(n for n, (slice_k, _) in enumerate(self.planes) if slice_k == k)
@@ -304,8 +313,9 @@ def _build_objects(source: _SourceSeries, report: dict[str, Any], result_dir: Pa
 
     identity = _Identity(report)
     slices = [SliceResult.from_report(s) for s in report["slices"]]
-    gradcam = sitk.ReadImage(str(result_dir / GRADCAM_NRRD), sitk.sitkFloat32)
     objects = {SEG_FILE: _segmentation(source, slices, result_dir, identity, UID())}
+    release_free_memory()
+    gradcam = sitk.ReadImage(str(result_dir / GRADCAM_NRRD), sitk.sitkFloat32)
     objects[PM_FILE] = _parametric_map(source, slices, gradcam, identity, UID(), report["positive_class"])
     sc_series = UID()
     for rank, index in enumerate(report["top_slices"], start=1):
@@ -326,18 +336,25 @@ def _segmentation(source: _SourceSeries, slices: list[SliceResult], result_dir: 
     if not np.allclose(segmentation["ijkToLPS"], geometry.ijk_to_lps_matrix(source.ct), atol=GRID_TOLERANCE_MM):
         raise UnreadableInputError(f"cannot read {result_dir / LUNGS_SEG_NRRD}: not on the analysed voxel grid")
     by_id = {s["id"]: s for s in segmentation["segments"]}
-    masks = []
+    lungs = []
     for segment in (RIGHT_LUNG_SEGMENT, LEFT_LUNG_SEGMENT):
         entry = by_id[segment["id"]]
         layer = voxels if voxels.ndim == 3 else voxels[entry["layer"]]  # slicerio: [i, j, k] or [layer, i, j, k]
-        masks.append(layer.transpose(2, 1, 0) == entry["labelValue"])  # [i, j, k] -> [k, j, i]
-    regions = np.zeros_like(masks[0])
-    for s in slices:
-        for box in s.boxes:
-            (i0, j0, k0), (i1, j1, k1) = box.ijk_min, box.ijk_max
-            regions[k0 : k1 + 1, j0 : j1 + 1, i0 : i1 + 1] = True
-    masks.append(regions)
-    pixels = source.frames(np.stack(masks, axis=-1).astype(np.uint8))  # [frame, rows, columns, segment]
+        lungs.append((layer.transpose(2, 1, 0), entry["labelValue"]))  # [i, j, k] -> [k, j, i], a view
+    boxes = [(box.ijk_min, box.ijk_max) for s in slices for box in s.boxes]
+
+    def segments_of_slice(k: int) -> np.ndarray:
+        """[j, i, segment] uint8 of slice k of the result grid: right lung, left lung, lesion regions."""
+        plane = np.zeros(lungs[0][0].shape[1:] + (3,), np.uint8)
+        for n, (layer, value) in enumerate(lungs):
+            plane[..., n] = layer[k] == value
+        for (i0, j0, k0), (i1, j1, k1) in boxes:
+            if k0 <= k <= k1:
+                plane[j0 : j1 + 1, i0 : i1 + 1, 2] = 1
+        return plane
+
+    # one frame per source image, built slice by slice: no volume-sized mask of each segment
+    pixels = np.stack([source.frame(segments_of_slice, n) for n in range(len(source.datasets))])  # [frame, rows, columns, segment]
 
     algorithm = hd.AlgorithmIdentificationSequence(
         name=f"{SOFTWARE} ({identity.model_name})", version=__version__,
