@@ -323,6 +323,10 @@ def cmd_analyze(args) -> int:
     progress = _Progress("none" if args.quiet and args.progress == "bar" else args.progress, Path(args.input).name)
     try:
         analyzer, found = _load_model_while_reading(args, progress)
+        if args.dicom_out is not None:  # before the analysis: the export could not hold a larger series
+            from .dicom_export import check_export_size
+
+            check_export_size(found.ct.loaded.image.GetSize(), args.input)
         gc.collect()  # what lives now (torch, the model, the CT) lives to the end: frozen, no later collection
         gc.freeze()  # walks it again, nor the interpreter's exit (about 0.5 s less on 2 cores)
         result = analyzer.analyze(found, slices=slices, aggregate=aggregate, progress=progress)

@@ -36,7 +36,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from . import __version__, geometry, volume_io
-from .errors import UnreadableInputError, UsageError
+from .errors import NotACTError, UnreadableInputError, UsageError
 from .memory import release_free_memory
 from .outputs import GRADCAM_NRRD, LUNGS_SEG_NRRD, check_writable, is_complete, read_report, staged_folder
 from .result import RESEARCH_USE_ONLY, UNTRAINED_NOTE, SliceResult
@@ -85,6 +85,10 @@ PDF_PAGE_INCHES = (8.27, 11.69)  # A4
 # Patient and study attributes the new objects copy (Type 2: present, empty when unknown); some exports leave them out
 TYPE_2_COPIED = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyID", "StudyDate", "StudyTime",
                  "AccessionNumber", "ReferringPhysicianName")
+# The export holds about 17 bytes per voxel beside the model (highdicom's SEG frames and their packed
+# bits, the CT for the figures, the heat map): `analyze --dicom-out` of 157 M voxels (512 x 512 x 600)
+# peaked at 3.5 GB. Larger series are refused before the analysis, to stay under 4 GB.
+MAX_EXPORT_VOXELS = 160_000_000
 POSITION_TOLERANCE_SLICES = 0.25  # a source image lies within this fraction of a slice of its slice on the result grid
 GRID_TOLERANCE_MM = 1e-3  # the source series against report.json's grid (mm, direction cosines)
 
@@ -112,6 +116,17 @@ def check_series_input(source) -> None:
     if not volume_io.is_dicom_series_input(source):
         raise UsageError(f"--dicom-out needs a DICOM series input (a folder, DICOMDIR or .zip): {source} is a file, "
                          "so there is no study to add the results to")
+
+
+def check_export_size(size: Sequence[int], where) -> None:
+    """NotACTError (exit 4) for a series of more than MAX_EXPORT_VOXELS voxels (size: i, j, k)."""
+    voxels = float(np.prod(size, dtype=float))
+    if voxels > MAX_EXPORT_VOXELS:
+        raise NotACTError(
+            f"{' x '.join(str(int(n)) for n in size)} voxels ({voxels / 1e6:.0f} million): DICOM export (--dicom-out) "
+            f"takes at most {MAX_EXPORT_VOXELS / 1e6:.0f} million to stay within 4 GB of memory; analyse it without "
+            f"--dicom-out, or a thicker reconstruction ({where})"
+        )
 
 
 def check_dicom_out(dicom_out, out, *, source=None) -> Path:
@@ -202,6 +217,7 @@ class _SourceSeries:
             for keyword in TYPE_2_COPIED:
                 if keyword not in ds:
                     setattr(ds, keyword, "")
+        check_export_size((int(datasets[0].Columns), int(datasets[0].Rows), len(datasets)), where)
         others = sorted({str(ds.SeriesInstanceUID) for ds in datasets} - {uid})
         if others:
             raise UnreadableInputError(f"cannot use {where} as the source: series {', '.join(others)} is not the analysed "

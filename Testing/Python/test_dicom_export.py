@@ -25,7 +25,7 @@ import slicerio  # noqa: E402
 from CovidCTDiagnosisLib import dicom_export  # noqa: E402
 from CovidCTDiagnosisLib.cli import main  # noqa: E402
 from CovidCTDiagnosisLib.dicom_export import PDF_FILE, PM_FILE, SEG_FILE, SR_FILE, export_dicom  # noqa: E402
-from CovidCTDiagnosisLib.errors import OutputError, UnreadableInputError  # noqa: E402
+from CovidCTDiagnosisLib.errors import NotACTError, OutputError, UnreadableInputError  # noqa: E402
 from CovidCTDiagnosisLib.outputs import GRADCAM_NRRD, LUNGS_SEG_NRRD, read_report  # noqa: E402
 from CovidCTDiagnosisLib.phantom import make_chest_phantom  # noqa: E402
 from dicom_series import write_ct_series  # noqa: E402
@@ -231,6 +231,20 @@ def test_dicom_out_is_checked_before_any_work(phantom_case, tmp_path, capsys):
         assert main(["analyze", str(source), "--out", str(tmp_path / "result"), "--dicom-out", str(dicom_out)]) == code
         assert message in capsys.readouterr().err
     assert [str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")] == ["taken", "taken/notes.txt"]
+
+
+def test_a_series_too_large_to_export_is_refused_before_the_analysis(phantom_case, tmp_path, capsys, monkeypatch):
+    """Over MAX_EXPORT_VOXELS (the export's 4 GB; here lowered below the phantom's size): one line, exit 4,
+    nothing written; export_dicom refuses it as well, before reading any pixel."""
+    source, result, _ = phantom_case
+    monkeypatch.setattr(dicom_export, "MAX_EXPORT_VOXELS", 1000)
+    code = main(["analyze", str(source), "--out", str(tmp_path / "result"), "--dicom-out", str(tmp_path / "dicom"), "--quiet"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 4 and len(err) == 1 and "DICOM export (--dicom-out) takes at most 0 million" in err[0]
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(NotACTError, match="stay within 4 GB"):
+        export_dicom(result, source, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 def test_another_series_is_refused_and_a_previous_export_replaced(phantom_case, tmp_path):
