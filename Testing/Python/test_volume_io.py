@@ -363,3 +363,23 @@ def test_real_single_slice(shared_data):
     with pytest.raises(NotACTError, match="3-D CT volume") as caught:
         check_ct(loaded.image)
     assert str(caught.value) == SINGLE_SLICE_MESSAGE
+
+
+@pytest.mark.parametrize("direction", [(1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0), (-1.0, 0, 0, 0, -1.0, 0, 0, 0, 1.0),
+                                       (1.0, 0, 0, 0, 0.0, 1.0, 0, -1.0, 0.0)])  # axial, flipped, coronal
+def test_a_series_read_in_parts_equals_one_reader(tmp_path, monkeypatch, direction):
+    """Runs of slices decoded side by side, pasted into one volume: the same voxels and geometry as one
+    ImageSeriesReader over all the files."""
+    from dicom_series import write_ct_series
+
+    from CovidCTDiagnosisLib import volume_io
+
+    image = make_chest_phantom(size=(48, 40, 37), spacing=(7.0, 7.5, 6.5), origin=(-160.0, -150.0, -120.0), direction=direction).image
+    write_ct_series(image, tmp_path / "ct")
+    monkeypatch.setattr(volume_io, "READ_PARTS", 1)
+    whole = read_volume(tmp_path / "ct").image
+    monkeypatch.setattr(volume_io, "READ_PARTS", 2)
+    parts = read_volume(tmp_path / "ct").image
+    assert np.array_equal(sitk.GetArrayViewFromImage(parts), sitk.GetArrayViewFromImage(whole))
+    assert (parts.GetOrigin(), parts.GetDirection()) == (whole.GetOrigin(), whole.GetDirection())
+    assert parts.GetSpacing() == pytest.approx(whole.GetSpacing(), rel=1e-12)
