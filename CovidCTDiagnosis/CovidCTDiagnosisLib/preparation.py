@@ -162,10 +162,12 @@ def find_ct_lungs(
 
 
 def _read_and_find_lungs(source, series_uid: str | None, stage: StageContext) -> LungCT:
-    from .lung_net import load_lung_net  # imports torch: not needed to read results
-
     with stage("read", 0.05):
         ct = read_ct(source, series_uid)
+    # imported only now: importing torch would wait for another thread's import of it (the command
+    # line loads the model meanwhile), and the read runs beside that import
+    from .lung_net import load_lung_net
+
     load_lung_net()  # once per process, untimed: waits here while another thread imports torch
     with stage("lungs", 0.25):
         lungs, warnings = find_lungs(ct)
