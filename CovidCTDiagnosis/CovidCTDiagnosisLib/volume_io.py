@@ -2,10 +2,11 @@
 
 Volumes come back in Hounsfield units with the input's own geometry (never reoriented:
 `geometry.orient_to_lps` does that). HU are int16 where every value is a whole number in its
-range (CT as scanners store it: half the memory of float32, `hu_pixel_type`), else float32. Voxels without data (DICOM pixel
-padding outside the reconstruction circle) are set to NO_DATA_HU; any value below
-NO_DATA_BELOW_HU is no data, never air or tissue (`has_data`). Every failure is a one-line
-`CovidCTError` a user can act on; SimpleITK's multi-line exception text is not passed on.
+range (CT as scanners store it: half the memory of float32, `hu_pixel_type`), else float32.
+Voxels without data (DICOM pixel padding outside the reconstruction circle) are set to
+NO_DATA_HU; any value below NO_DATA_BELOW_HU is no data, never air or tissue (`has_data`).
+Every failure is a one-line `CovidCTError` a user can act on; SimpleITK's multi-line exception
+text is not passed on.
 """
 
 from __future__ import annotations
