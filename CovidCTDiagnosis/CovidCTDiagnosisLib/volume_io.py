@@ -11,6 +11,7 @@ text is not passed on.
 
 from __future__ import annotations
 
+import os
 import tempfile
 import zipfile
 from collections import Counter
@@ -103,6 +104,31 @@ def _itk_warnings_off() -> Iterator[None]:
         sitk.ProcessObject.SetGlobalWarningDisplay(previous)
 
 
+@contextmanager
+def _native_stderr_held() -> Iterator[None]:
+    """What C++ code (ITK's MetaImage reader among it) writes to the process's stderr while inside is
+    held back: written out after a success, dropped after a failure, which the caller reports in
+    one line of its own."""
+    import sys
+
+    sys.stderr.flush()
+    saved, held = os.dup(2), tempfile.TemporaryFile()
+    os.dup2(held.fileno(), 2)
+    failed = False
+    try:
+        yield
+    except BaseException:
+        failed = True
+        raise
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        if not failed:
+            held.seek(0)
+            sys.stderr.write(held.read().decode("utf-8", "replace"))
+        held.close()
+
+
 def _suffix(path: Path) -> str:
     name = path.name.lower()
     return ".nii.gz" if name.endswith(".nii.gz") else path.suffix.lower()
@@ -149,7 +175,7 @@ def _check_size(size, where) -> None:
         )
     if np.prod(size, dtype=float) > MAX_VOXELS:
         raise NotACTError(
-            f"{_size_text(size)} voxels ({np.prod(size, dtype=float) / 1e6:.0f} million), more than the "
+            f"{_size_text(size)} voxels ({np.prod(size, dtype=float) / 1e6:.1f} million), more than the "
             f"{MAX_VOXELS / 1e6:.0f} million that fit the analysis's 4 GB of memory; read a thicker or 512 x 512 "
             f"reconstruction of the series instead; not read ({where})"
         )
@@ -628,7 +654,7 @@ def _read_file(path: Path) -> tuple[sitk.Image, str]:
     if VOLUME_FORMATS.get(suffix) == "nifti":
         _check_nifti_sform(reader, path)
     try:
-        with _itk_warnings_off():
+        with _itk_warnings_off(), _native_stderr_held():  # e.g. MetaImage's own lines on a short file
             image = reader.Execute()
     except RuntimeError:
         raise _unreadable(path, "the file is corrupt or uses an unsupported encoding") from None

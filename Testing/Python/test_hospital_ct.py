@@ -456,3 +456,16 @@ def test_zip_larger_than_a_chest_ct_is_refused_before_unzipping(tmp_path, monkey
         read_volume(archive)
     after = set(Path(tempfile.gettempdir()).glob("covidct-zip-*"))
     assert after == before  # nothing left behind
+
+
+def test_a_truncated_metaimage_is_one_line(tmp_path, small_model, capfd):
+    """ITK's MetaImage reader prints its own lines on a file shorter than its header says: held back, so
+    the user reads only ours (exit 3, nothing written)."""
+    path = tmp_path / "short.mha"
+    path.write_bytes(b"ObjectType = Image\nNDims = 3\nDimSize = 64 64 20\nElementType = MET_SHORT\n"
+                     b"ElementDataFile = LOCAL\n" + bytes(1000))
+    capfd.readouterr()
+    code = main(["analyze", str(path), "--out", str(tmp_path / "out"), "--model", small_model, "--quiet"])
+    err = capfd.readouterr().err.strip().splitlines()
+    assert code == 3 and err == [f"covidct: error: cannot read {path}: the file is corrupt or uses an unsupported encoding"]
+    assert not (tmp_path / "out").exists()
