@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import io
+import importlib
 from html import escape
 from collections.abc import Sequence
 from pathlib import Path
@@ -183,6 +184,13 @@ def _top_slices_png(result: Result, ct_image: sitk.Image) -> str | None:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", facecolor=fig.get_facecolor())
     return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def import_figure_modules() -> None:
+    """Import what drawing the figure needs (matplotlib: about 0.7 s of Python on a 2-core CPU) ahead
+    of time, e.g. in a thread while the analysis runs in C code that releases the GIL."""
+    for name in ("matplotlib.figure", "matplotlib.patches", "matplotlib.backends.backend_agg"):  # savefig draws with Agg
+        importlib.import_module(name)
 
 
 def top_slices_figure(slices: Sequence[SliceResult], top_slices: Sequence[int], positive_class: str, ct_image: sitk.Image,
