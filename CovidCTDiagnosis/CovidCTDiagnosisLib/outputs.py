@@ -63,20 +63,17 @@ def write_outputs(result: Result, ct_image: sitk.Image, out_dir: str | PathLike,
         write_slices_csv(staging / SLICES_CSV, result)
         note = untrained_note(result.model)  # an untrained network: every file says it is not a diagnosis
         write_lesion_markups(staging / LESIONS_MRK_JSON, result.slices, ct_image, warning=note)
-        # the slow writers mostly run in zlib, numpy and matplotlib, which release the GIL: overlap the
-        # report with the volumes; the heat map's writer (a float32 copy of the volume) runs alone
-        # among those, so that two volume-sized buffers never add up (the memory budget, MAX_VOXELS)
-        with ThreadPoolExecutor(max_workers=3) as pool:
+        # the report (matplotlib, zlib) is drawn beside the volumes, which are written one after the other:
+        # each writer holds volume-sized buffers (pynrrd copies the voxels to bytes; the lungs file has a
+        # layer per overlap of boxes), and two at once would not fit the memory budget (MAX_VOXELS)
+        with ThreadPoolExecutor(max_workers=1) as pool:
             report = pool.submit(lambda: (staging / REPORT_HTML).write_text(render_html(result, ct_image), encoding="utf-8"))
-            write_volume_nrrd(staging / GRADCAM_NRRD, result.gradcam, warning=note)
-            release_free_memory()
-            jobs = [
-                report,
-                pool.submit(write_severity_segmentation, staging / SEVERITY_SEG_NRRD, severity_labels, warning=note),
-                pool.submit(write_lung_segmentation, staging / LUNGS_SEG_NRRD, result.lung_labels, result.slices, warning=note),
-            ]
-            for job in jobs:
-                job.result()
+            for write in (lambda: write_volume_nrrd(staging / GRADCAM_NRRD, result.gradcam, warning=note),
+                          lambda: write_lung_segmentation(staging / LUNGS_SEG_NRRD, result.lung_labels, result.slices, warning=note),
+                          lambda: write_severity_segmentation(staging / SEVERITY_SEG_NRRD, severity_labels, warning=note)):
+                write()
+                release_free_memory()
+            report.result()
     return out_dir
 
 
