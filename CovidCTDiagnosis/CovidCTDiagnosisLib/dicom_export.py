@@ -226,21 +226,19 @@ class _SourceSeries:
         _check_grid(ct, report, where)
         return cls(datasets, ct, [_plane_map(ds, ct, where) for ds in datasets])
 
-    def frames(self, array_kji: np.ndarray, keep: Sequence[int] | None = None) -> np.ndarray:
-        """An array on the result grid ([k, j, i], or [k, j, i, c]) as one frame per source image ([n, rows, columns...]),
-        for the images `keep` (indices into `datasets`; default all)."""
+    def frames(self, plane_of_slice: Callable[[int], np.ndarray], keep: Sequence[int] | None = None) -> np.ndarray:
+        """A map on the result grid, given slice by slice (`plane_of_slice(k)`: [j, i] or [j, i, c]), as one
+        frame per source image ([n, rows, columns] or [n, rows, columns, c]) for the images `keep` (indices
+        into `datasets`; default all). Slice by slice: no volume of the map need exist."""
         keep = range(len(self.datasets)) if keep is None else keep
-        if array_kji.ndim == 4:
-            return np.stack([self.frames(array_kji[..., c], keep) for c in range(array_kji.shape[3])], axis=-1)
-        return np.stack([self.planes[n][1].array(array_kji[self.planes[n][0]][None])[0] for n in keep])
-
-    def frame(self, plane_of_slice: Callable[[int], np.ndarray], n: int) -> np.ndarray:
-        """Image n's frame ([rows, columns, ...]) of a map given slice by slice on the result grid
-        (`plane_of_slice(k)`: [j, i, ...])."""
-        k, mapping = self.planes[n]
-        plane = plane_of_slice(k)
-        return np.stack([mapping.array(plane[None, ..., c])[0] for c in range(plane.shape[2])], axis=-1) if plane.ndim == 3 \
-            else mapping.array(plane[None])[0]
+        frames = []
+        for n in keep:
+            k, mapping = self.planes[n]
+            plane = plane_of_slice(k)
+            channels = [plane] if plane.ndim == 2 else [plane[..., c] for c in range(plane.shape[2])]
+            frame = [mapping.array(channel[None])[0] for channel in channels]
+            frames.append(frame[0] if plane.ndim == 2 else np.stack(frame, axis=-1))
+        return np.stack(frames)
 
     def image_of_slice(self, k: int) -> int:
         """The index into `datasets` of the image holding slice k of the result grid."""
@@ -369,8 +367,7 @@ def _segmentation(source: _SourceSeries, slices: list[SliceResult], result_dir: 
                 plane[j0 : j1 + 1, i0 : i1 + 1, 2] = 1
         return plane
 
-    # one frame per source image, built slice by slice: no volume-sized mask of each segment
-    pixels = np.stack([source.frame(segments_of_slice, n) for n in range(len(source.datasets))])  # [frame, rows, columns, segment]
+    pixels = source.frames(segments_of_slice)  # [frame, rows, columns, segment], no volume-sized mask of each segment
 
     algorithm = hd.AlgorithmIdentificationSequence(
         name=f"{SOFTWARE} ({identity.model_name})", version=__version__,
@@ -404,7 +401,7 @@ def _parametric_map(source: _SourceSeries, slices: list[SliceResult], gradcam: s
     import highdicom as hd
 
     keep = [source.image_of_slice(s.index) for s in sorted(slices, key=lambda s: s.index)]
-    pixels = source.frames(sitk.GetArrayViewFromImage(gradcam), keep).astype(np.float32)
+    pixels = source.frames(sitk.GetArrayViewFromImage(gradcam).__getitem__, keep).astype(np.float32)
     mapping = hd.pm.RealWorldValueMapping(
         lut_label=GRADCAM_LABEL, lut_explanation=f"Grad-CAM for {positive_class}, 0..1"[:64], unit=_unit(),
         value_range=(0.0, 1.0), slope=1.0, intercept=0.0)

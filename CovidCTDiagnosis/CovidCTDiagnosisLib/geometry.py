@@ -213,7 +213,7 @@ def slices_to_original_grid(
     mapping = _axis_map(oriented, original)
     image = sitk.Image(original.GetSize(), pixel_type)
     image.CopyInformation(original)
-    dtype = sitk.GetArrayViewFromImage(sitk.Image([1, 1, 1], pixel_type)).dtype
+    dtype = sitk.GetArrayViewFromImage(image).dtype
     for k, plane in planes.items():
         block = sitk.GetImageFromArray(np.ascontiguousarray(mapping.array(np.asarray(plane, dtype)[None])))
         region = [slice(None)] * 3
