@@ -9,9 +9,11 @@
 3. Start-up: `covidct --help` against a bare `python -c "import torch"`, each a fresh process,
    median of START_RUNS: target <= 1.5x (the command line imports a command's code only when it runs).
 4. Batch throughput, cases per minute: the plain batch and `batch --ray` on a local Ray cluster with
-   1 and 2 workers (RAY_WORKERS), each over the same RAY_CASES cases (P001-covid listed RAY_CASES times
-   in a manifest, or demo phantom files). The cluster is started before the clock; each run's time
-   includes its workers loading the model. Needs the `ray` extra.
+   1 and 2 workers (RAY_WORKERS), each over the same RAY_CASES cases (P001-covid and normal001-normal
+   in turn in a manifest, or demo phantom files). The cluster is started before the clock; each run's
+   time includes its workers loading the model. Then the command line, start-up included (target
+   BATCH_TARGET_PER_MIN, issue 12): one `covidct batch` of all the cases, and the cases split in
+   halves over two `covidct batch --threads 1` side by side. Needs the `ray` extra.
 5. What a user waits for: `covidct analyze <P001 or the phantom> --out DIR --quiet`, process start
    to exit, against a bare `python -c "import torch"` in the same run, fresh processes taken in
    turn, median of START_RUNS: target <= 2.5x (issue 12; the machine's speed cancels out).
@@ -45,6 +47,7 @@ from CovidCTDiagnosisLib.phantom import make_demo_phantom
 from CovidCTDiagnosisLib.pipeline import Analyzer
 
 P001 = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "ct" / "covid-ct-md" / "P001-covid"
+NORMAL001 = P001.parent / "normal001-normal"
 TOTAL_TARGET_S = 5.0
 NON_NETWORK_TARGET_S = 3.0
 RESNET_RATIO_TARGET = 1.2
@@ -52,6 +55,7 @@ START_RATIO_TARGET = 1.5
 ANALYZE_RATIO_TARGET = 2.5  # `covidct analyze`, start to exit, against a bare torch import
 START_RUNS = 3
 RAY_CASES = 6
+BATCH_TARGET_PER_MIN = 30.0  # `covidct batch`, start-up included (issue 12)
 RAY_WORKERS = (1, 2)
 NETWORK_STAGES = ("network",)
 
@@ -154,8 +158,8 @@ def batch_throughput(device: str, cases: int = RAY_CASES) -> None:
     analyzer = Analyzer(str(default_model_path()) if default_model_path() else "untrained", device)
     with tempfile.TemporaryDirectory() as tmp:
         manifest = Path(tmp) / "cases.csv"
-        if P001.is_dir():
-            paths, name = [P001] * cases, "P001-covid"
+        if P001.is_dir() and NORMAL001.is_dir():
+            paths, name = [(P001, NORMAL001)[n % 2] for n in range(cases)], "P001-covid and normal001-normal in turn"
         else:
             paths, name = [Path(tmp) / f"phantom{n}.nrrd" for n in range(cases)], "demo phantom"
             for n, path in enumerate(paths):
@@ -179,6 +183,24 @@ def batch_throughput(device: str, cases: int = RAY_CASES) -> None:
                 print(f"  Ray, {workers} worker{'s' if workers > 1 else ' '}        {rate:6.2f} cases/min")
         finally:
             ray.shutdown()
+        lines = manifest.read_text().splitlines(keepends=True)
+        halves = [Path(tmp) / f"half{n}.csv" for n in range(2)]
+        for n, half in enumerate(halves):
+            half.write_text(lines[0] + "".join(lines[1 + n::2]))
+
+        def command_line_rate(manifests: list[Path], *options: str) -> float:
+            start = time.perf_counter()
+            runs = [subprocess.Popen([sys.executable, "-m", "CovidCTDiagnosisLib.cli", "batch", str(m), "--out",
+                                      str(Path(tmp) / f"cli-{m.stem}-{len(options)}"), "--quiet", *options]) for m in manifests]
+            assert [run.wait() for run in runs] == [0] * len(runs)
+            return cases / (time.perf_counter() - start) * 60
+
+        one = command_line_rate([manifest])
+        print(f"  covidct batch (start-up included)         {one:6.2f} cases/min  "
+              f"ratio to target {one / BATCH_TARGET_PER_MIN:.3f}  target >= {BATCH_TARGET_PER_MIN:g}")
+        split = command_line_rate(halves, "--threads", "1")
+        print(f"  2 x covidct batch --threads 1 (halves)    {split:6.2f} cases/min  "
+              f"ratio to target {split / BATCH_TARGET_PER_MIN:.3f}  ({split / one:.2f}x one batch)")
 
 
 def command_line(runs: int = START_RUNS) -> None:

@@ -70,6 +70,9 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
                    "'untrained' runs an untrained network, for testing only")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where the network runs (default: auto)")
     p.add_argument("--quiet", action="store_true", help="no progress bars or summaries")
+    p.add_argument("--threads", type=_positive_int, metavar="N",
+                   help="CPU threads to use (PyTorch, OpenCV, the DICOM reader, lung extraction; default: all this process "
+                        "may run on), e.g. to run several analyses side by side (see README, Speed)")
 
 
 def _add_analysis_options(p: argparse.ArgumentParser) -> None:
@@ -91,7 +94,7 @@ def _add_ray_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=_positive_int, metavar="N", help="with --ray: number of workers, each loads the model "
                    "once (default: one per GPU, else one per two CPU cores)")
     p.add_argument("--threads-per-worker", type=_positive_int, metavar="N",
-                   help="with --ray: torch threads (and CPUs reserved) per worker (default: the cluster's CPUs / workers)")
+                   help="with --ray: CPU threads (PyTorch, OpenCV, reading, lung extraction; and CPUs reserved) per worker (default: the cluster's CPUs / workers)")
 
 
 def _positive_int(value: str) -> int:
@@ -490,10 +493,22 @@ COMMANDS = {"analyze": cmd_analyze, "batch": cmd_batch, "score-images": cmd_scor
             "send": cmd_send, "follow-up": cmd_follow_up}
 
 
+def _limit_threads(args) -> None:
+    """--threads: the process's CPU threads, set before anything is read or torch is imported (`cpu_threads`)."""
+    if getattr(args, "threads", None) is None:
+        return
+    if getattr(args, "ray", None):
+        raise UsageError("--threads limits this process; on Ray use --threads-per-worker")
+    from .cpu_threads import limit_threads
+
+    limit_threads(args.threads)
+
+
 def main(argv=None) -> int:
     try:
         args = build_parser().parse_args(argv)  # parsing `train` imports torch: Ctrl-C may come here too
-        if args.command in COMMANDS:
+        if args.command in COMMANDS:  # the training commands set their own threads
+            _limit_threads(args)
             return COMMANDS[args.command](args)
         from .training import commands
 

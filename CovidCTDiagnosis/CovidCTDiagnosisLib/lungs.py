@@ -17,7 +17,6 @@ Arrays are LPS-oriented (`geometry.orient_to_lps`): `[k, j, i]`, `i = 0` at the 
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -25,6 +24,7 @@ from dataclasses import dataclass, field
 import cv2
 import numpy as np
 
+from .cpu_threads import cpu_threads
 from .errors import NoLungsError
 from .volume_io import has_data
 
@@ -342,7 +342,7 @@ def _extract(hu_kji: np.ndarray, spacing_ijk: Sequence[float], prob: np.ndarray 
     labels = np.zeros(hu_kji.shape, dtype=np.uint8)
     notes = []
     # slices are independent and OpenCV/numpy release the GIL: spread them over the cores
-    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+    with ThreadPoolExecutor(max_workers=cpu_threads()) as pool:
         slices, tables = _regions_and_sides(hu_kji, spacing_ij, prob, None, pool)
         clipped = sum(bool((s.at_edge * (t > 0)).any()) for s, t in zip(slices, tables))
         if clipped >= FOV_MIN_SLICES:

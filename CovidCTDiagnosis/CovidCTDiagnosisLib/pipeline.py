@@ -19,6 +19,7 @@ import SimpleITK as sitk
 
 from . import aggregation, geometry
 from .checkpoint import check_ensemble, resolve_model
+from .cpu_threads import limit_threads
 from .inference import SliceScorer
 from .preparation import PARTIAL_COVERAGE, LungCT, ProgressCallback, Stages, prepare_ct
 from .preprocessing import CropTransform
@@ -34,11 +35,17 @@ class Analyzer:
 
     model: None (the bundled reference model), a checkpoint path, "untrained[:backbone]", or a
     list of checkpoint paths: an ensemble whose slice probabilities are averaged (Ji et al.).
-    `spec` keeps (model, device, expected_classes) as given, to build the same Analyzer elsewhere (a Ray
-    worker, `ray_batch`); None for one built `from_network`.
+    threads: CPU threads for this process's analyses from now on (`cpu_threads.limit_threads`: PyTorch,
+    OpenCV, the reader, lung extraction; process-wide, as PyTorch's own setting is); None leaves them as
+    they are (all available cores unless limited before). `spec` keeps (model, device, expected_classes)
+    as given, to build the same Analyzer elsewhere (a Ray worker, `ray_batch`, with its own threads);
+    None for one built `from_network`.
     """
 
-    def __init__(self, model=None, device: str = "auto", expected_classes: Sequence[str] | None = None):
+    def __init__(self, model=None, device: str = "auto", expected_classes: Sequence[str] | None = None,
+                 threads: int | None = None):
+        if threads is not None:
+            limit_threads(threads)
         self.spec = (model, device, expected_classes)
         specs = list(model) if isinstance(model, (list, tuple)) else [model]
         loaded = [resolve_model(spec, expected_classes) for spec in specs]

@@ -40,14 +40,12 @@ def require_ray():
 
 
 class CaseWorker:
-    """One Ray actor: the model loaded once (an `Analyzer` built from `spec`, `Analyzer.spec`), torch limited
-    to `threads` threads, analysing one case per `analyse` call."""
+    """One Ray actor: the model loaded once (an `Analyzer` built from `spec`, `Analyzer.spec`), limited to
+    `threads` CPU threads (`cpu_threads`: PyTorch, OpenCV, the reader, lung extraction), analysing one case
+    per `analyse` call."""
 
     def __init__(self, spec: tuple, threads: int, out_dir: Path, dicom_out: Path | None, key: dict, analyze_options: dict):
-        import torch
-
-        torch.set_num_threads(threads)
-        self.analyzer = Analyzer(*spec)
+        self.analyzer = Analyzer(*spec, threads=threads)
         self.out_dir, self.dicom_out, self.key, self.analyze_options = out_dir, dicom_out, key, analyze_options
 
     def pid(self) -> int:

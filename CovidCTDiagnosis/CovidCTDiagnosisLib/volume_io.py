@@ -29,6 +29,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from . import geometry
+from .cpu_threads import cpu_threads
 from .display import LUNG_WINDOW_LEVEL, LUNG_WINDOW_WIDTH
 from .errors import CovidCTError, InputNotFoundError, NotACTError, UnreadableInputError, UsageError
 from .nifti_header import qform_sform_notes
@@ -616,13 +617,13 @@ def read_dicom_files(names: list[str], where: Path, uid: str = "") -> sitk.Image
     return _mark_padding(volume, paddings)
 
 
-READ_PARTS = 2  # runs of slices decoded side by side (this machine's and a laptop's cores)
+READ_PARTS = 2  # runs of slices decoded side by side, at most (this machine's and a laptop's cores; `cpu_threads` limits them)
 _MIN_PART_SLICES = 16  # shorter series are read by one reader
 
 
 def _read_series_parts(names: list[str], where: Path, uid: str) -> list[tuple[sitk.ImageSeriesReader, sitk.Image]]:
     """(reader, image) of each run of consecutive files, read side by side."""
-    parts = max(1, min(READ_PARTS, len(names) // _MIN_PART_SLICES))
+    parts = max(1, min(READ_PARTS, cpu_threads(), len(names) // _MIN_PART_SLICES))
     bounds = np.linspace(0, len(names), parts + 1).round().astype(int)
 
     def read(run: list[str]) -> tuple[sitk.ImageSeriesReader, sitk.Image]:

@@ -269,3 +269,38 @@ def test_ensemble_averages_slice_probabilities(tmp_path, ct_file, tiny_model, ca
     three = str(save_checkpoint(tmp_path / "three.pt", DRENet(DRENetConfig(input_size=64, classes=("COVID-19", "CAP", "Healthy"))), trained=False))
     code, _, err = run(["analyze", ct_file, "--out", tmp_path / "mixed", "--model", tiny_model, three], capsys)
     assert code == 6 and "cannot average" in err and not (tmp_path / "mixed").exists()
+
+
+def test_threads_limits_the_process_with_the_same_result(tmp_path, ct_file, tiny_model, capsys):
+    """--threads 1: PyTorch (imported after the limit, beside the read), OpenCV, the reader's runs and the
+    lung extraction's slices all use one thread, and the result is the one of all cores."""
+    one = tmp_path / "one"
+    script = f"""
+import json
+from CovidCTDiagnosisLib import cli, cpu_threads
+code = cli.main(["analyze", {str(ct_file)!r}, "--out", {str(one)!r}, "--model", {tiny_model!r}, "--threads", "1", "--quiet"])
+import cv2, torch
+print(json.dumps({{"code": code, "torch": torch.get_num_threads(), "opencv": cv2.getNumThreads(),
+                  "ours": cpu_threads.cpu_threads(), "all": cpu_threads.available_cpus()}}))
+"""
+    limited = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    threads = json.loads(limited.stdout.splitlines()[-1])
+    assert threads["code"] == 0 and limited.stderr == ""
+    assert threads["torch"] == threads["opencv"] == threads["ours"] == 1
+    code, _, err = run(["analyze", ct_file, "--out", tmp_path / "all", "--model", tiny_model, "--quiet"], capsys)
+    assert code == 0, err
+    reports = [json.loads((folder / "report.json").read_text()) for folder in (one, tmp_path / "all")]
+    assert [s["index"] for s in reports[0]["slices"]] == [s["index"] for s in reports[1]["slices"]]
+    for a, b in zip(reports[0]["slices"], reports[1]["slices"]):
+        assert a["probabilities"] == pytest.approx(b["probabilities"], abs=1e-5)
+    assert reports[0]["severity"]["lungs"] == reports[1]["severity"]["lungs"]  # the same lung masks
+
+
+def test_threads_usage_errors(tmp_path, ct_file, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["batch", str(ct_file.parent), "--out", str(tmp_path / "out"), "--threads", "0"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and len(err.strip().splitlines()) == 1 and "--threads" in err
+    code, _, err = run(["batch", ct_file.parent, "--out", tmp_path / "out", "--threads", "1", "--ray", "local"], capsys)
+    assert code == 2 and err.strip() == "covidct: error: --threads limits this process; on Ray use --threads-per-worker"
+    assert not (tmp_path / "out").exists()

@@ -1,0 +1,48 @@
+"""The CPU threads an analysis uses: one process-wide limit for PyTorch, OpenCV, the DICOM reader's
+parallel runs and the lung extraction's slices (`--threads`, `Analyzer(threads=...)`, each Ray worker's
+share), so that analyses side by side (a batch split over processes, Ray workers, Slicer beside the
+command) share the cores instead of each starting a thread per core.
+
+PyTorch's and OpenCV's own settings are process-wide, so this limit is too. Standard library only
+until a limit is set.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+_limit: int | None = None
+
+
+def available_cpus() -> int:
+    """The CPUs this process may run on (its affinity: a cluster job's or a container's share), at least 1."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def cpu_threads() -> int:
+    """Threads for this process's parallel work: the limit set by `limit_threads`, else every available CPU."""
+    return _limit or available_cpus()
+
+
+def limit_threads(threads: int) -> None:
+    """Use at most `threads` CPU threads from now on in this process (ValueError below 1).
+
+    Sets OpenCV's and PyTorch's intra-op thread counts; PyTorch not imported yet reads the limit from
+    OMP_NUM_THREADS when it is (the command line sets the limit before it imports PyTorch, beside the read).
+    """
+    global _limit
+    if threads < 1:
+        raise ValueError(f"threads must be at least 1, not {threads}")
+    _limit = int(threads)
+    import cv2
+
+    cv2.setNumThreads(_limit)
+    torch = sys.modules.get("torch")
+    if hasattr(torch, "set_num_threads"):
+        torch.set_num_threads(_limit)
+    else:  # not imported (or still being imported): its thread pool starts with this many threads
+        os.environ["OMP_NUM_THREADS"] = str(_limit)
