@@ -71,8 +71,9 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where the network runs (default: auto)")
     p.add_argument("--quiet", action="store_true", help="no progress bars or summaries")
     p.add_argument("--threads", type=_positive_int, metavar="N",
-                   help="CPU threads to use (PyTorch, OpenCV, the DICOM reader, lung extraction; default: all this process "
-                        "may run on), e.g. to run several analyses side by side (see README, Speed)")
+                   help="CPU threads for the parallel work (PyTorch, OpenCV, SimpleITK, the DICOM reader, lung extraction; "
+                        "default and at most: all this process may run on), e.g. to run several analyses side by side "
+                        "(see README, Speed); batch --ray: use --threads-per-worker")
 
 
 def _add_analysis_options(p: argparse.ArgumentParser) -> None:
@@ -99,7 +100,7 @@ def _add_ray_options(p: argparse.ArgumentParser) -> None:
 
 def _positive_int(value: str) -> int:
     if not value.isdigit() or int(value) < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive number, not {value!r}")
+        raise argparse.ArgumentTypeError(f"must be a positive whole number, not {value!r}")
     return int(value)
 
 

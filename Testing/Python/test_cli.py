@@ -279,14 +279,25 @@ def test_threads_limits_the_process_with_the_same_result(tmp_path, ct_file, tiny
 import json
 from CovidCTDiagnosisLib import cli, cpu_threads
 code = cli.main(["analyze", {str(ct_file)!r}, "--out", {str(one)!r}, "--model", {tiny_model!r}, "--threads", "1", "--quiet"])
-import cv2, torch
-print(json.dumps({{"code": code, "torch": torch.get_num_threads(), "opencv": cv2.getNumThreads(),
-                  "ours": cpu_threads.cpu_threads(), "all": cpu_threads.available_cpus()}}))
+import cv2, torch, SimpleITK as sitk
+limited = [torch.get_num_threads(), cv2.getNumThreads(), sitk.ProcessObject.GetGlobalDefaultNumberOfThreads(),
+           cpu_threads.cpu_threads()]
+refused = []
+for bad in (0, 1.5, True, "2"):
+    try:
+        cpu_threads.limit_threads(bad)
+    except ValueError as exc:
+        refused.append(str(exc))
+cpu_threads.limit_threads(10000)  # more than there are: every available CPU
+print(json.dumps({{"code": code, "limited": limited, "refused": refused, "capped": cpu_threads.cpu_threads(),
+                  "all": cpu_threads.available_cpus()}}))
 """
     limited = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     threads = json.loads(limited.stdout.splitlines()[-1])
     assert threads["code"] == 0 and limited.stderr == ""
-    assert threads["torch"] == threads["opencv"] == threads["ours"] == 1
+    assert threads["limited"] == [1, 1, 1, 1]  # torch, OpenCV, SimpleITK, the reader and lung extraction
+    assert len(threads["refused"]) == 4 and all("whole number of at least 1" in r for r in threads["refused"])
+    assert threads["capped"] == threads["all"]
     code, _, err = run(["analyze", ct_file, "--out", tmp_path / "all", "--model", tiny_model, "--quiet"], capsys)
     assert code == 0, err
     reports = [json.loads((folder / "report.json").read_text()) for folder in (one, tmp_path / "all")]
