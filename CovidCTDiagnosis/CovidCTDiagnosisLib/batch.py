@@ -152,10 +152,12 @@ def analyse_case(analyzer: Analyzer, case: Case, out_dir: Path, dicom_out: Path 
     """Analyse one case and write its result folder out_dir/<case_id> atomically (`outputs.write_outputs`), and
     with `dicom_out` its DICOM objects into dicom_out/<case_id>: the one path of the plain batch and of each
     Ray worker. A result folder finished with `key` (`resume_key`) is not analysed again (only its DICOM
-    objects were missing). Leftovers of an attempt that was killed while writing are removed first. Any
-    error but Ctrl-C becomes a "failed" outcome with a one-line error."""
+    objects were missing). Leftovers of an attempt that was killed while writing (of both folders) are removed
+    first. Any error but Ctrl-C becomes a "failed" outcome with a one-line error."""
     target = out_dir / case.case_id
     discard_leftovers(target)
+    if dicom_out is not None:
+        discard_leftovers(Path(dicom_out) / case.case_id)
     try:
         if dicom_out is not None:
             dicom_export.check_series_input(case.path)

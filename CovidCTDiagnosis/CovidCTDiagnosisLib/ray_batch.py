@@ -21,6 +21,7 @@ from pathlib import Path
 
 from .batch import Case, CaseOutcome, analyse_case
 from .errors import UsageError
+from .outputs import discard_leftovers
 from .pipeline import Analyzer
 
 RAY_EXTRA = "pip install 'covidct-diagnosis[ray]'"
@@ -118,7 +119,7 @@ def run_on_ray(
             except ray.exceptions.RayActorError as exc:  # the worker process died (killed, out of memory, node lost)
                 ray.kill(actor)
                 actor = None
-                outcome = None if attempts[i] < MAX_ATTEMPTS else CaseOutcome(cases[i], "failed", error=_died(exc))
+                outcome = None if attempts[i] < MAX_ATTEMPTS else _given_up(cases[i], out_dir, dicom_out, exc)
                 if outcome is None:
                     queue.appendleft(i)
             if queue:
@@ -165,6 +166,15 @@ def _connect(ray, address: str) -> bool:
         detail = " ".join(str(exc).split())
         raise UsageError(f"--ray {address}: cannot connect to a Ray cluster: {detail}") from exc
     return True
+
+
+def _given_up(case: Case, out_dir: Path, dicom_out: Path | None, exc: Exception) -> CaseOutcome:
+    """A case whose worker died MAX_ATTEMPTS times: failed, and what its killed writers left half-written
+    (hidden staging folders of its result and DICOM folders) removed, as a retry would have."""
+    discard_leftovers(out_dir / case.case_id)
+    if dicom_out is not None:
+        discard_leftovers(Path(dicom_out) / case.case_id)
+    return CaseOutcome(case, "failed", error=_died(exc))
 
 
 def _died(exc: Exception) -> str:

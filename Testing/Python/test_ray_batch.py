@@ -245,3 +245,18 @@ def test_the_analysis_path_does_not_import_ray():
     code = ("import sys; import CovidCTDiagnosisLib.batch, CovidCTDiagnosisLib.cli, CovidCTDiagnosisLib.pipeline; "
             "assert 'ray' not in sys.modules, 'ray imported'")
     subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+
+
+def test_a_case_given_up_leaves_no_half_written_folder(tmp_path):
+    """A case whose workers were killed MAX_ATTEMPTS times, the last while writing, leaves no hidden staging
+    folder of its result or DICOM objects (the workers that wrote them are gone); other cases are untouched."""
+    from CovidCTDiagnosisLib.batch import Case
+    from CovidCTDiagnosisLib.ray_batch import MAX_ATTEMPTS, _given_up
+
+    out, dicom = tmp_path / "out", tmp_path / "dicom"
+    for leftover in (out / ".a.partial-0123abcd", out / ".a.previous-4567abcd", dicom / ".a.partial-89abcdef", out / "b"):
+        leftover.mkdir(parents=True)
+        (leftover / "report.json").write_text("{}")
+    outcome = _given_up(Case("a", tmp_path / "a.nrrd"), out, dicom, RuntimeError("The actor died unexpectedly"))
+    assert outcome.status == "failed" and f"died {MAX_ATTEMPTS} times" in outcome.error
+    assert [p.name for p in out.iterdir()] == ["b"] and not any(dicom.iterdir())
