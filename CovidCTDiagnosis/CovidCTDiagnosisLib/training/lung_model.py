@@ -79,8 +79,8 @@ def _base_from_phantoms() -> list[tuple[np.ndarray, np.ndarray]]:
     out = []
     for seed in PHANTOM_SEEDS:
         phantom = make_demo_phantom(seed)
-        hu = sitk.GetArrayViewFromImage(orient_to_lps(phantom.image))
-        truth = sitk.GetArrayViewFromImage(orient_to_lps(phantom.lung_labels))
+        image, labels = orient_to_lps(phantom.image), orient_to_lps(phantom.lung_labels)  # alive while viewed
+        hu, truth = sitk.GetArrayViewFromImage(image), sitk.GetArrayViewFromImage(labels)
         for k in range(0, hu.shape[0], 2):
             out.append((cv2.resize(hu_to_u8(hu[k]), (BASE_SIZE, BASE_SIZE), interpolation=cv2.INTER_AREA),
                         cv2.resize((truth[k] > 0).astype(np.uint8), (BASE_SIZE, BASE_SIZE), interpolation=cv2.INTER_NEAREST)))
