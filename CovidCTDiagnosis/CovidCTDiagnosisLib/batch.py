@@ -155,9 +155,7 @@ def analyse_case(analyzer: Analyzer, case: Case, out_dir: Path, dicom_out: Path 
     objects were missing). Leftovers of an attempt that was killed while writing (of both folders) are removed
     first. Any error but Ctrl-C becomes a "failed" outcome with a one-line error."""
     target = out_dir / case.case_id
-    discard_leftovers(target)
-    if dicom_out is not None:
-        discard_leftovers(Path(dicom_out) / case.case_id)
+    discard_case_leftovers(case, out_dir, dicom_out)
     try:
         if dicom_out is not None:
             dicom_export.check_series_input(case.path)
@@ -175,6 +173,14 @@ def analyse_case(analyzer: Analyzer, case: Case, out_dir: Path, dicom_out: Path 
     except Exception as exc:  # a bug on one input must not stop the others (it is in summary.csv)
         detail = " ".join(str(exc).split())
         return CaseOutcome(case, "failed", error=f"{EXIT_CODES[1]}: {type(exc).__name__}{': ' + detail if detail else ''}")
+
+
+def discard_case_leftovers(case: Case, out_dir: Path, dicom_out: Path | None) -> None:
+    """Remove what a writer of the case killed mid-write left beside its result folder and, with `dicom_out`,
+    its DICOM folder (`outputs.discard_leftovers`); only while no worker is writing the case."""
+    discard_leftovers(out_dir / case.case_id)
+    if dicom_out is not None:
+        discard_leftovers(Path(dicom_out) / case.case_id)
 
 
 def resume_key(model: dict, options: dict) -> dict:

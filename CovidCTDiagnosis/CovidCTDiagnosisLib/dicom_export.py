@@ -123,7 +123,7 @@ def check_export_size(size: Sequence[int], where) -> None:
     voxels = float(np.prod(size, dtype=float))
     if voxels > MAX_EXPORT_VOXELS:
         raise NotACTError(
-            f"{' x '.join(str(int(n)) for n in size)} voxels ({voxels / 1e6:.1f} million): DICOM export (--dicom-out) "
+            f"{volume_io.size_text(size)} voxels ({voxels / 1e6:.1f} million): DICOM export (--dicom-out) "
             f"takes at most {MAX_EXPORT_VOXELS / 1e6:.0f} million to stay within 4 GB of memory; analyse it without "
             f"--dicom-out, or a thicker reconstruction ({where})"
         )

@@ -19,9 +19,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from .batch import Case, CaseOutcome, analyse_case
+from .batch import Case, CaseOutcome, analyse_case, discard_case_leftovers
 from .errors import UsageError
-from .outputs import discard_leftovers
 from .pipeline import Analyzer
 
 RAY_EXTRA = "pip install 'covidct-diagnosis[ray]'"
@@ -171,9 +170,7 @@ def _connect(ray, address: str) -> bool:
 def _given_up(case: Case, out_dir: Path, dicom_out: Path | None, exc: Exception) -> CaseOutcome:
     """A case whose worker died MAX_ATTEMPTS times: failed, and what its killed writers left half-written
     (hidden staging folders of its result and DICOM folders) removed, as a retry would have."""
-    discard_leftovers(out_dir / case.case_id)
-    if dicom_out is not None:
-        discard_leftovers(Path(dicom_out) / case.case_id)
+    discard_case_leftovers(case, out_dir, dicom_out)
     return CaseOutcome(case, "failed", error=_died(exc))
 
 

@@ -161,7 +161,8 @@ def _tag(reader: sitk.ImageFileReader, tag: str) -> str | None:
     return reader.GetMetaData(tag) if reader.HasMetaDataKey(tag) else None
 
 
-def _size_text(size) -> str:
+def size_text(size) -> str:
+    """A grid size as refusals print it: "512 x 512 x 916"."""
     return " x ".join(str(int(n)) for n in size)
 
 
@@ -171,12 +172,12 @@ def _check_size(size, where) -> None:
     dims = sorted(tuple(int(n) for n in size[:3]) + (1,) * (3 - len(size[:3])))
     if any(n > m for n, m in zip(dims, MAX_VOLUME_SIZE)) or np.prod(size, dtype=float) > np.prod(MAX_VOLUME_SIZE, dtype=float):
         raise NotACTError(
-            f"{_size_text(size)} voxels, more than a chest CT has (at most {_size_text(MAX_VOLUME_SIZE)} in any axis "
+            f"{size_text(size)} voxels, more than a chest CT has (at most {size_text(MAX_VOLUME_SIZE)} in any axis "
             f"order); not read ({where})"
         )
     if np.prod(size, dtype=float) > MAX_VOXELS:
         raise NotACTError(
-            f"{_size_text(size)} voxels ({np.prod(size, dtype=float) / 1e6:.1f} million), more than the "
+            f"{size_text(size)} voxels ({np.prod(size, dtype=float) / 1e6:.1f} million), more than the "
             f"{MAX_VOXELS / 1e6:.0f} million that fit the analysis's 4 GB of memory; read a thicker or 512 x 512 "
             f"reconstruction of the series instead; not read ({where})"
         )
@@ -281,8 +282,8 @@ def _check_matrix(headers: list[_SliceHeader], folder: Path) -> None:
     odd = next((h for h in headers if h.size[:2] != usual), None)
     if odd is not None:
         raise NotACTError(
-            f"{Path(odd.name).name} is {_size_text(odd.size[:2])} pixels where the series' other {count} images are "
-            f"{_size_text(usual)}: one series must have one matrix size ({folder})"
+            f"{Path(odd.name).name} is {size_text(odd.size[:2])} pixels where the series' other {count} images are "
+            f"{size_text(usual)}: one series must have one matrix size ({folder})"
         )
 
 
