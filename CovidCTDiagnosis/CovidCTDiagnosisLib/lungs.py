@@ -424,7 +424,9 @@ def lung_mask_2d(gray_u8: np.ndarray) -> np.ndarray:
     gray_u8: (H, W) uint8 (`volume_io.read_image_2d`), or (H, W, 3) colour. Any orientation,
     flip or crop: the lung network reads the image as it is. The image has no spacing: its width
     is taken as NOMINAL_FOV_MM. Lungs are candidates at least a fraction of the largest, each
-    closed and filled on its own.
+    closed and filled on its own; then, as in a volume, dense pixels medial to a lung's aerated
+    part on its rows (heart, mediastinum, the liver's dome: `_clear_mediastinum`) are dropped,
+    medial meaning towards the body's centre column, whichever way the image is flipped.
     """
     from .lung_net import lung_probability  # imports torch: not needed to read results
     gray = _as_gray(gray_u8)
@@ -441,11 +443,17 @@ def threshold_lung_mask_2d(gray_u8: np.ndarray) -> np.ndarray:
 def _mask_2d(gray: np.ndarray, prob: np.ndarray | None) -> np.ndarray:
     pixel_mm = NOMINAL_FOV_MM / gray.shape[1]
     spacing_ij = (pixel_mm, pixel_mm)
-    regions = _air_regions(_pseudo_hu(gray), spacing_ij, prob)
-    mask = np.zeros(gray.shape, dtype=bool)
+    hu = _pseudo_hu(gray)
+    regions = _air_regions(hu, spacing_ij, prob)
+    labels = np.zeros(gray.shape, dtype=np.uint8)
     if len(regions.areas) < 2:
-        return mask
+        return labels > 0
     for n in np.flatnonzero(regions.areas >= LUNG_MIN_FRACTION * regions.areas[1]):
         if n > 0:
-            mask |= _refine_side((regions.labels == n).astype(np.uint8), regions.centre, spacing_ij) > 0
-    return mask
+            # the side of the body's centre column it mostly lies on (an image's right may be the patient's left)
+            side = RIGHT if 2 * regions.right[n] >= regions.areas[n] else LEFT
+            refined = _refine_side((regions.labels == n).astype(np.uint8), regions.centre, spacing_ij) > 0
+            labels[refined & (labels == 0)] = side
+    if prob is not None:
+        _clear_mediastinum(labels, hu, regions.centre[0])
+    return labels > 0

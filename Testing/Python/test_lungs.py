@@ -191,8 +191,9 @@ def test_clean_lung_volume_as_aerated(shared_data, name):
 
 @pytest.mark.parametrize("name", ["P001-covid", "normal001-normal"])
 def test_2d_mask_agrees_with_3d(shared_data, name):
-    """Lung-window 8-bit renderings of the CT's slices: the 2-D mask agrees with the 3-D one (target
-    Dice >= 0.9; measured minimum 0.89 on normal001, so the guard is 0.85)."""
+    """Lung-window 8-bit renderings of the CT's slices: the 2-D mask agrees with the 3-D one (Dice >= 0.9;
+    measured minimum 0.97 on normal001 and 0.98 on P001 over every slice of at least half the largest
+    lung area, 0.89 before the 2-D mask dropped the mediastinum as the 3-D one does)."""
     from CovidCTDiagnosisLib.volume_io import hu_to_u8
 
     image = geometry.orient_to_lps(read_volume(shared_data / "ct" / "covid-ct-md" / name).image)
@@ -200,7 +201,7 @@ def test_2d_mask_agrees_with_3d(shared_data, name):
     lungs = extract_lungs(hu, image.GetSpacing())
     chosen = np.flatnonzero(lungs.area_mm2 >= 0.5 * lungs.area_mm2.max())[::8]
     scores = [dice(lung_mask_2d(hu_to_u8(hu[k])), lungs.mask[k]) for k in chosen]
-    assert min(scores) >= 0.85, scores
+    assert min(scores) >= 0.9, scores
 
 
 @pytest.mark.parametrize("padding", [-3024.0, -2000.0])

@@ -16,8 +16,8 @@ from CovidCTDiagnosisLib.slice_selection import DEFAULT_COUNT
 from CovidCTDiagnosisLib.training.datasets import LabelledImage, load_split, prepare_set, read_labels, split_by_patient, subset
 from CovidCTDiagnosisLib.training.evaluate import binary_metrics, bootstrap_intervals, compute_metrics, evaluate, load_test_items, reliability
 from CovidCTDiagnosisLib.training.losses import drenet_loss, ranking_loss
-from CovidCTDiagnosisLib.training.train import BATCHNORM_MODES, BEST_PT, HISTORY_JSON, SPLIT_JSON, TrainConfig, _lr_factor, read_split, train
-from CovidCTDiagnosisLib.training import compare as compare_module
+from CovidCTDiagnosisLib.training.train import (BATCHNORM_MODES, BEST_PT, HISTORY_JSON, SPLIT_JSON, STATE_PT, SWA_PT, TrainConfig,
+                                                _lr_factor, read_split, train)
 from CovidCTDiagnosisLib.training.baselines import PlainClassifier, load_baseline
 from CovidCTDiagnosisLib.training.compare import COMPARISON_JSON, COMPARISON_MD
 from CovidCTDiagnosisLib.backbones import build_backbone
@@ -225,6 +225,37 @@ def test_a_run_folder_is_never_replaced_and_resume_says_what_it_does(synthetic_c
     refused(["train", *options, "--resume", "--epochs", "1"], UsageError.exit_code, "already trained 2 epochs")
     with pytest.raises(ModelFileError, match="same model"):
         evaluate([run / BEST_PT, run / BEST_PT], synthetic_csv, tmp_path / "ev")
+
+
+def test_weight_averaging_is_the_mean_of_its_epochs_across_a_resume(synthetic_csv, tmp_path):
+    """swa.pt: the mean of the weights after epochs 2 and 3 (the run stopped by its time budget after each epoch and
+    resumed), BatchNorm statistics recomputed for those weights rather than averaged."""
+    run = tmp_path / "run"
+    config = TrainConfig(input_size=64, epochs=3, batch_size=4, pretrained=False, max_minutes=1e-9, swa_from=2)
+    weights = []
+    for epoch in range(3):
+        train([synthetic_csv], run, config, resume=epoch > 0, progress=False)
+        weights.append(torch.load(run / STATE_PT, weights_only=True)["model"])
+        assert (run / SWA_PT).is_file() == (epoch >= 1)
+    history = json.loads((run / HISTORY_JSON).read_text())
+    assert ["swa_val_patient_auc" in r for r in history] == [False, True, True]
+    meta = read_checkpoint(run / SWA_PT)["metadata"]
+    assert meta["recipe"]["swa_epochs"] == [2, 3] and meta["validation"]["patient_auc"] == history[-1]["swa_val_patient_auc"]
+    averaged = load_model(run / SWA_PT)[0].state_dict()
+    statistics = [n for n in averaged if n.endswith(("running_mean", "running_var"))]
+    for name, value in averaged.items():
+        if value.is_floating_point() and name not in statistics:
+            torch.testing.assert_close(value, (weights[1][name] + weights[2][name]) / 2)
+    assert statistics and not any(torch.allclose(averaged[n], (weights[1][n] + weights[2][n]) / 2) for n in statistics)
+
+
+def test_swa_from_beyond_the_run_is_refused_in_one_line(synthetic_csv, tmp_path, capsys):
+    from CovidCTDiagnosisLib.cli import main
+
+    argv = ["train", "--data", str(synthetic_csv), "--out", str(tmp_path / "run"), "--epochs", "2", "--swa-from", "3"]
+    assert main(argv) == UsageError.exit_code
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--swa-from" in err and not (tmp_path / "run").exists()
 
 
 def test_commands_parse_and_fine_tune_one_command(synthetic_csv, tmp_path):

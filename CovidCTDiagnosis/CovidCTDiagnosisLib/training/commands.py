@@ -12,7 +12,7 @@ from pathlib import Path
 from ..backbones import BACKBONES
 from ..errors import UsageError
 from .compare import COMPARISON_MD, PAPER_BASELINES
-from .train import BATCHNORM_MODES, TrainConfig, best_record, check_recipe, read_split, train
+from .train import BATCHNORM_MODES, SWA_PT, TrainConfig, best_record, check_recipe, read_split, train
 
 DEFAULTS = TrainConfig()
 
@@ -61,6 +61,10 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split", metavar="FILE",
                         help="reuse the patient split of a model file or split.json (e.g. to train an ensemble member "
                              "or a baseline on the same patients) instead of a new seeded split")
+    parser.add_argument("--swa-from", type=int, default=DEFAULTS.swa_from, metavar="EPOCH",
+                        help="also write swa.pt, the average of the weights after each epoch from this one on "
+                             "(stochastic weight averaging; BatchNorm statistics recomputed), updated every epoch; "
+                             "0: none (default)")
 
 
 def add_compare_arguments(parser: argparse.ArgumentParser) -> None:
@@ -94,6 +98,7 @@ def _config(args) -> TrainConfig:
         pretrained=not args.no_pretrained,
         max_minutes=args.max_minutes,
         threads=args.threads,
+        swa_from=getattr(args, "swa_from", 0),  # `train` only
     )
     check_recipe(config)
     return config
@@ -106,6 +111,10 @@ def run_train(args) -> int:
     best = best_record(result.history)
     print(f"best model: {result.best_model} (epoch {best['epoch']}, validation AUC patient {best['val_patient_auc']}, "
           f"image {best['val_image_auc']})")
+    if "swa_val_patient_auc" in result.history[-1]:
+        last = result.history[-1]
+        print(f"averaged model: {result.run_dir / SWA_PT} (epochs {config.swa_from}-{last['epoch']}, validation AUC patient "
+              f"{last['swa_val_patient_auc']}, image {last['swa_val_image_auc']})")
     return 0
 
 

@@ -3,7 +3,11 @@
 One run folder holds everything: `recipe.json` (the settings), `split.json` (patients per split),
 `state.pt` (weights, optimiser and schedule after the last finished epoch: `resume=True` carries
 on from it), `best.pt` (the model file with the best validation AUC, patient level first, image
-level to break ties) and `history.json` (per-epoch losses, validation AUCs, times).
+level to break ties), `history.json` (per-epoch losses, validation AUCs, times) and, with
+`swa_from`, `swa.pt`: stochastic weight averaging (Izmailov et al., "Averaging Weights Leads to
+Wider Optima and Better Generalization", UAI 2018), the mean of the weights after each epoch from
+`swa_from` on, BatchNorm statistics recomputed for them on one pass of training batches; rewritten
+after every epoch, so a run stopped early (`max_minutes`) still leaves the average of what it trained.
 
 Recipe (the defaults, which trained the reference model): the authors' losses (losses.py) and
 step decay after a short linear warm-up; AdamW with the backbone at 1/10 of the heads' rate
@@ -16,6 +20,7 @@ so a set that is mostly one class (MosMed: 3/4 COVID) cannot teach "this scanner
 
 from __future__ import annotations
 
+import copy
 import json
 import sys
 import time
@@ -43,11 +48,13 @@ RECIPE_JSON = "recipe.json"
 SPLIT_JSON = "split.json"
 STATE_PT = "state.pt"
 BEST_PT = "best.pt"
+SWA_PT = "swa.pt"
 HISTORY_JSON = "history.json"
-RUN_FILES = (RECIPE_JSON, SPLIT_JSON, STATE_PT, BEST_PT, HISTORY_JSON)
+RUN_FILES = (RECIPE_JSON, SPLIT_JSON, STATE_PT, BEST_PT, SWA_PT, HISTORY_JSON)
 BATCHNORM_MODES = ("frozen", "train")
 RESUME_MAY_CHANGE = ("epochs", "max_minutes", "threads")  # a continued run may change these, and nothing else
 TRAIN_BN_MOMENTUM = 0.1
+SWA_SEED = 7  # the random stream of the BatchNorm pass of averaged weights: [seed, epoch, SWA_SEED]
 
 
 @dataclass
@@ -76,6 +83,7 @@ class TrainConfig:
     seed: int = 0
     pretrained: bool = True  # ImageNet backbone (ignored with `init`)
     max_minutes: float | None = None  # stop before an epoch that would end past this budget
+    swa_from: int = 0  # from this epoch (1-based) on, average the weights into swa.pt; 0: no averaging
     threads: int = 2  # CPU threads; 1 is faster when other jobs share the cores (no spinning at barriers)
     data: list = field(default_factory=list)  # labels CSVs (split by patient)
     extra_train: list = field(default_factory=list)  # training-only CSVs
@@ -109,6 +117,10 @@ def check_recipe(cfg: TrainConfig) -> None:
         problems.append(f"--max-minutes must be positive, not {cfg.max_minutes:g}")
     if cfg.threads < 1:
         problems.append(f"--threads must be at least 1, not {cfg.threads}")
+    if cfg.swa_from < 0 or (cfg.epochs is not None and cfg.swa_from > cfg.epochs):
+        problems.append(f"--swa-from is an epoch of the run (1 to --epochs) or 0 for none, not {cfg.swa_from}")
+    if cfg.swa_from and cfg.model != "drenet":
+        problems.append("--swa-from averages DRENet runs only")
     if problems:
         raise UsageError("; ".join(problems))
 
@@ -134,6 +146,50 @@ def _set_train_mode(model: nn.Module, batchnorm: str) -> None:
                 m.eval()
             else:
                 m.momentum = TRAIN_BN_MOMENTUM
+
+
+def _training_batch(train_set: PreparedSet, idx, rng: np.random.Generator, cfg: "TrainConfig", dev: torch.device):
+    """Augmented model input (B, 3, S, S) and lung masks (B, S, S) of the training images `idx`."""
+    x, masks = zip(*(augment(train_set.images[i], train_set.masks[i], rng, cfg.scanner_augmentation, with_mask=True) for i in idx))
+    x = torch.from_numpy(to_three_channels(np.stack(x))).to(dev).contiguous(memory_format=torch.channels_last)
+    return x, torch.from_numpy(np.stack(masks)).to(dev)  # regions chosen over the lungs, as in use
+
+
+def add_to_average(total: dict | None, model: nn.Module) -> dict:
+    """Running sum (float64) of the model's floating-point weights and buffers; integer buffers are the latest."""
+    state = model.state_dict()
+    if total is None:
+        return {k: v.detach().to("cpu", torch.float64 if v.is_floating_point() else v.dtype, copy=True) for k, v in state.items()}
+    for k, v in state.items():
+        if v.is_floating_point():
+            total[k] += v.detach().to("cpu", torch.float64)
+        else:
+            total[k] = v.detach().to("cpu", copy=True)
+    return total
+
+
+def averaged_model(model: nn.Module, total: dict, count: int, train_set: PreparedSet, cfg: "TrainConfig",
+                   dev: torch.device, seed) -> nn.Module:
+    """A copy of `model` with the mean of `count` summed weights (`add_to_average`); with BatchNorm trained
+    (cfg.batchnorm "train"), its running statistics are recomputed as the exact mean over one epoch of
+    augmented training batches, since averaged weights no longer match any epoch's statistics (Izmailov et al.)."""
+    averaged = copy.deepcopy(model)
+    averaged.load_state_dict({k: (v / count).float() if v.is_floating_point() else v for k, v in total.items()})
+    norms = [m for m in averaged.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if cfg.batchnorm == "train" and norms:
+        _set_train_mode(averaged, "train")
+        for m in norms:
+            m.reset_running_stats()
+            m.momentum = None  # a cumulative average over the pass
+        rng = np.random.default_rng(seed)
+        order = _epoch_indices(train_set, rng)
+        with torch.no_grad():
+            for i in range(0, len(order), cfg.batch_size):
+                x, _ = _training_batch(train_set, order[i : i + cfg.batch_size], rng, cfg, dev)
+                averaged.features(x)  # only whole images set the statistics, as in training (drenet.batchnorm_statistics_frozen)
+        for m in norms:
+            m.momentum = TRAIN_BN_MOMENTUM
+    return averaged.eval()
 
 
 def _epoch_indices(train: PreparedSet, rng: np.random.Generator) -> np.ndarray:
@@ -336,8 +392,20 @@ def train(data, out_dir, config: TrainConfig | None = None, *, extra_train=(), r
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         history, start = state["history"], state["epoch"]
+    swa_total, swa_count = (state.get("swa_total"), state.get("swa_count", 0)) if state is not None else (None, 0)
 
     pos = list(cfg.classes).index(cfg.positive_class)
+
+    def metadata(epochs_trained: int, image_auc: float, patient_auc: float, **recipe) -> dict:
+        return {
+            "name": out.name,
+            "data": cfg.data,
+            "extra_train": cfg.extra_train,
+            "split": split,
+            "recipe": {**asdict(cfg), "init": init, "epochs_trained": epochs_trained, **recipe},
+            "validation": {"image_auc": image_auc, "patient_auc": patient_auc, "positive_class_index": pos},
+        }
+
     began = time.monotonic()
     for epoch in range(start, cfg.epochs):
         if cfg.max_minutes and history and epoch > start:
@@ -352,9 +420,7 @@ def train(data, out_dir, config: TrainConfig | None = None, *, extra_train=(), r
         batches = [order[i : i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
         sums, bar = {}, tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress, mininterval=5)
         for step, idx in enumerate(bar, 1):
-            x, masks = zip(*(augment(train_set.images[i], train_set.masks[i], rng, cfg.scanner_augmentation, with_mask=True) for i in idx))
-            x = torch.from_numpy(to_three_channels(np.stack(x))).to(dev).contiguous(memory_format=torch.channels_last)
-            masks = torch.from_numpy(np.stack(masks)).to(dev)  # regions chosen over the lungs, as in use
+            x, masks = _training_batch(train_set, idx, rng, cfg, dev)
             y = torch.from_numpy(train_set.labels[idx]).to(dev)
             loss, terms = _loss(model(x, proposals=cfg.proposals, lung_mask=masks), y)
             opt.zero_grad(set_to_none=True)
@@ -378,25 +444,28 @@ def train(data, out_dir, config: TrainConfig | None = None, *, extra_train=(), r
             "seconds": round(time.monotonic() - t0, 1),
             "images": int(len(order)),
         }
+        if cfg.swa_from and epoch + 1 >= cfg.swa_from:
+            swa_total, swa_count = add_to_average(swa_total, model), swa_count + 1
+            averaged = averaged_model(model, swa_total, swa_count, train_set, cfg, dev, [cfg.seed, epoch + 1, SWA_SEED])
+            probs, _ = predict(averaged, val_set.images, dev, EVAL_BATCH, val_set.masks)
+            swa_scores = score_set(val_set.labels, probs, val_set.patients, list(cfg.classes), cfg.positive_class)
+            record["swa_val_image_auc"] = swa_scores["image_level"]["positive"]["auc"]
+            record["swa_val_patient_auc"] = swa_scores["patient_level"]["mean"]["positive"]["auc"]
+            save_checkpoint(out / SWA_PT, averaged, trained=True, metadata=metadata(
+                epoch + 1, record["swa_val_image_auc"], record["swa_val_patient_auc"], swa_epochs=[cfg.swa_from, epoch + 1]))
         history.append(record)
         if best_record(history) is record:
-            metadata = {
-                "name": out.name,
-                "data": cfg.data,
-                "extra_train": cfg.extra_train,
-                "split": split,
-                "recipe": {**asdict(cfg), "init": init, "epochs_trained": epoch + 1, "best_epoch": epoch + 1},
-                "validation": {"image_auc": image_auc, "patient_auc": patient_auc, "positive_class_index": pos},
-            }
+            best = metadata(epoch + 1, image_auc, patient_auc, best_epoch=epoch + 1)
             if isinstance(model, DRENet):
-                save_checkpoint(out / BEST_PT, model, trained=True, metadata=metadata)
+                save_checkpoint(out / BEST_PT, model, trained=True, metadata=best)
             else:
-                save_baseline(out / BEST_PT, model, metadata)
+                save_baseline(out / BEST_PT, model, best)
         state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                 "history": history, "epoch": epoch + 1}
+                 "history": history, "epoch": epoch + 1, "swa_total": swa_total, "swa_count": swa_count}
         torch_save_atomic(state, out / STATE_PT)
         (out / HISTORY_JSON).write_text(json.dumps(history, indent=1))
-        tqdm.write(f"epoch {epoch + 1}: loss {record['train_loss']:.3f}, val AUC image {image_auc}, patient {patient_auc}, {record['seconds']} s")
+        swa = f", averaged from epoch {cfg.swa_from}: patient {record['swa_val_patient_auc']}" if "swa_val_patient_auc" in record else ""
+        tqdm.write(f"epoch {epoch + 1}: loss {record['train_loss']:.3f}, val AUC image {image_auc}, patient {patient_auc}{swa}, {record['seconds']} s")
     return TrainResult(out / BEST_PT, out, history, split)
 
 
