@@ -174,11 +174,12 @@ def test_drenet_loss_is_the_sum_of_the_four_terms():
     assert scores.grad.abs().sum() > 0  # the ranking term trains the navigator
 
 
-def test_train_resume_and_evaluate_tiny(synthetic_csv, tmp_path):
+def test_train_resume_and_evaluate_tiny(synthetic_csv, tmp_path, capsys):
     run = tmp_path / "run"
     config = TrainConfig(input_size=64, epochs=2, batch_size=4, pretrained=False, max_minutes=1e-9)
     first = train([synthetic_csv], run, config, progress=False)
-    assert len(first.history) == 1  # the time budget stopped it after one epoch
+    assert len(first.history) == 1  # the time budget stopped it after one epoch, and said so
+    assert "stopped after epoch 1 of 2: another would end past --max-minutes" in capsys.readouterr().err
     split = load_split(run / SPLIT_JSON)
     assert split == first.split and len(split["val"]) == 2 and len(split["test"]) == 4
     result = train([], run, resume=True, progress=False)
@@ -249,13 +250,31 @@ def test_weight_averaging_is_the_mean_of_its_epochs_across_a_resume(synthetic_cs
     assert statistics and not any(torch.allclose(averaged[n], (weights[1][n] + weights[2][n]) / 2) for n in statistics)
 
 
-def test_swa_from_beyond_the_run_is_refused_in_one_line(synthetic_csv, tmp_path, capsys):
+@pytest.mark.parametrize("epochs", [["--epochs", "2"], []])  # [] : the default 12 epochs
+def test_swa_from_beyond_the_run_is_refused_in_one_line(synthetic_csv, tmp_path, capsys, epochs):
     from CovidCTDiagnosisLib.cli import main
 
-    argv = ["train", "--data", str(synthetic_csv), "--out", str(tmp_path / "run"), "--epochs", "2", "--swa-from", "3"]
+    beyond = "3" if epochs else str(TrainConfig.epochs + 1)
+    argv = ["train", "--data", str(synthetic_csv), "--out", str(tmp_path / "run"), *epochs, "--swa-from", beyond]
     assert main(argv) == UsageError.exit_code
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--swa-from" in err and not (tmp_path / "run").exists()
+
+
+def test_stop_after_ends_the_run_on_its_schedule_and_says_so(synthetic_csv, tmp_path, capsys):
+    """--stop-after 1 of 3 epochs: one epoch trained, a line on stderr, the recipe still plans 3 (its schedule);
+    --resume without it trains on to 3."""
+    from CovidCTDiagnosisLib.cli import main
+
+    options = ["--data", str(synthetic_csv), "--out", str(tmp_path / "run"), "--input-size", "64", "--batch-size", "8",
+               "--no-pretrained", "--quiet", "--epochs", "3"]
+    assert main(["train", *options, "--stop-after", "1"]) == 0
+    assert "stopped after epoch 1 of 3 (--stop-after)" in capsys.readouterr().err
+    assert [r["epoch"] for r in json.loads((tmp_path / "run" / HISTORY_JSON).read_text())] == [1]
+    assert json.loads((tmp_path / "run" / "recipe.json").read_text())["recipe"]["epochs"] == 3
+    assert main(["train", *options, "--resume"]) == 0
+    assert "resuming at epoch 2 of 3" in capsys.readouterr().err
+    assert [r["epoch"] for r in json.loads((tmp_path / "run" / HISTORY_JSON).read_text())] == [1, 2, 3]
 
 
 def test_commands_parse_and_fine_tune_one_command(synthetic_csv, tmp_path):

@@ -44,6 +44,9 @@ def _add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scanner-augmentation", action="store_true",
                         help="also vary kernel sharpness and image noise, as other scanners give (training/augment.py)")
     parser.add_argument("--max-minutes", type=float, help="stop before an epoch that would end after this many minutes")
+    parser.add_argument("--stop-after", type=int, metavar="EPOCH",
+                        help="end the run after this epoch, keeping the learning-rate schedule of --epochs (as a time "
+                             "budget would stop it; --resume trains on)")
     parser.add_argument("--no-pretrained", action="store_true", help="random backbone instead of ImageNet weights")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--threads", type=int, default=DEFAULTS.threads, help="CPU threads (default %(default)s)")
@@ -53,7 +56,8 @@ def _add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     _add_recipe_arguments(parser)
-    parser.add_argument("--out", required=True, metavar="DIR", help="run folder: best.pt, state.pt, split.json, history.json")
+    parser.add_argument("--out", required=True, metavar="DIR",
+                        help="run folder: best.pt, state.pt, split.json, history.json, recipe.json (and swa.pt)")
     parser.add_argument("--init", metavar="MODEL", help="fine-tune this model file (keeps its architecture and classes)")
     parser.add_argument("--resume", action="store_true",
                         help="continue the run in --out, with the same options (a larger --epochs trains it on); "
@@ -97,6 +101,7 @@ def _config(args) -> TrainConfig:
         seed=args.seed,
         pretrained=not args.no_pretrained,
         max_minutes=args.max_minutes,
+        stop_after=args.stop_after,
         threads=args.threads,
         swa_from=getattr(args, "swa_from", 0),  # `train` only
     )

@@ -52,7 +52,7 @@ SWA_PT = "swa.pt"
 HISTORY_JSON = "history.json"
 RUN_FILES = (RECIPE_JSON, SPLIT_JSON, STATE_PT, BEST_PT, SWA_PT, HISTORY_JSON)
 BATCHNORM_MODES = ("frozen", "train")
-RESUME_MAY_CHANGE = ("epochs", "max_minutes", "threads")  # a continued run may change these, and nothing else
+RESUME_MAY_CHANGE = ("epochs", "max_minutes", "stop_after", "threads")  # a continued run may change these, and nothing else
 TRAIN_BN_MOMENTUM = 0.1
 SWA_SEED = 7  # the random stream of the BatchNorm pass of averaged weights: [seed, epoch, SWA_SEED]
 
@@ -83,6 +83,7 @@ class TrainConfig:
     seed: int = 0
     pretrained: bool = True  # ImageNet backbone (ignored with `init`)
     max_minutes: float | None = None  # stop before an epoch that would end past this budget
+    stop_after: int | None = None  # end the run after this epoch, as a time budget would (the schedule stays `epochs`')
     swa_from: int = 0  # from this epoch (1-based) on, average the weights into swa.pt; 0: no averaging
     threads: int = 2  # CPU threads; 1 is faster when other jobs share the cores (no spinning at barriers)
     data: list = field(default_factory=list)  # labels CSVs (split by patient)
@@ -117,8 +118,11 @@ def check_recipe(cfg: TrainConfig) -> None:
         problems.append(f"--max-minutes must be positive, not {cfg.max_minutes:g}")
     if cfg.threads < 1:
         problems.append(f"--threads must be at least 1, not {cfg.threads}")
-    if cfg.swa_from < 0 or (cfg.epochs is not None and cfg.swa_from > cfg.epochs):
-        problems.append(f"--swa-from is an epoch of the run (1 to --epochs) or 0 for none, not {cfg.swa_from}")
+    epochs = TrainConfig.epochs if cfg.epochs is None else cfg.epochs  # a continued run's own is checked on resuming
+    if cfg.swa_from < 0 or cfg.swa_from > epochs:
+        problems.append(f"--swa-from is an epoch of the run (1 to --epochs, {epochs}) or 0 for none, not {cfg.swa_from}")
+    if cfg.stop_after is not None and cfg.stop_after < 1:
+        problems.append(f"--stop-after must be an epoch (1 or more), not {cfg.stop_after}")
     if cfg.swa_from and cfg.model != "drenet":
         problems.append("--swa-from averages DRENet runs only")
     if problems:
@@ -296,12 +300,12 @@ def continuation(out_dir, requested: TrainConfig | None = None, init=None) -> tu
     if requested is not None:
         asked = {k: getattr(requested, k) for k in (f.name for f in fields(TrainConfig)) if k not in RESUME_MAY_CHANGE}
         asked["init"] = init
-        differ = [f"{k} {v!r} (this run: {saved['init'] if k == 'init' else getattr(cfg, k)!r})" for k, v in asked.items()
-                  if v != (saved["init"] if k == "init" else getattr(cfg, k))]
+        differ = [f"--{k.replace('_', '-')} {v!r} (this run: {saved['init'] if k == 'init' else getattr(cfg, k)!r})"
+                  for k, v in asked.items() if v != (saved["init"] if k == "init" else getattr(cfg, k))]
         if differ:
             raise UsageError(f"{out} was trained with another recipe ({out / RECIPE_JSON}); asked for {'; '.join(differ)}: "
                              "repeat the run's options to continue it, or train into a new folder")
-        cfg.max_minutes, cfg.threads = requested.max_minutes, requested.threads
+        cfg.max_minutes, cfg.stop_after, cfg.threads = requested.max_minutes, requested.stop_after, requested.threads
         cfg.epochs = requested.epochs if requested.epochs is not None else cfg.epochs
     if cfg.epochs < state["epoch"]:
         raise UsageError(f"{out} has already trained {state['epoch']} epochs, more than --epochs {cfg.epochs}: "
@@ -355,6 +359,9 @@ def train(data, out_dir, config: TrainConfig | None = None, *, extra_train=(), r
         cfg, init = requested_recipe(config, data, extra_train, init)
         if cfg.epochs is None:
             cfg.epochs = TrainConfig.epochs
+    if cfg.swa_from and cfg.swa_from <= _decay_epoch(cfg) < cfg.epochs:
+        print(f"note: --swa-from {cfg.swa_from} averages across the learning-rate decay after epoch {_decay_epoch(cfg)} "
+              "(averaging is meant for epochs at a high, constant rate)", file=sys.stderr)
 
     torch.set_num_threads(cfg.threads)
     items = [it for p in cfg.data for it in read_labels(p, cfg.classes)]
@@ -408,9 +415,14 @@ def train(data, out_dir, config: TrainConfig | None = None, *, extra_train=(), r
 
     began = time.monotonic()
     for epoch in range(start, cfg.epochs):
+        if cfg.stop_after is not None and epoch >= cfg.stop_after:
+            print(f"{out}: stopped after epoch {epoch} of {cfg.epochs} (--stop-after); --resume trains on", file=sys.stderr)
+            break
         if cfg.max_minutes and history and epoch > start:
             per_epoch = (time.monotonic() - began) / (epoch - start)
             if (time.monotonic() - began + per_epoch) / 60 > cfg.max_minutes:
+                print(f"{out}: stopped after epoch {epoch} of {cfg.epochs}: another would end past --max-minutes "
+                      f"{cfg.max_minutes:g}; --resume trains on", file=sys.stderr)
                 break
         t0 = time.monotonic()
         rng = np.random.default_rng([cfg.seed, epoch])
