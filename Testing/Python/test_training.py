@@ -277,7 +277,7 @@ def test_stop_after_ends_the_run_on_its_schedule_and_says_so(synthetic_csv, tmp_
     assert [r["epoch"] for r in json.loads((tmp_path / "run" / HISTORY_JSON).read_text())] == [1, 2, 3]
 
 
-def test_commands_parse_and_fine_tune_one_command(synthetic_csv, tmp_path):
+def test_commands_parse_and_fine_tune_one_command(synthetic_csv, tmp_path, capsys):
     import argparse
 
     run = tmp_path / "base"
@@ -288,6 +288,7 @@ def test_commands_parse_and_fine_tune_one_command(synthetic_csv, tmp_path):
                               "--epochs", "1", "--quiet"])
     assert commands.run_train(args) == 0
     assert read_checkpoint(tmp_path / "ft" / BEST_PT)["config"]["input_size"] == 64  # kept from the --init model
+    assert "keeps its input size 64 (not --input-size 192)" in capsys.readouterr().err
     parser = argparse.ArgumentParser()
     commands.add_evaluate_arguments(parser)
     args = parser.parse_args(["--model", str(tmp_path / "ft" / BEST_PT), "--split", str(tmp_path / "ft" / BEST_PT),

@@ -280,6 +280,9 @@ def requested_recipe(config: TrainConfig | None, data, extra_train, init) -> tup
     init = str(Path(init).resolve()) if init else None
     if init:  # the fine-tuned model keeps the architecture and classes of the model it starts from
         base = load_model(init)[0].config
+        if cfg.input_size != base.input_size:
+            print(f"note: the --init model keeps its input size {base.input_size} (not --input-size {cfg.input_size})",
+                  file=sys.stderr)
         cfg.backbone, cfg.classes, cfg.positive_class = base.backbone, tuple(base.classes), base.positive_class
         cfg.input_size, cfg.top_k = base.input_size, base.top_k
     return cfg, init
