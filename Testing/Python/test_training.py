@@ -261,6 +261,18 @@ def test_swa_from_beyond_the_run_is_refused_in_one_line(synthetic_csv, tmp_path,
     assert len(err.splitlines()) == 1 and "--swa-from" in err and not (tmp_path / "run").exists()
 
 
+def test_resume_without_epochs_checks_swa_from_against_the_runs_own(synthetic_csv, tmp_path, capsys):
+    """--swa-from 13 of a 14-epoch run: accepted, and again on --resume without --epochs (the run's 14, not the
+    default 12, bounds it)."""
+    from CovidCTDiagnosisLib.cli import main
+
+    options = ["--data", str(synthetic_csv), "--out", str(tmp_path / "run"), "--input-size", "64", "--batch-size", "8",
+               "--no-pretrained", "--quiet", "--swa-from", "13", "--stop-after", "1"]
+    assert main(["train", *options, "--epochs", "14"]) == 0
+    assert main(["train", *options, "--resume"]) == 0
+    assert capsys.readouterr().err.count("stopped after epoch 1 of 14 (--stop-after)") == 2
+
+
 def test_stop_after_ends_the_run_on_its_schedule_and_says_so(synthetic_csv, tmp_path, capsys):
     """--stop-after 1 of 3 epochs: one epoch trained, a line on stderr, the recipe still plans 3 (its schedule);
     --resume without it trains on to 3."""

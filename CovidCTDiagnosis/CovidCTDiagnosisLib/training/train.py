@@ -118,15 +118,18 @@ def check_recipe(cfg: TrainConfig) -> None:
         problems.append(f"--max-minutes must be positive, not {cfg.max_minutes:g}")
     if cfg.threads < 1:
         problems.append(f"--threads must be at least 1, not {cfg.threads}")
-    epochs = TrainConfig.epochs if cfg.epochs is None else cfg.epochs  # a continued run's own is checked on resuming
-    if cfg.swa_from < 0 or cfg.swa_from > epochs:
-        problems.append(f"--swa-from is an epoch of the run (1 to --epochs, {epochs}) or 0 for none, not {cfg.swa_from}")
+    if cfg.swa_from < 0 or (cfg.epochs is not None and cfg.swa_from > cfg.epochs):
+        problems.append(_swa_from_problem(cfg.swa_from, cfg.epochs))
     if cfg.stop_after is not None and cfg.stop_after < 1:
         problems.append(f"--stop-after must be an epoch (1 or more), not {cfg.stop_after}")
     if cfg.swa_from and cfg.model != "drenet":
         problems.append("--swa-from averages DRENet runs only")
     if problems:
         raise UsageError("; ".join(problems))
+
+
+def _swa_from_problem(swa_from: int, epochs: int) -> str:
+    return f"--swa-from is an epoch of the run (1 to --epochs, {epochs}) or 0 for none, not {swa_from}"
 
 
 @dataclass
@@ -181,7 +184,7 @@ def averaged_model(model: nn.Module, total: dict, count: int, train_set: Prepare
     averaged.load_state_dict({k: (v / count).float() if v.is_floating_point() else v for k, v in total.items()})
     norms = [m for m in averaged.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if cfg.batchnorm == "train" and norms:
-        _set_train_mode(averaged, "train")
+        averaged.train()
         for m in norms:
             m.reset_running_stats()
             m.momentum = None  # a cumulative average over the pass
@@ -362,6 +365,8 @@ def train(data, out_dir, config: TrainConfig | None = None, *, extra_train=(), r
         cfg, init = requested_recipe(config, data, extra_train, init)
         if cfg.epochs is None:
             cfg.epochs = TrainConfig.epochs
+    if cfg.swa_from > cfg.epochs:  # the epochs are known only now: the default, or a continued run's own
+        raise UsageError(_swa_from_problem(cfg.swa_from, cfg.epochs))
     if cfg.swa_from and cfg.swa_from <= _decay_epoch(cfg) < cfg.epochs:
         print(f"note: --swa-from {cfg.swa_from} averages across the learning-rate decay after epoch {_decay_epoch(cfg)} "
               "(averaging is meant for epochs at a high, constant rate)", file=sys.stderr)
@@ -406,6 +411,10 @@ def train(data, out_dir, config: TrainConfig | None = None, *, extra_train=(), r
 
     pos = list(cfg.classes).index(cfg.positive_class)
 
+    def validation(net: nn.Module) -> dict:
+        probs, _ = predict(net, val_set.images, dev, EVAL_BATCH, val_set.masks)
+        return score_set(val_set.labels, probs, val_set.patients, list(cfg.classes), cfg.positive_class)
+
     def metadata(epochs_trained: int, image_auc: float, patient_auc: float, **recipe) -> dict:
         return {
             "name": out.name,
@@ -446,8 +455,7 @@ def train(data, out_dir, config: TrainConfig | None = None, *, extra_train=(), r
                 sums[k] = sums.get(k, 0.0) + v
             bar.set_postfix(loss=f"{sums['loss'] / step:.3f}", val_auc=history[-1]["val_patient_auc"] if history else None)
 
-        probs, _ = predict(model, val_set.images, dev, EVAL_BATCH, val_set.masks)
-        scores = score_set(val_set.labels, probs, val_set.patients, list(cfg.classes), cfg.positive_class)
+        scores = validation(model)
         image_auc = scores["image_level"]["positive"]["auc"]
         patient_auc = scores["patient_level"]["mean"]["positive"]["auc"]
         record = {
@@ -462,8 +470,7 @@ def train(data, out_dir, config: TrainConfig | None = None, *, extra_train=(), r
         if cfg.swa_from and epoch + 1 >= cfg.swa_from:
             swa_total, swa_count = add_to_average(swa_total, model), swa_count + 1
             averaged = averaged_model(model, swa_total, swa_count, train_set, cfg, dev, [cfg.seed, epoch + 1, SWA_SEED])
-            probs, _ = predict(averaged, val_set.images, dev, EVAL_BATCH, val_set.masks)
-            swa_scores = score_set(val_set.labels, probs, val_set.patients, list(cfg.classes), cfg.positive_class)
+            swa_scores = validation(averaged)
             record["swa_val_image_auc"] = swa_scores["image_level"]["positive"]["auc"]
             record["swa_val_patient_auc"] = swa_scores["patient_level"]["mean"]["positive"]["auc"]
             save_checkpoint(out / SWA_PT, averaged, trained=True, metadata=metadata(
