@@ -15,7 +15,7 @@ try:  # Ctrl-C while Python is still starting: one line and 130, not an import t
     import time
     from pathlib import Path
 
-    from .errors import BATCH_CASES_FAILED, EXIT_CODES, INTERRUPTED, CovidCTError, OutputError, UsageError
+    from .errors import BATCH_CASES_FAILED, EXIT_CODES, INTERRUPTED, CovidCTError, NoLungsError, OutputError, UsageError
 except KeyboardInterrupt:
     sys.stderr.write("covidct: interrupted\n")
     raise SystemExit(130) from None
@@ -155,7 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("score-images", help="class probabilities of 2-D slice images (PNG/JPG/DICOM)",
                        description="Score single axial slices (already in a lung window if PNG/JPG), or every slice image "
-                                   "in a folder. Writes a CSV: path, then one probability column per class.", epilog=_exit_code_help(),
+                                   "in a folder. Writes a CSV: path, one probability column per class, and a note. An image without "
+                                   "lungs (a scan's first and last slices) is not scored: its row has no probabilities and "
+                                   "the note says why; when no image has lungs, nothing is written (exit 5).", epilog=_exit_code_help(),
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("images", nargs="+", metavar="IMAGE_OR_FOLDER")
     p.add_argument("--out", required=True, metavar="CSV")
@@ -426,8 +428,15 @@ def cmd_score_images(args) -> int:
     analyzer = _analyzer(args)
     rows = score_images(analyzer, images)
     classes = analyzer.config.classes
-    write_csv_file(args.out, ["path", *classes],
-                   ([path, *(f"{probs[c]:.{PROBABILITY_DECIMALS}f}" for c in classes)] for path, probs in zip(images, rows)))
+    write_csv_file(args.out, ["path", *classes, "note"], (
+        [path, *[""] * len(classes), str(probs)] if isinstance(probs, NoLungsError)
+        else [path, *(f"{probs[c]:.{PROBABILITY_DECIMALS}f}" for c in classes), ""]
+        for path, probs in zip(images, rows)
+    ))
+    refused = sum(isinstance(probs, NoLungsError) for probs in rows)
+    if refused and not args.quiet:
+        print(f"warning: {refused} of {len(rows)} images have no lungs and were not scored (their rows in {args.out} "
+              "have no probabilities; the note says why)", file=sys.stderr)
     if not analyzer.model_info.trained and not args.quiet:
         print("warning: UNTRAINED network: these probabilities are meaningless", file=sys.stderr)
     return 0

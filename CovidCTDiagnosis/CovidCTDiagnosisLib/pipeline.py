@@ -20,6 +20,7 @@ import SimpleITK as sitk
 from . import aggregation, geometry
 from .checkpoint import check_ensemble, resolve_model
 from .cpu_threads import limit_threads
+from .errors import NoLungsError
 from .inference import SliceScorer
 from .preparation import PARTIAL_COVERAGE, LungCT, ProgressCallback, Stages, prepare_ct
 from .preprocessing import CropTransform
@@ -225,17 +226,28 @@ def _pixel_range(lo: float, hi: float, n: int) -> tuple[int, int]:
     return first, last
 
 
-def score_images(analyzer: Analyzer, paths: Sequence) -> list[dict[str, float]]:
+def score_images(analyzer: Analyzer, paths: Sequence) -> list[dict[str, float] | NoLungsError]:
     """Class probabilities of 2-D slice images (PNG/JPG/single-slice DICOM), one dict per path.
 
-    Raises NoLungsError for an image without lungs (nothing is scored then), and read errors.
+    An image without lungs (`preparation.prepare_image`) is not scored: its entry is the
+    NoLungsError saying so, so that a folder of a scan's slices is scored although its first and
+    last slices hold no lung. Raises NoLungsError when no image has lungs (the image's own error
+    for one image), and read errors.
     """
     from .preparation import prepare_image
     from .preprocessing import crop_mask
 
     cfg = analyzer.config
-    prepared = [prepare_image(Path(path), cfg.input_size) for path in paths]
-    batch = np.stack([image for image, _, _ in prepared])
-    masks = np.stack([crop_mask(mask, cfg.input_size) for _, mask, _ in prepared])
-    scores = analyzer.scorer.score(batch, explain_class=0, with_cam=False, lung_masks=masks)
-    return [{c: float(p) for c, p in zip(cfg.classes, row)} for row in scores.probabilities]
+    prepared: list[tuple[np.ndarray, np.ndarray, CropTransform] | NoLungsError] = []
+    for path in paths:
+        try:
+            prepared.append(prepare_image(Path(path), cfg.input_size))
+        except NoLungsError as refusal:
+            prepared.append(refusal)
+    scored = [p for p in prepared if not isinstance(p, NoLungsError)]
+    if not scored:
+        raise prepared[0] if len(prepared) == 1 else NoLungsError(f"no lungs in any of the {len(prepared)} images ({prepared[0]})")
+    batch = np.stack([image for image, _, _ in scored])
+    masks = np.stack([crop_mask(mask, cfg.input_size) for _, mask, _ in scored])
+    rows = iter(analyzer.scorer.score(batch, explain_class=0, with_cam=False, lung_masks=masks).probabilities)
+    return [p if isinstance(p, NoLungsError) else dict(zip(cfg.classes, map(float, next(rows)))) for p in prepared]

@@ -23,7 +23,7 @@ from .lungs import Lungs, extract_lungs, lung_mask_2d
 from .memory import release_free_memory
 from .preprocessing import CropTransform, crop_mask, prepare_image_2d, prepare_slice
 from .slice_selection import DEFAULT_COUNT, choose_slices
-from .volume_io import LoadedVolume, check_ct, read_image_2d, read_volume
+from .volume_io import LoadedVolume, check_ct, read_image_2d, read_volume, voxel_view
 
 # Coverage, measured with lungs.extract_lungs: full chest CTs hold 6.1 L (P001) and 3.4 L
 # (normal001) of lung; their lowest 4 / 6 / 8 cm hold 0.14 / 0.34 / 0.74 L and 0.09 / 0.24 /
@@ -74,8 +74,8 @@ class OrientedCT:
 
     @property
     def hu(self) -> np.ndarray:
-        """HU [k, j, i] (a read-only view of `oriented`)."""
-        return sitk.GetArrayViewFromImage(self.oriented)
+        """HU [k, j, i] (a read-only view of `oriented`, which it keeps alive)."""
+        return voxel_view(self.oriented)
 
 
 @dataclass

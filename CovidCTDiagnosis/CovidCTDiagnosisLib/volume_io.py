@@ -403,6 +403,24 @@ def _mark_padding(image: sitk.Image, paddings: list[tuple[float, float] | None])
     return marked
 
 
+class _ImageVoxels:
+    """Exposes a SimpleITK image's voxel buffer to numpy while holding the image (`voxel_view`)."""
+
+    def __init__(self, image: sitk.Image):
+        self.image = image
+        self.__array_interface__ = sitk.GetArrayViewFromImage(image).__array_interface__
+
+
+def voxel_view(image: sitk.Image) -> np.ndarray:
+    """A read-only numpy view of the image's voxels, [k, j, i] for 3-D, that keeps the image alive.
+
+    SimpleITK's own `GetArrayViewFromImage` does not: once the image is collected (e.g.
+    `read_ct(path).hu`, whose image is a temporary), its view reads freed memory: zeros,
+    another array's values, or a crash.
+    """
+    return np.asarray(_ImageVoxels(image))
+
+
 def has_data(hu: np.ndarray) -> np.ndarray:
     """True where a voxel holds a measurement (HU >= NO_DATA_BELOW_HU), False for padding / no data."""
     return hu >= NO_DATA_BELOW_HU

@@ -182,7 +182,7 @@ def test_score_images_csv(tmp_path, tiny_model, capsys, phantom):
     code, _, err = run(["score-images", png, png, "--out", out, "--model", tiny_model], capsys)
     assert code == 0, err
     rows = list(csv.reader(out.open()))
-    assert rows[0] == ["path", "COVID-19", "Non-COVID-19"] and len(rows) == 3
+    assert rows[0] == ["path", "COVID-19", "Non-COVID-19", "note"] and len(rows) == 3 and rows[1][3] == ""
     assert float(rows[1][1]) + float(rows[1][2]) == pytest.approx(1, abs=1e-4)
 
 

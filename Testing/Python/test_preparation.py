@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import csv
+import gc
 import json
 import random
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -66,6 +68,18 @@ def test_oriented_ct_midline_and_valid_voxels():
     assert ct.oriented.TransformContinuousIndexToPhysicalPoint((0, 27.5, 5.5))[0] < 0  # i = 0 at the patient's right
     valid = has_data(ct.hu)
     assert not valid[:, :, -3:].any() and valid[:, :, :-3].all()
+
+
+def test_hu_of_a_temporary_ct_stays_valid():
+    """`read_ct(x).hu` outlives its OrientedCT: the view keeps the image, whose memory would otherwise be reused."""
+    image = make_chest_phantom(size=(64, 56, 12), spacing=(5.0, 5.0, 10.0)).image
+    expected = sitk.GetArrayFromImage(read_ct(image).oriented)
+    hu = read_ct(image).hu
+    gc.collect()
+    reuse = [np.full(expected.shape, 1234, expected.dtype) for _ in range(8)]  # would land in freed memory
+    assert not hu.flags.writeable
+    assert np.array_equal(hu, expected)
+    del reuse
 
 
 # ---- coverage ---------------------------------------------------------------------------------
@@ -139,6 +153,32 @@ def test_score_images_refuses_images_without_lungs(tmp_path, tiny_model, capsys,
     assert code == NoLungsError.exit_code, f"{image.name} was scored"
     assert len(err.strip().splitlines()) == 1 and f"no lungs in {image}" in err
     assert not out.exists() and not list(tmp_path.glob(f".{out.name}.*"))
+
+
+def test_score_images_scores_a_folder_in_which_some_images_have_no_lungs(tmp_path, tiny_model, capsys):
+    """A folder of slices (a scan's, with blank or non-chest frames): those without lungs get a row with no
+    probabilities and the reason; the rest are scored. Only when none has lungs is the command refused."""
+    folder = tmp_path / "scan"
+    folder.mkdir()
+    hu = sitk.GetArrayFromImage(make_chest_phantom().image)[24]
+    cv2.imwrite(str(folder / "chest.png"), np.clip((hu + 1450) / 1500 * 255, 0, 255).astype(np.uint8))
+    no_lung_images(folder)
+    out = tmp_path / "scores.csv"
+    code = main(["score-images", str(folder), "--out", str(out), "--model", tiny_model])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    rows = {Path(r["path"]).name: r for r in csv.DictReader(out.open())}
+    assert sorted(rows) == sorted(["chest.png", *NO_LUNG_IMAGES])
+    chest = rows.pop("chest.png")
+    assert float(chest["COVID-19"]) + float(chest["Non-COVID-19"]) == pytest.approx(1, abs=1e-3) and chest["note"] == ""
+    for name, row in rows.items():
+        assert row["COVID-19"] == row["Non-COVID-19"] == "" and row["note"].startswith(f"no lungs in {folder / name}:")
+    assert "warning: 3 of 4 images have no lungs and were not scored" in err
+    (folder / "chest.png").unlink()
+    code = main(["score-images", str(folder), "--out", str(tmp_path / "none.csv"), "--model", tiny_model, "--quiet"])
+    err = capsys.readouterr().err
+    assert code == NoLungsError.exit_code and len(err.strip().splitlines()) == 1 and "no lungs in any of the 3 images" in err
+    assert not (tmp_path / "none.csv").exists()
 
 
 def test_training_skips_images_without_lungs(tmp_path):
