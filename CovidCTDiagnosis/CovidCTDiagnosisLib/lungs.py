@@ -6,7 +6,8 @@ So per axial slice the lung network (`lung_net`, trained on lungs with painted l
 lung probability; the candidates are the air regions the network calls lung plus what the
 network calls lung (lesions). Small pockets and the trachea are dropped; across slices the
 lungs' 3-D components are kept and right told from left; per slice and side the mask is closed,
-bites at the pleura and holes are filled. Voxels without data (`volume_io.has_data`: padding
+bites at the pleura and holes are filled, and soft tissue medial to the aerated lung (the heart,
+the mediastinum) is dropped, ground glass kept. Voxels without data (`volume_io.has_data`: padding
 outside the reconstruction circle) are never air.
 
 `extract_aerated_lungs` is the threshold-only method (air regions not connected to the image
@@ -29,6 +30,8 @@ from .errors import NoLungsError
 from .volume_io import has_data
 
 AIR_THRESHOLD_HU = -600.0  # lung parenchyma and air lie below
+GROUND_GLASS_MAX_HU = -300.0  # ground glass lies below; consolidation and soft tissue (heart, vessels, fat) at and above
+SOFT_TISSUE_RIM_MM = 1.5  # partial-volume pixels this close to soft tissue count as soft tissue
 PSEUDO_HU_SCALE = 3.0  # 8-bit windowed images: pseudo-HU = 3 * pixel - 1000 (as the DRENet authors)
 PSEUDO_HU_OFFSET = -1000.0
 MIN_REGION_AREA_MM2 = 100.0  # air pockets smaller than this on a slice are ignored
@@ -362,7 +365,7 @@ def _extract(hu_kji: np.ndarray, spacing_ijk: Sequence[float], prob: np.ndarray 
                 _cut_joined(sides, regions.centre[0], spacing_ij[0])
             labels[k] = _refine_slice(sides, regions.centre, spacing_ij)
             if prob is not None:
-                _clear_mediastinum(labels[k], hu_kji[k], regions.centre[0])
+                _clear_mediastinum(labels[k], hu_kji[k], regions.centre[0], spacing_ij)
 
         list(pool.map(label_slice, range(len(slices)), slices, tables))
     lungs = Lungs(
@@ -379,17 +382,22 @@ def _extract(hu_kji: np.ndarray, spacing_ijk: Sequence[float], prob: np.ndarray 
     return lungs
 
 
-def _clear_mediastinum(labels: np.ndarray, hu_slice: np.ndarray, midline_col: float) -> None:
-    """Drop, in place, dense (non-air) lung pixels medial to the aerated lung of their row.
+def _clear_mediastinum(labels: np.ndarray, hu_slice: np.ndarray, midline_col: float, spacing_ij: Sequence[float]) -> None:
+    """Drop, in place, lung pixels as dense as soft tissue (>= GROUND_GLASS_MAX_HU, or within
+    SOFT_TISSUE_RIM_MM of such a pixel) medial to the aerated lung of their row.
 
     The heart and mediastinum lie between the lungs' medial borders; the lung network can take
-    them for a lesion where the lung wraps around them. Dense lung lateral to, in front of or
-    behind the aerated lung (consolidation at the chest wall, dependent bands with no aerated
-    lung on their rows) is kept. Per row: the right lung's zone runs from its aerated pixel
-    nearest the midline to the midline (or to the left lung's aerated pixel), the left lung's
-    likewise.
+    them for a lesion where the lung wraps around them. Ground glass is kept wherever it lies (the
+    medial lung of a diffusely diseased slice, with aerated lung only laterally), as is dense
+    lung lateral to, in front of or behind the aerated lung (consolidation at the chest wall,
+    dependent bands with no aerated lung on their rows). Per row: the right lung's zone runs from
+    its aerated pixel nearest the midline to the midline (or to the left lung's aerated pixel),
+    the left lung's likewise.
     """
     air = hu_slice < AIR_THRESHOLD_HU
+    # soft tissue and the pixels next to it (partial volume at the heart's and vessels' borders)
+    rim_px = max(1, round(SOFT_TISSUE_RIM_MM / min(spacing_ij)))
+    soft_tissue = cv2.dilate((hu_slice >= GROUND_GLASS_MAX_HU).astype(np.uint8), np.ones((2 * rim_px + 1,) * 2, np.uint8)) > 0
     cols = np.arange(labels.shape[1])
     for side in (RIGHT, LEFT):
         aerated = (labels == side) & air
@@ -403,7 +411,7 @@ def _clear_mediastinum(labels: np.ndarray, hu_slice: np.ndarray, midline_col: fl
         else:
             edge = np.argmax(aerated, axis=1)
             medial = (cols[None, :] < edge[:, None]) & (cols[None, :] >= midline_col)
-        labels[medial & rows[:, None] & (labels == side) & ~air] = 0
+        labels[medial & rows[:, None] & (labels == side) & soft_tissue] = 0
 
 
 def _pseudo_hu(gray_u8: np.ndarray) -> np.ndarray:
@@ -424,7 +432,7 @@ def lung_mask_2d(gray_u8: np.ndarray) -> np.ndarray:
     gray_u8: (H, W) uint8 (`volume_io.read_image_2d`), or (H, W, 3) colour. Any orientation,
     flip or crop: the lung network reads the image as it is. The image has no spacing: its width
     is taken as NOMINAL_FOV_MM. Lungs are candidates at least a fraction of the largest, each
-    closed and filled on its own; then, as in a volume, dense pixels medial to a lung's aerated
+    closed and filled on its own; then, as in a volume, soft-tissue pixels medial to a lung's aerated
     part on its rows (heart, mediastinum, the liver's dome: `_clear_mediastinum`) are dropped,
     medial meaning towards the body's centre column, whichever way the image is flipped.
     """
@@ -455,5 +463,5 @@ def _mask_2d(gray: np.ndarray, prob: np.ndarray | None) -> np.ndarray:
             refined = _refine_side((regions.labels == n).astype(np.uint8), regions.centre, spacing_ij) > 0
             labels[refined & (labels == 0)] = side
     if prob is not None:
-        _clear_mediastinum(labels, hu, regions.centre[0])
+        _clear_mediastinum(labels, hu, regions.centre[0], spacing_ij)
     return labels > 0

@@ -30,10 +30,10 @@ from dataclasses import asdict, dataclass, field
 import cv2
 import numpy as np
 
-from .lungs import LEFT, MM3_PER_ML, RIGHT, Lungs
+from .lungs import GROUND_GLASS_MAX_HU, LEFT, MM3_PER_ML, RIGHT, Lungs
 
-GROUND_GLASS_HU = (-700.0, -300.0)  # [low, high)
-CONSOLIDATION_HU = (-300.0, 50.0)  # [low, high)
+GROUND_GLASS_HU = (-700.0, GROUND_GLASS_MAX_HU)  # [low, high)
+CONSOLIDATION_HU = (GROUND_GLASS_MAX_HU, 50.0)  # [low, high)
 VESSEL_OPENING_RADIUS_MM = 3.0  # per-slice opening disk: structures narrower than 6 mm are left out
 NONE_BELOW_PERCENT = 0.5  # zone involvement below this scores 0 (normal001's zones all lie below; see tests)
 SCORE_UPPER_PERCENT = (5.0, 25.0, 50.0, 75.0)  # score 1: < 5 %; 2: <= 25 %; 3: <= 50 %; 4: <= 75 %; 5: above

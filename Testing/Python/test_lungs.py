@@ -178,6 +178,31 @@ def test_dense_posterior_consolidation_stays_inside(shared_data, fraction, insid
     assert np.count_nonzero(lungs.mask & dense) / np.count_nonzero(dense) >= inside
 
 
+def test_medial_ground_glass_stays_inside(shared_data):
+    """Ground glass (-450 HU) over the medial half of each lung of P001, aerated lung lateral to it: it stays inside
+    the 3-D mask and the 2-D masks of lung-window renderings. (Clearing every non-air pixel medial to a row's
+    aerated lung, as the mediastinum was dropped before, kept 3 % in 3-D and 32 % in 2-D, in rows.)"""
+    from CovidCTDiagnosisLib.volume_io import hu_to_u8
+
+    oriented = _p001(shared_data, every=3)
+    hu = sitk.GetArrayFromImage(oriented)
+    clean = extract_lungs(hu, oriented.GetSpacing())
+    ggo = np.zeros(hu.shape, bool)
+    cols = np.arange(hu.shape[2])[None, :]
+    for k in range(hu.shape[0]):
+        for side in (RIGHT, LEFT):
+            lung = clean.labels[k] == side
+            if np.count_nonzero(lung) >= 2000:
+                i = np.flatnonzero(lung.any(0))
+                ggo[k] |= lung & ((cols > (i[0] + i[-1]) / 2) if side == RIGHT else (cols < (i[0] + i[-1]) / 2))
+    hu[ggo] = -450.0 + np.random.default_rng(0).normal(0, 40, np.count_nonzero(ggo))
+    lungs = extract_lungs(hu, oriented.GetSpacing())
+    assert np.count_nonzero(lungs.mask & ggo) / np.count_nonzero(ggo) >= 0.8
+    inside_2d = [np.count_nonzero(lung_mask_2d(hu_to_u8(hu[k])) & ggo[k]) / np.count_nonzero(ggo[k])
+                 for k in range(hu.shape[0]) if np.count_nonzero(ggo[k]) > 5000]
+    assert len(inside_2d) >= 30 and np.mean(inside_2d) >= 0.85 and min(inside_2d) >= 0.5
+
+
 @pytest.mark.parametrize("name", ["P001-covid", "normal001-normal"])
 def test_clean_lung_volume_as_aerated(shared_data, name):
     """On these lungs the whole-lung mask adds little to the air-like lung (no heart, wall, airways)."""
@@ -192,7 +217,7 @@ def test_clean_lung_volume_as_aerated(shared_data, name):
 @pytest.mark.parametrize("name", ["P001-covid", "normal001-normal"])
 def test_2d_mask_agrees_with_3d(shared_data, name):
     """Lung-window 8-bit renderings of the CT's slices: the 2-D mask agrees with the 3-D one (Dice >= 0.9;
-    measured minimum 0.97 on normal001 and 0.98 on P001 over every slice of at least half the largest
+    measured minimum 0.95 on normal001 and 0.98 on P001 over every slice of at least half the largest
     lung area, 0.89 before the 2-D mask dropped the mediastinum as the 3-D one does)."""
     from CovidCTDiagnosisLib.volume_io import hu_to_u8
 
