@@ -141,6 +141,13 @@ def _p001(shared_data, every: int = 1):
     return geometry.orient_to_lps(image[:, :, ::every])
 
 
+@pytest.fixture(scope="module")
+def p001_clean(shared_data):
+    """Every 3rd slice of P001 (LPS-oriented image) and its lungs: the clean case that lesions are painted into."""
+    oriented = _p001(shared_data, every=3)
+    return oriented, extract_lungs(sitk.GetArrayViewFromImage(oriented), oriented.GetSpacing())
+
+
 def test_infnet_infection_inside_2d_mask(shared_data):
     """On the 98 Inf-Net slices (tight crops, rotated), the radiologists' infection lies inside the mask."""
     import cv2
@@ -160,11 +167,10 @@ def test_infnet_infection_inside_2d_mask(shared_data):
 # 28 points short (dense "lung" reaching the air around the body is dropped, and a band that deep
 # often does); a regression guard until the lung network is sure of such bands
 @pytest.mark.parametrize("fraction, inside", [(0.2, 0.75), (0.4, 0.50)])
-def test_dense_posterior_consolidation_stays_inside(shared_data, fraction, inside):
+def test_dense_posterior_consolidation_stays_inside(p001_clean, fraction, inside):
     """The posterior 20 % / 40 % of each lung of P001 made dense (35 HU) stays inside the mask."""
-    oriented = _p001(shared_data, every=3)
-    hu = sitk.GetArrayFromImage(oriented)
-    clean = extract_lungs(hu, oriented.GetSpacing())
+    oriented, clean = p001_clean
+    hu = sitk.GetArrayFromImage(oriented)  # a copy to paint into
     dense = np.zeros(hu.shape, bool)
     rows = np.arange(hu.shape[1])[:, None]
     for side in (RIGHT, LEFT):
@@ -178,15 +184,14 @@ def test_dense_posterior_consolidation_stays_inside(shared_data, fraction, insid
     assert np.count_nonzero(lungs.mask & dense) / np.count_nonzero(dense) >= inside
 
 
-def test_medial_ground_glass_stays_inside(shared_data):
+def test_medial_ground_glass_stays_inside(p001_clean):
     """Ground glass (-450 HU) over the medial half of each lung of P001, aerated lung lateral to it: it stays inside
     the 3-D mask and the 2-D masks of lung-window renderings. (Clearing every non-air pixel medial to a row's
     aerated lung, as the mediastinum was dropped before, kept 3 % in 3-D and 32 % in 2-D, in rows.)"""
     from CovidCTDiagnosisLib.volume_io import hu_to_u8
 
-    oriented = _p001(shared_data, every=3)
-    hu = sitk.GetArrayFromImage(oriented)
-    clean = extract_lungs(hu, oriented.GetSpacing())
+    oriented, clean = p001_clean
+    hu = sitk.GetArrayFromImage(oriented)  # a copy to paint into
     ggo = np.zeros(hu.shape, bool)
     cols = np.arange(hu.shape[2])[None, :]
     for k in range(hu.shape[0]):
