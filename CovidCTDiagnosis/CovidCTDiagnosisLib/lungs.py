@@ -106,6 +106,32 @@ class _SliceRegions:
     at_edge: np.ndarray  # pixels of each candidate on the image border or next to no-data (field of view)
 
 
+def _region_means(values: np.ndarray, labels: np.ndarray, stats: np.ndarray, regions: np.ndarray) -> np.ndarray:
+    """Mean of `values` over each of `regions` (labels of `cv2.connectedComponentsWithStats`), summed
+    within their joint bounding box only; the other labels' entries are not their means."""
+    means = np.zeros(len(stats))
+    if len(regions):
+        x0, y0 = stats[regions, :2].min(0)
+        x1, y1 = (stats[regions, :2] + stats[regions, 2:4]).max(0)
+        box = np.s_[y0:y1, x0:x1]
+        means = np.bincount(labels[box].ravel(), values[box].ravel(), len(stats)) / np.maximum(stats[:, cv2.CC_STAT_AREA], 1)
+    return means
+
+
+def _components_in_box(mask: np.ndarray):
+    """`cv2.connectedComponentsWithStats(mask, connectivity=8)` computed within the bounding box of
+    the mask's pixels (stats and centroids in the whole image's pixels); label 0's stats are those of
+    the box's background."""
+    x0, y0, w, h = cv2.boundingRect(mask)
+    if not w:
+        x0, y0, w, h = 0, 0, 1, 1
+    count, box_labels, stats, centroids = cv2.connectedComponentsWithStats(mask[y0:y0 + h, x0:x0 + w], connectivity=8)
+    stats[:, :2] += (x0, y0)
+    labels = np.zeros(mask.shape, box_labels.dtype)
+    labels[y0:y0 + h, x0:x0 + w] = box_labels
+    return count, labels, stats, centroids + (x0, y0)
+
+
 def _air_regions(
     hu_slice: np.ndarray, spacing_ij: Sequence[float], prob: np.ndarray | None = None, midline_col: float | None = None,
     in_volume: bool = False,
@@ -140,18 +166,19 @@ def _air_regions(
     edge_zone[[0, -1], :] = edge_zone[:, [0, -1]] = True
     if prob is not None:
         lungish = prob >= DENSE_LUNG_PROBABILITY
-        mean_prob = np.bincount(labels.ravel(), prob.ravel(), count) / np.maximum(stats[:, cv2.CC_STAT_AREA], 1)
         # air around the body reaches 3 image sides (a lung cut by a tight crop, 1 or 2); slice images
         # may be cropped to the lungs on 3 sides, so only volumes use it
         surrounding = (sides_touched >= OUTSIDE_MIN_SIDES) & in_volume
         surrounding[0] = False
+        mean_prob = _region_means(prob, labels, stats, np.flatnonzero(~surrounding[1:]) + 1)
         dense = (lungish & valid & (labels == 0)).astype(np.uint8)
-        if surrounding.any():  # dense lung lies inside the chest wall: dense "lung" reaching the air around the body is not lung
+        if surrounding.any() and cv2.countNonZero(dense):
+            # dense lung lies inside the chest wall: dense "lung" reaching the air around the body is not lung
             outside_air = _lookup(surrounding.view(np.uint8), labels)
             dense_count, dense_labels = cv2.connectedComponents(dense, connectivity=8)
+            reach = cv2.bitwise_and(cv2.dilate(outside_air, np.ones((5, 5), np.uint8)), dense)
             touching = np.zeros(dense_count, dtype=bool)
-            touching[dense_labels[cv2.dilate(outside_air, np.ones((5, 5), np.uint8)) > 0]] = True
-            touching[0] = False
+            touching[dense_labels[reach > 0]] = True
             dense[_lookup(touching, dense_labels)] = 0
         # per air region: 0 not lung (no region, or the air around the body), 1 lung where the network
         # calls the pixel lung, 2 lung (the network calls the region lung on average)
@@ -160,7 +187,7 @@ def _air_regions(
         air_lung += air_lung.astype(bool) & (mean_prob >= LUNG_PROBABILITY_THRESHOLD)
         air_kind = _lookup(air_lung, labels)
         candidate = (air_kind == 2) | ((air_kind == 1) & lungish) | (dense > 0)
-        count, labels, stats, centroids = cv2.connectedComponentsWithStats(candidate.astype(np.uint8), connectivity=8)
+        count, labels, stats, centroids = _components_in_box(candidate.view(np.uint8))
         outside = np.zeros(count, dtype=bool)
         outside[0] = True
     area_mm2 = stats[:, cv2.CC_STAT_AREA] * spacing_ij[0] * spacing_ij[1]
@@ -203,7 +230,7 @@ def _components_3d(slices: list[_SliceRegions]) -> tuple[np.ndarray, np.ndarray]
         overlap = (below > 0) & (above > 0)
         if not overlap.any():
             continue
-        pairs = np.unique(below[overlap].astype(np.int32) * 256 + above[overlap])
+        pairs = np.flatnonzero(np.bincount(below[overlap].astype(np.int32) * 256 + above[overlap], minlength=1))
         for a, b in zip(offsets[k] + pairs // 256, offsets[k + 1] + pairs % 256):
             parent[root(int(a))] = root(int(b))
     return offsets, np.array([root(n) for n in range(offsets[-1])])
@@ -265,10 +292,9 @@ def _fill_pleural_bites(contour: np.ndarray, centre: np.ndarray, spacing_mm: flo
         return []
     points = contour[:, 0, :].astype(float)
     polygons = []
-    for start, end, far, depth_fixed in defects.reshape(-1, 4):
-        depth_mm = depth_fixed / 256.0 * spacing_mm
-        if not MIN_DEFECT_DEPTH_MM <= depth_mm <= MAX_DEFECT_DEPTH_MM:
-            continue
+    defects = defects.reshape(-1, 4)
+    depth_mm = defects[:, 3] / 256.0 * spacing_mm
+    for start, end, far, _ in defects[(depth_mm >= MIN_DEFECT_DEPTH_MM) & (depth_mm <= MAX_DEFECT_DEPTH_MM)]:
         mouth = (points[start] + points[end]) / 2
         inward = points[far] - mouth
         to_centre = centre - mouth
@@ -394,24 +420,30 @@ def _clear_mediastinum(labels: np.ndarray, hu_slice: np.ndarray, midline_col: fl
     its aerated pixel nearest the midline to the midline (or to the left lung's aerated pixel),
     the left lung's likewise.
     """
-    air = hu_slice < AIR_THRESHOLD_HU
-    # soft tissue and the pixels next to it (partial volume at the heart's and vessels' borders)
     rim_px = max(1, round(SOFT_TISSUE_RIM_MM / min(spacing_ij)))
-    soft_tissue = cv2.dilate((hu_slice >= GROUND_GLASS_MAX_HU).astype(np.uint8), np.ones((2 * rim_px + 1,) * 2, np.uint8)) > 0
-    cols = np.arange(labels.shape[1])
+    x, y, w, h = cv2.boundingRect(labels)
+    if not w:
+        return
+    # the lungs' box and a rim around it: the soft tissue within rim_px of any lung pixel
+    box = np.s_[max(y - rim_px, 0):y + h + rim_px, max(x - rim_px, 0):x + w + rim_px]
+    box_labels, box_hu = labels[box], hu_slice[box]  # views: the box's labels are cleared in place
+    air = box_hu < AIR_THRESHOLD_HU
+    # soft tissue and the pixels next to it (partial volume at the heart's and vessels' borders)
+    soft_tissue = cv2.dilate((box_hu >= GROUND_GLASS_MAX_HU).astype(np.uint8), np.ones((2 * rim_px + 1,) * 2, np.uint8)) > 0
+    cols = np.arange(box[1].start, box[1].start + box_labels.shape[1])  # image columns i
     for side in (RIGHT, LEFT):
-        aerated = (labels == side) & air
+        aerated = (box_labels == side) & air
         rows = aerated.any(axis=1)
         if not rows.any():
             continue
         # each row's aerated pixel nearest the midline (rows without one are left alone below)
         if side == RIGHT:  # i grows towards the patient's left
-            edge = labels.shape[1] - 1 - np.argmax(aerated[:, ::-1], axis=1)
+            edge = cols[-1] - np.argmax(aerated[:, ::-1], axis=1)
             medial = (cols[None, :] > edge[:, None]) & (cols[None, :] <= max(midline_col, 0))
         else:
-            edge = np.argmax(aerated, axis=1)
+            edge = cols[0] + np.argmax(aerated, axis=1)
             medial = (cols[None, :] < edge[:, None]) & (cols[None, :] >= midline_col)
-        labels[medial & rows[:, None] & (labels == side) & soft_tissue] = 0
+        box_labels[medial & rows[:, None] & (box_labels == side) & soft_tissue] = 0
 
 
 def _pseudo_hu(gray_u8: np.ndarray) -> np.ndarray:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -315,3 +316,39 @@ def test_threads_usage_errors(tmp_path, ct_file, capsys):
     code, _, err = run(["batch", ct_file.parent, "--out", tmp_path / "out", "--threads", "1", "--ray", "local"], capsys)
     assert code == 2 and err.strip() == "covidct: error: --threads limits this process; on Ray use --threads-per-worker"
     assert not (tmp_path / "out").exists()
+
+
+def test_command_exits_with_main_code_after_flushing(tmp_path):
+    """The `covidct` command (`cli.run`) ends the process at once after `main` (no interpreter teardown), with
+    main's exit code and its buffered output delivered; a reader that went away costs no traceback."""
+    script = """
+import sys
+from CovidCTDiagnosisLib import cli
+def main():
+    print("buffered result line")  # not flushed by main: run must deliver it
+    print("buffered note", file=sys.stderr)
+    return int(sys.argv[1])
+cli.main = main
+cli.run()
+print("never reached")
+"""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # stdout buffered, as for most users
+    done = subprocess.run([sys.executable, "-c", script, "7"], capture_output=True, text=True, env=env)
+    assert (done.returncode, done.stdout, done.stderr) == (7, "buffered result line\n", "buffered note\n")
+    gone = subprocess.Popen([sys.executable, "-c", script, "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    gone.stdout.close()  # the reader goes away before the command flushes
+    assert gone.wait(timeout=60) == 0
+    assert gone.stderr.read() == b"buffered note\n"  # no BrokenPipeError traceback
+
+
+def test_module_command_analyzes_with_exit_code(tmp_path, ct_file, tiny_model):
+    """`python -m CovidCTDiagnosisLib.cli` (how the Slicer module runs it): a complete result folder and exit 0;
+    a missing input: one line and exit 3."""
+    command = [sys.executable, "-m", "CovidCTDiagnosisLib.cli", "analyze"]
+    done = subprocess.run([*command, str(ct_file), "--out", str(tmp_path / "out"), "--model", tiny_model, "--progress", "lines"],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[-1].startswith("PROGRESS 1.000")
+    assert json.loads((tmp_path / "out" / "report.json").read_text())["patient"]["label"]
+    missing = subprocess.run([*command, str(tmp_path / "missing.nrrd"), "--out", str(tmp_path / "other")], capture_output=True, text=True)
+    assert missing.returncode == 3 and len(missing.stderr.strip().splitlines()) == 1 and "missing.nrrd" in missing.stderr
