@@ -1,9 +1,10 @@
 """Many cases in one run: one result folder per case and a summary CSV; bad cases are skipped.
 
 A batch input is a folder (each DICOM sub-folder or volume file in it is a case) or a CSV
-manifest with a `path` column (and optionally `case_id`). Cases whose folder is already complete,
-analysed with the same options and model (the resume key in report.json), are not analysed again,
-so an interrupted batch can simply be re-run. The cases run here one after the other, or on a Ray
+manifest with a `path` column (and optionally `case_id`). Each case's id names its result folder:
+ids must be distinct (also ignoring case) and plain folder names. Cases whose folder is already
+complete, analysed from the same input with the same options and model (report.json's `input.path`
+and resume key), are not analysed again, so an interrupted batch can simply be re-run. The cases run here one after the other, or on a Ray
 cluster (`ray_batch`); both analyse and write each case through `analyse_case`.
 """
 
@@ -16,7 +17,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from . import dicom_export
-from .errors import EXIT_CODES, CovidCTError, InputNotFoundError, OutputError
+from .errors import EXIT_CODES, CovidCTError, InputNotFoundError, OutputError, UnreadableInputError
 from .outputs import check_writable, discard_leftovers, is_complete, read_report, write_csv_file, write_outputs
 from .pipeline import Analyzer, analysis_options
 
@@ -47,21 +48,46 @@ def _case_id(path: Path) -> str:
 
 
 def find_cases(source) -> list[Case]:
-    """Cases from a folder (sub-folders and volume files, sorted) or a manifest CSV."""
+    """Cases from a folder (sub-folders and volume files, sorted) or a manifest CSV.
+
+    InputNotFoundError for a missing source; UnreadableInputError for a file that is not a manifest, a
+    folder without cases, a case id that is not a plain folder name (empty, ".", "..", hidden, or with a
+    path separator) and two cases of one id, ignoring case (their results would land in one folder).
+    """
     source = Path(source)
+    cases = _manifest_cases(source) if source.is_file() else _folder_cases(source)
+    if not cases:
+        raise UnreadableInputError(f"no cases in {source}: a case is a DICOM sub-folder or a volume file "
+                                   f"({', '.join(VOLUME_SUFFIXES)})")
+    seen: dict[str, Case] = {}
+    for case in cases:
+        name = case.case_id
+        if not name or name in (".", "..") or name.startswith(".") or any(sep in name for sep in ("/", "\\")):
+            raise UnreadableInputError(f"{source}: case id {name!r} of {case.path} is not a plain folder name "
+                                       "(its result folder is named after it)")
+        first = seen.setdefault(name.casefold(), case)
+        if first is not case:
+            raise UnreadableInputError(f"{source}: cases {first.path} and {case.path} have one case id {name!r} "
+                                       "(their results would share a folder); rename one, or give case_id in a manifest")
+    return cases
+
+
+def _manifest_cases(source: Path) -> list[Case]:
+    with open(source, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows or "path" not in rows[0]:
+        raise InputNotFoundError(f"{source} is not a manifest: it needs a 'path' column")
+    cases = []
+    for row in rows:
+        path = Path(row["path"])
+        path = path if path.is_absolute() else source.parent.absolute() / path
+        cases.append(Case(row.get("case_id") or _case_id(path), path))
+    return cases
+
+
+def _folder_cases(source: Path) -> list[Case]:
     if not source.exists():
         raise InputNotFoundError(f"batch input not found: {source}")
-    if source.is_file():
-        with open(source, newline="") as f:
-            rows = list(csv.DictReader(f))
-        if not rows or "path" not in rows[0]:
-            raise InputNotFoundError(f"{source} is not a manifest: it needs a 'path' column")
-        cases = []
-        for row in rows:
-            path = Path(row["path"])
-            path = path if path.is_absolute() else source.parent.absolute() / path
-            cases.append(Case(row.get("case_id") or _case_id(path), path))
-        return cases
     return [
         Case(_case_id(p), p)
         for p in sorted(source.absolute().iterdir())
@@ -118,7 +144,7 @@ def run_batch(
 
         todo = []
         for n, case in enumerate(cases):
-            report = finished_report(out_dir / case.case_id, key)
+            report = finished_report(out_dir / case.case_id, key, case.path)
             if report is None or (dicom_out is not None and not (Path(dicom_out) / case.case_id).is_dir()):
                 todo.append(n)
             else:
@@ -159,7 +185,7 @@ def analyse_case(analyzer: Analyzer, case: Case, out_dir: Path, dicom_out: Path 
     try:
         if dicom_out is not None:
             dicom_export.check_series_input(case.path)
-        report = finished_report(target, key)
+        report = finished_report(target, key, case.path)
         if report is None:
             result = analyzer.analyze(case.path, progress=progress, **analyze_options)
             write_outputs(result, result.ct, target)
@@ -191,14 +217,16 @@ def resume_key(model: dict, options: dict) -> dict:
     return {"options": options, "models": [m.get("sha256") or m.get("name") for m in (model.get("members") or [model])]}
 
 
-def finished_report(target: Path, key: dict) -> dict | None:
-    """The report of a complete result folder analysed with `key` (`resume_key`); None if the case must be
-    analysed (again): no folder, an incomplete one, or one of other options or another model (reports of
-    schema < 1.4 record no options)."""
+def finished_report(target: Path, key: dict, source: Path) -> dict | None:
+    """The report of a complete result folder analysed from `source` with `key` (`resume_key`); None if the
+    case must be analysed (again): no folder, an incomplete one, or one of another input (report.json's
+    `input.path`, which is resolved: symlinks followed), other options or another model (reports of schema
+    < 1.4 record no options)."""
     if not is_complete(target):
         return None
     report = read_report(target)
-    return report if resume_key(report["model"], report.get("options")) == key else None
+    same_input = report.get("input", {}).get("path") == str(Path(source).resolve())
+    return report if same_input and resume_key(report["model"], report.get("options")) == key else None
 
 
 def _case_progress(progress: Callable[[str, float], None], case_id: str, n: int, total: int):

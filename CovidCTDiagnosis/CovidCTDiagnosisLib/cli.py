@@ -202,8 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 class _Progress:
-    """Stage progress as a tqdm bar on stderr (drawn from the first report on, so an error before any work stays
-    one line), machine-readable lines on stdout, or nothing."""
+    """Stage progress as a tqdm bar on stderr when it is a terminal (drawn from the first report on, so an error
+    before any work stays one line; a log file or pipe gets no bar frames), machine-readable lines on stdout, or
+    nothing."""
 
     def __init__(self, mode: str, label: str = ""):
         self.mode, self.label, self.bar = mode, label, None
@@ -213,7 +214,7 @@ class _Progress:
             if self.bar is None:
                 from tqdm import tqdm
 
-                self.bar = tqdm(total=100, desc=self.label, unit="%", file=sys.stderr, leave=False,
+                self.bar = tqdm(total=100, desc=self.label, unit="%", file=sys.stderr, leave=False, disable=None,
                                 bar_format="{desc} {percentage:3.0f}%|{bar}| {postfix}")
             self.bar.set_postfix_str(stage)
             self.bar.update(round(fraction * 100) - self.bar.n)
@@ -402,9 +403,11 @@ def cmd_batch(args) -> int:
 
 
 def _slice_images(paths: list[str]) -> list[str]:
-    """The paths given, each folder replaced by its slice images (PNG, JPEG, BMP, DICOM; sorted), as batch takes folders."""
+    """The paths given, each folder replaced by its slice images (sorted), as batch takes folders: PNG, JPEG, BMP and
+    DICOM files by their names, and DICOM files named otherwise (as a PACS exports them: a UID, or no extension) by
+    their DICM preamble."""
     from .errors import UnreadableInputError
-    from .volume_io import DICOM_SUFFIXES, IMAGE_FORMATS
+    from .volume_io import DICOM_SUFFIXES, IMAGE_FORMATS, is_dicom_file
 
     images = []
     for path in paths:
@@ -413,10 +416,11 @@ def _slice_images(paths: list[str]) -> list[str]:
             images.append(path)
             continue
         found = sorted(str(p) for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")
-                       and p.name.lower().endswith((*IMAGE_FORMATS, *DICOM_SUFFIXES)))
+                       and (p.name.lower().endswith(tuple(IMAGE_FORMATS)) or is_dicom_file(p)))
         if not found:
             raise UnreadableInputError(f"cannot read {folder}: no slice images in this folder (PNG, JPEG, BMP or DICOM "
-                                       f"files named {', '.join(('*' + s for s in (*IMAGE_FORMATS, *DICOM_SUFFIXES)))})")
+                                       f"files: named {', '.join(('*' + s for s in (*IMAGE_FORMATS, *DICOM_SUFFIXES)))}, "
+                                       "or DICOM files of any name)")
         images += found
     return images
 

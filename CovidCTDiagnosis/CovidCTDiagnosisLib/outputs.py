@@ -78,11 +78,15 @@ def write_outputs(result: Result, ct_image: sitk.Image, out_dir: str | PathLike,
 
 
 def check_csv_target(path: str | PathLike) -> None:
-    """OutputError at once, before any work, unless the CSV file `path` can be written (a folder is refused; see
-    `check_writable`)."""
-    if Path(path).is_dir():
+    """OutputError at once, before any work, unless the CSV file `path` can be written: a folder (or
+    anything but a regular file) there is refused, an existing file is replaced (`write_csv_file`), and
+    its folder must be writable (`check_writable`)."""
+    path = Path(os.path.realpath(path))
+    if path.is_dir():
         raise OutputError(f"cannot write {path}: it is a folder; --out is the CSV file to write")
-    check_writable(path, result_folder=False)
+    if path.exists() and not path.is_file():
+        raise OutputError(f"cannot write {path}: it exists and is not a regular file")
+    check_writable(path.parent, result_folder=False)
 
 
 def write_csv_file(path: str | PathLike, header: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:

@@ -662,11 +662,18 @@ def _read_series_parts(names: list[str], where: Path, uid: str) -> list[tuple[si
         raise _unreadable(where, f"the DICOM series {uid} is corrupt or uses an unsupported encoding") from None
 
 
+def is_dicom_file(path: str | Path) -> bool:
+    """Whether a file is DICOM by its name (DICOM_SUFFIXES) or its content (a PACS's files are often named by
+    their UID, or not at all): ITK's choice of reader for it."""
+    path = Path(path)
+    return _suffix(path) in DICOM_SUFFIXES or sitk.ImageFileReader.GetImageIOFromFileName(str(path)) == "GDCMImageIO"
+
+
 def _read_file(path: Path) -> tuple[sitk.Image, str]:
     """One image file and its format name."""
     suffix = _suffix(path)
     reader = _header(str(path))
-    is_dicom = reader.GetImageIO() == "GDCMImageIO" or suffix in DICOM_SUFFIXES
+    is_dicom = is_dicom_file(path)
     if is_dicom:
         _check_modality(_tag(reader, TAG_MODALITY), path)
     _check_size(reader.GetSize(), path)

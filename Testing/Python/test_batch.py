@@ -102,3 +102,52 @@ def test_summary_has_the_models_class_columns_when_no_case_succeeded(tmp_path):
         rows = list(reader)
     assert reader.fieldnames[:7] == ["case_id", "path", "status", "label", "aggregation", "COVID-19", "Non-COVID-19"]
     assert rows[0]["status"] == "failed" and rows[0]["COVID-19"] == ""
+
+
+def test_rerun_redoes_a_case_whose_input_changed(tmp_path, cases, models):
+    """A finished folder is kept only for the input it was made from (report.json's input.path, symlinks
+    resolved): a case id now naming another CT is analysed again, not reported with the other CT's result."""
+    out = tmp_path / "out"
+    run_batch(Analyzer(models[0]), cases, out, slices=3)
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text(f"case_id,path\na,{cases / 'b.mha'}\nb,{cases / 'b.mha'}\n")
+    statuses = {o.case.case_id: o.status for o in run_batch(Analyzer(models[0]), manifest, out, slices=3)}
+    assert statuses == {"a": "done", "b": "skipped"}
+    assert json.loads((out / "a" / REPORT_JSON).read_text())["input"]["path"] == str((cases / "b.mha").resolve())
+    link = tmp_path / "linked"
+    link.mkdir()
+    (link / "b.mha").symlink_to(cases / "b.mha")  # the same CT by another path: the same input
+    assert [o.status for o in run_batch(Analyzer(models[0]), link, out, slices=3)] == ["skipped"]
+
+
+@pytest.mark.parametrize("rows, message", [
+    ("case_id,path\nx,{a}\nX,{b}\n", "have one case id"),  # one result folder for two CTs (ignoring case)
+    ("case_id,path\n../escape,{a}\n", "not a plain folder name"),
+    ("case_id,path\n.hidden,{a}\n", "not a plain folder name"),
+    ("case_id,path\nsub/dir,{a}\n", "not a plain folder name"),
+])
+def test_manifest_case_ids_that_cannot_name_one_folder_each_are_refused(tmp_path, cases, models, rows, message, capsys):
+    from CovidCTDiagnosisLib.cli import main
+
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text(rows.format(a=cases / "a.nrrd", b=cases / "b.mha"))
+    code = main(["batch", str(manifest), "--out", str(tmp_path / "out"), "--model", models[0], "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 3 and message in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "escape").exists()
+
+
+def test_folder_cases_of_one_name_and_empty_folders_are_refused(tmp_path, phantom, models, capsys):
+    """case.nrrd and case.mha would both be case "case": refused before anything is read or written, as
+    is a folder without cases (nothing to do is not success)."""
+    from CovidCTDiagnosisLib.cli import main
+
+    (tmp_path / "both").mkdir()
+    both = phantom_cases(tmp_path / "both", phantom, ("case.nrrd", "case.mha"))
+    code = main(["batch", str(both), "--out", str(tmp_path / "out"), "--model", models[0], "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 3 and "case.mha" in err and "case.nrrd" in err and not (tmp_path / "out").exists()
+    (tmp_path / "empty").mkdir()
+    code = main(["batch", str(tmp_path / "empty"), "--out", str(tmp_path / "out"), "--model", models[0], "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 3 and "no cases in" in err and not (tmp_path / "out").exists()

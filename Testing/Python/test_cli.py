@@ -185,6 +185,11 @@ def test_score_images_csv(tmp_path, tiny_model, capsys, phantom):
     rows = list(csv.reader(out.open()))
     assert rows[0] == ["path", "COVID-19", "Non-COVID-19", "note"] and len(rows) == 3 and rows[1][3] == ""
     assert float(rows[1][1]) + float(rows[1][2]) == pytest.approx(1, abs=1e-4)
+    code, _, err = run(["score-images", png, "--out", out, "--model", tiny_model], capsys)  # the same command again
+    assert code == 0, err
+    assert len(list(csv.reader(out.open()))) == 2  # the CSV replaced, whole
+    code, _, err = run(["score-images", png, "--out", tmp_path, "--model", tiny_model], capsys)
+    assert code == 7 and "it is a folder" in err
 
 
 def good_and_broken_cases(folder, ct_file):

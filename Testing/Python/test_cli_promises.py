@@ -21,6 +21,7 @@ from CovidCTDiagnosisLib.errors import BATCH_CASES_FAILED, EXIT_CODES
 from CovidCTDiagnosisLib.result import UNTRAINED_NOTE, WARNING_KEY
 from CovidCTDiagnosisLib.volume_io import read_volume
 
+from dicom_series import write_ct_series
 from test_cli import ct_file, good_and_broken_cases, run, tiny_model  # noqa: F401  (fixtures: the phantom as NRRD, a 64-px model file)
 from test_training import synthetic_csv  # noqa: F401  (a fixture: 16 labelled slice images)
 from test_volume_io import OTHER_SERIES_UID, SERIES_UID, small_ct, write_dicom_series  # noqa: F401
@@ -128,11 +129,14 @@ def test_score_images_scores_the_images_of_a_folder(tmp_path, tiny_model, phanto
         gray = np.clip((hu[k] + 1450) / 1500 * 255, 0, 255).astype(np.uint8)
         sitk.WriteImage(sitk.GetImageFromArray(gray), str(folder / f"slice{k}.png"))
     (folder / "readme.txt").write_text("not an image")
+    (written,) = write_ct_series(phantom.image[:, :, 22:23], tmp_path / "dicom")  # in HU
+    written.rename(folder / "IM22")  # a PACS's file name: no extension
     out = tmp_path / "scores.csv"
     code, _, err = run(["score-images", folder, "--out", out, "--model", tiny_model], capsys)
     assert code == 0, err
     rows = list(csv.reader(out.open()))
-    assert [r[0] for r in rows[1:]] == [str(folder / "slice20.png"), str(folder / "slice24.png")]
+    assert [r[0] for r in rows[1:]] == [str(folder / "IM22"), str(folder / "slice20.png"), str(folder / "slice24.png")]
+    assert rows[1][3] == "", rows[1]  # scored
     assert all(len(p.split(".")[1]) == 4 for p in rows[1][1:3]) and rows[1][3] == ""  # probabilities to 4 decimals, no note
     empty = tmp_path / "empty"
     empty.mkdir()

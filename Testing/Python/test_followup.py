@@ -89,6 +89,9 @@ def test_follow_up_command(reports, tmp_path):
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("involvement ") and "right lower" in done.stdout
     assert (tmp_path / "change.csv").read_text().count("\n") == 10
+    (tmp_path / "change.csv").write_text("an older table\n")
+    again = subprocess.run(command, capture_output=True, text=True, timeout=120)  # the same command again: replaced
+    assert again.returncode == 0 and (tmp_path / "change.csv").read_text().count("\n") == 10, again.stderr
     (tmp_path / "baseline" / "report.json").write_text(json.dumps({**baseline, "severity": None}))
     failed = subprocess.run([*command[:-1], str(tmp_path / "other.csv")], capture_output=True, text=True, timeout=120)
     assert failed.returncode == 3 and len(failed.stderr.strip().splitlines()) == 1

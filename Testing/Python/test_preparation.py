@@ -127,18 +127,23 @@ def test_training_uses_the_analysis_preparation(tmp_path):
 # ---- slice images without lungs --------------------------------------------------------------
 
 
-NO_LUNG_IMAGES = ("black.png", "noise.png", "text.png")
+NO_LUNG_IMAGES = ("black.png", "noise.png", "text.png", "drawing.png")
 
 
 def no_lung_images(folder):
-    """An all-black PNG, uniform noise, and a page of black text on white, as files (NO_LUNG_IMAGES)."""
+    """An all-black PNG, uniform noise, a page of black text on white, and a two-tone drawing of a chest (a grey
+    body with two black lungs, in which the lung network alone outlines 14 % of the image), as files (NO_LUNG_IMAGES)."""
     rng = np.random.default_rng(0)
     text = np.full((512, 512), 255, np.uint8)
     for n, line in enumerate(["Figure 3. Axial CT", "of the chest shows", "bilateral ground-glass", "opacities (arrows)",
                               "in the lower lobes."]):
         cv2.putText(text, line, (10, 60 + 80 * n), cv2.FONT_HERSHEY_SIMPLEX, 1.4, 0, 4)
+    drawing = np.zeros((512, 512), np.uint8)
+    cv2.ellipse(drawing, (256, 256), (230, 170), 0, 0, 360, 200, -1)
+    for centre, axes in (((170, 250), (70, 120)), ((342, 250), (65, 115))):
+        cv2.ellipse(drawing, centre, axes, 0, 0, 360, 0, -1)
     images = {"black.png": np.zeros((512, 512), np.uint8), "noise.png": rng.integers(0, 256, (512, 512), dtype=np.uint8),
-              "text.png": text}
+              "text.png": text, "drawing.png": drawing}
     for name, image in images.items():
         cv2.imwrite(str(folder / name), image)
     return [folder / name for name in NO_LUNG_IMAGES]
@@ -173,11 +178,11 @@ def test_score_images_scores_a_folder_in_which_some_images_have_no_lungs(tmp_pat
     assert float(chest["COVID-19"]) + float(chest["Non-COVID-19"]) == pytest.approx(1, abs=1e-3) and chest["note"] == ""
     for name, row in rows.items():
         assert row["COVID-19"] == row["Non-COVID-19"] == "" and row["note"].startswith(f"no lungs in {folder / name}:")
-    assert "warning: 3 of 4 images have no lungs and were not scored" in err
+    assert f"warning: {len(NO_LUNG_IMAGES)} of {len(NO_LUNG_IMAGES) + 1} images have no lungs and were not scored" in err
     (folder / "chest.png").unlink()
     code = main(["score-images", str(folder), "--out", str(tmp_path / "none.csv"), "--model", tiny_model, "--quiet"])
     err = capsys.readouterr().err
-    assert code == NoLungsError.exit_code and len(err.strip().splitlines()) == 1 and "no lungs in any of the 3 images" in err
+    assert code == NoLungsError.exit_code and len(err.strip().splitlines()) == 1 and f"no lungs in any of the {len(NO_LUNG_IMAGES)} images" in err
     assert not (tmp_path / "none.csv").exists()
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import locale
+
 import cv2
 import numpy as np
 import pytest
@@ -37,7 +39,16 @@ def small_ct() -> sitk.Image:
 
 def write_dicom_series(image, folder, uid=SERIES_UID, modality="CT", skip=(), duplicate=(), prefix="slice", extra_tags=None):
     """Write `image` as one int16 DICOM file per axial slice, with position/orientation tags and
-    `extra_tags` (with rescale tags ITK stores (value - intercept) / slope)."""
+    `extra_tags` (with rescale tags ITK stores (value - intercept) / slope). ITK's GDCM writer sets the
+    process's locale to C (ASCII text I/O for every later test): it is put back."""
+    locale_before = locale.setlocale(locale.LC_ALL)
+    try:
+        return _write_dicom_series(image, folder, uid, modality, skip, duplicate, prefix, extra_tags)
+    finally:
+        locale.setlocale(locale.LC_ALL, locale_before)
+
+
+def _write_dicom_series(image, folder, uid, modality, skip, duplicate, prefix, extra_tags):
     folder.mkdir(parents=True, exist_ok=True)
     pixels = sitk.Cast(sitk.Round(image), sitk.sitkInt16)
     d = image.GetDirection()
@@ -157,6 +168,21 @@ def test_mr_is_not_ct(tmp_path, small_ct):
     write_dicom_series(small_ct, tmp_path / "mr", modality="MR")
     with pytest.raises(NotACTError, match="not a CT: modality MR"):
         read_volume(tmp_path / "mr")
+
+
+def test_dicom_files_named_without_a_dicom_extension_are_read_as_dicom(tmp_path, small_ct):
+    """A PACS's files are often named by their UID or have no extension: read as DICOM all the same (before, as a
+    format named after the last dotted part, without the modality check), so an MR slice is refused and a CT
+    slice reads exactly as under a .dcm name."""
+    for kind in ("CT", "MR"):
+        named = write_dicom_series(small_ct[:, :, 6:7], tmp_path / kind, modality=kind)[0]
+        (tmp_path / kind / f"{SERIES_UID}.7").write_bytes(named.read_bytes())
+        (tmp_path / kind / "IM0007").write_bytes(named.read_bytes())
+    for name in (f"{SERIES_UID}.7", "IM0007"):
+        assert read_volume(tmp_path / "CT" / name).info.format == "dicom"
+        assert np.array_equal(read_image_2d(tmp_path / "CT" / name), read_image_2d(tmp_path / "CT" / "slice000-0.dcm"))
+        with pytest.raises(NotACTError, match="not a CT: modality MR"):
+            read_volume(tmp_path / "MR" / name)
 
 
 def test_two_series_in_one_folder(tmp_path, small_ct):
