@@ -14,6 +14,7 @@ from typing import NoReturn
 
 try:  # Ctrl-C while Python is still starting: one line and 130, not an import traceback
     import argparse
+    import re
     import time
     from pathlib import Path
 
@@ -402,8 +403,14 @@ def cmd_batch(args) -> int:
     return 0
 
 
+def _natural_order(name: str) -> list:
+    """Sort key of a file name with its runs of digits as numbers: slice_2 before slice_10."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
 def _slice_images(paths: list[str]) -> list[str]:
-    """The paths given, each folder replaced by its slice images (sorted), as batch takes folders: PNG, JPEG, BMP and
+    """The paths given, each folder replaced by its slice images (in natural order of their names: slice_2 before
+    slice_10), as batch takes folders: PNG, JPEG, BMP and
     DICOM files by their names, and DICOM files named otherwise (as a PACS exports them: a UID, or no extension) by
     their DICM preamble."""
     from .errors import UnreadableInputError
@@ -415,8 +422,8 @@ def _slice_images(paths: list[str]) -> list[str]:
         if not folder.is_dir():
             images.append(path)
             continue
-        found = sorted(str(p) for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")
-                       and (p.name.lower().endswith(tuple(IMAGE_FORMATS)) or is_dicom_file(p)))
+        found = sorted((str(p) for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")
+                        and (p.name.lower().endswith(tuple(IMAGE_FORMATS)) or is_dicom_file(p))), key=_natural_order)
         if not found:
             raise UnreadableInputError(f"cannot read {folder}: no slice images in this folder (PNG, JPEG, BMP or DICOM "
                                        f"files: named {', '.join(('*' + s for s in (*IMAGE_FORMATS, *DICOM_SUFFIXES)))}, "

@@ -149,7 +149,7 @@ def _severity_section(result: Result) -> str:
     return (
         "<h2>Lung involvement (measured from HU, not predicted)</h2>"
         f'<p class="verdict">{sev.score} / 30</p><p>{escape(SCORE_NAME)}: each zone (thirds of each lung\'s height) '
-        "scores 0 (none), 1 (&lt; 5 %), 2 (5-25 %), 3 (26-50 %), 4 (51-75 %) or 5 (&gt; 75 %) by the share of it "
+        "scores 0 (none), 1 (under 5 %), 2 (5 to 25 %), 3 (over 25 to 50 %), 4 (over 50 to 75 %) or 5 (over 75 %) by the share of it "
         f"involved. Bands: ground-glass {GROUND_GLASS_HU[0]:g} to {GROUND_GLASS_HU[1]:g} HU, consolidation "
         f"{CONSOLIDATION_HU[0]:g} to {CONSOLIDATION_HU[1]:g} HU; {escape(METHOD)}.</p>{coverage}"
         "<table><tr><th>lung</th><th>volume (mL)</th><th>ground-glass (mL)</th><th>(%)</th><th>consolidation (mL)</th>"

@@ -93,7 +93,7 @@ class Severity:
 
 
 def zone_score(percent: float) -> int:
-    """0-5 for a zone's involved share (%): 0 (none), < 5, 5-25, 26-50, 51-75, > 75."""
+    """0-5 for a zone's involved share (%): 0 (none), under 5, 5 to 25, over 25 to 50, over 50 to 75, over 75."""
     if percent < NONE_BELOW_PERCENT:
         return 0
     five, quarter, half, three_quarters = SCORE_UPPER_PERCENT

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,7 +16,7 @@ import SimpleITK as sitk
 import torch
 
 from CovidCTDiagnosisLib.checkpoint import save_checkpoint
-from CovidCTDiagnosisLib.cli import build_parser, main
+from CovidCTDiagnosisLib.cli import _slice_images, build_parser, main
 from CovidCTDiagnosisLib.drenet import DRENet, DRENetConfig
 from CovidCTDiagnosisLib.outputs import OUTPUT_FILES
 
@@ -357,3 +358,11 @@ def test_module_command_analyzes_with_exit_code(tmp_path, ct_file, tiny_model):
     assert json.loads((tmp_path / "out" / "report.json").read_text())["patient"]["label"]
     missing = subprocess.run([*command, str(tmp_path / "missing.nrrd"), "--out", str(tmp_path / "other")], capture_output=True, text=True)
     assert missing.returncode == 3 and len(missing.stderr.strip().splitlines()) == 1 and "missing.nrrd" in missing.stderr
+
+
+def test_score_images_lists_a_folder_in_natural_order(tmp_path):
+    """A scan's slices exported as slice_1 ... slice_100 are scored in that order, not as 1, 10, 100, 2."""
+    for n in (1, 2, 10, 100):
+        (tmp_path / f"slice_{n}.png").write_bytes(b"")
+    (tmp_path / "notes.txt").write_text("not an image")
+    assert [Path(p).name for p in _slice_images([str(tmp_path)])] == [f"slice_{n}.png" for n in (1, 2, 10, 100)]
