@@ -581,6 +581,8 @@ class CovidCTDiagnosisLogic(ScriptedLoadableModuleLogic):
                 shNode.SetItemParent(item, folderItem)
             else:
                 shNode.CreateItem(folderItem, node)
+        for roi, planned in zip(rois, plan.rois):  # last: a markups ROI clears its description when its geometry or
+            roi.SetDescription(planned.description)  # parent transform changes (the score stays in the table and segments)
         background = volumeNode if volumeNode else "keep-current"
         slicer.util.setSliceViewerLayers(background=background, foreground=heat,
                                          foregroundOpacity=self.getParameterNode().heatOpacity)  # as saved with the scene
@@ -725,7 +727,6 @@ class CovidCTDiagnosisLogic(ScriptedLoadableModuleLogic):
     @staticmethod
     def _addRoi(planned):
         roi = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsROINode", planned.name)
-        roi.SetDescription(planned.description)
         roi.SetAndObserveObjectToNodeMatrix(slicer.util.vtkMatrixFromArray(planned.object_to_node))
         roi.SetSize(*planned.size_mm)
         roi.SetLocked(True)

@@ -35,6 +35,7 @@ from CovidCTDiagnosisLib.pipeline import Analyzer  # noqa: E402
 from CovidCTDiagnosisLib.display import HEAT_OPACITY  # noqa: E402
 from CovidCTDiagnosisLib.geometry import LPS_TO_RAS  # noqa: E402
 from CovidCTDiagnosisLib.scene_plan import folder_name  # noqa: E402
+from CovidCTDiagnosisLib.segmentation_file import box_description  # noqa: E402
 from helpers_results import left_handed_oblique_direction, oblique_direction  # noqa: E402
 from slicer_stand_ins import load_module_file  # noqa: E402
 from test_slicer_module_files import MODULE_FILE  # noqa: E402
@@ -163,6 +164,8 @@ def test_load_results_on_a_real_scene(module, scene, analysed, grid, transformed
     np.testing.assert_allclose(_ijk_to_ras(shown.heat), ct_matrix, atol=1e-6)  # the heat map on the CT's IJK grid
     assert shown.heat.GetImageData().GetDimensions() == volume.GetImageData().GetDimensions()
     centres = np.array([r.GetCenter() for r in shown.rois])  # RAS, in the volume's (parent transform's) frame
+    descriptions = sorted(box_description(b["score"]) for s in report["slices"] for b in s["boxes"])
+    assert sorted(r.GetDescription() for r in shown.rois) == descriptions  # set after SetSize, which clears it
     np.testing.assert_allclose(np.sort(centres, axis=0), np.sort(boxes_lps @ LPS_TO_RAS, axis=0), atol=1e-6)
     slices = slicer.util.arrayFromTableColumn(shown.table, "Slice").tolist()
     nk = volume.GetImageData().GetDimensions()[2]
