@@ -582,7 +582,7 @@ class CovidCTDiagnosisLogic(ScriptedLoadableModuleLogic):
             else:
                 shNode.CreateItem(folderItem, node)
         for roi, planned in zip(rois, plan.rois):  # last: a markups ROI clears its description when its geometry or
-            roi.SetDescription(planned.description)  # parent transform changes (the score stays in the table and segments)
+            roi.SetDescription(planned.description)  # parent transform changes (the score stays in its segment and report.json)
         background = volumeNode if volumeNode else "keep-current"
         slicer.util.setSliceViewerLayers(background=background, foreground=heat,
                                          foregroundOpacity=self.getParameterNode().heatOpacity)  # as saved with the scene
