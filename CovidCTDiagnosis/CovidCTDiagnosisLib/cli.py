@@ -435,16 +435,17 @@ def _slice_images(paths: list[str]) -> list[str]:
 def cmd_score_images(args) -> int:
     from .outputs import check_csv_target, write_csv_file
     from .pipeline import score_images
-    from .result import PROBABILITY_DECIMALS
+    from .result import PROBABILITY_DECIMALS, UNTRAINED_NOTE
 
     check_csv_target(args.out)
     images = _slice_images(args.images)
     analyzer = _analyzer(args)
     rows = score_images(analyzer, images)
     classes = analyzer.config.classes
+    scored_note = "" if analyzer.model_info.trained else UNTRAINED_NOTE  # the file says it too, not only stderr
     write_csv_file(args.out, ["path", *classes, "note"], (
         [path, *[""] * len(classes), str(probs)] if isinstance(probs, NoLungsError)
-        else [path, *(f"{probs[c]:.{PROBABILITY_DECIMALS}f}" for c in classes), ""]
+        else [path, *(f"{probs[c]:.{PROBABILITY_DECIMALS}f}" for c in classes), scored_note]
         for path, probs in zip(images, rows)
     ))
     refused = sum(isinstance(probs, NoLungsError) for probs in rows)

@@ -136,8 +136,8 @@ def test_score_images_scores_the_images_of_a_folder(tmp_path, tiny_model, phanto
     assert code == 0, err
     rows = list(csv.reader(out.open()))
     assert [r[0] for r in rows[1:]] == [str(folder / "IM22"), str(folder / "slice20.png"), str(folder / "slice24.png")]
-    assert rows[1][3] == "", rows[1]  # scored
-    assert all(len(p.split(".")[1]) == 4 for p in rows[1][1:3]) and rows[1][3] == ""  # probabilities to 4 decimals, no note
+    assert rows[1][3] == UNTRAINED_NOTE, rows[1]  # scored (by an untrained network, as the note says)
+    assert all(len(p.split(".")[1]) == 4 for p in rows[1][1:3])  # probabilities to 4 decimals
     empty = tmp_path / "empty"
     empty.mkdir()
     code, _, err = run(["score-images", empty, "--out", tmp_path / "none.csv", "--model", tiny_model], capsys)

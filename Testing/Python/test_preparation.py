@@ -30,6 +30,7 @@ from CovidCTDiagnosisLib.preparation import (
     prepare_image,
     read_ct,
 )
+from CovidCTDiagnosisLib.result import UNTRAINED_NOTE
 from CovidCTDiagnosisLib.training.datasets import prepare_set, read_labels
 from CovidCTDiagnosisLib.volume_io import NO_DATA_HU, has_data
 
@@ -175,7 +176,7 @@ def test_score_images_scores_a_folder_in_which_some_images_have_no_lungs(tmp_pat
     rows = {Path(r["path"]).name: r for r in csv.DictReader(out.open())}
     assert sorted(rows) == sorted(["chest.png", *NO_LUNG_IMAGES])
     chest = rows.pop("chest.png")
-    assert float(chest["COVID-19"]) + float(chest["Non-COVID-19"]) == pytest.approx(1, abs=1e-3) and chest["note"] == ""
+    assert float(chest["COVID-19"]) + float(chest["Non-COVID-19"]) == pytest.approx(1, abs=1e-3) and chest["note"] == UNTRAINED_NOTE
     for name, row in rows.items():
         assert row["COVID-19"] == row["Non-COVID-19"] == "" and row["note"].startswith(f"no lungs in {folder / name}:")
     assert f"warning: {len(NO_LUNG_IMAGES)} of {len(NO_LUNG_IMAGES) + 1} images have no lungs and were not scored" in err

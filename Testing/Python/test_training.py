@@ -462,3 +462,64 @@ def test_evaluate_refuses_an_ensemble_whose_members_read_different_inputs(synthe
     with pytest.raises(ModelFileError, match="cannot average"):
         evaluate(members, synthetic_csv, tmp_path / "ev")
     assert not (tmp_path / "ev").exists()
+
+
+def _labels_csv(path, rows) -> str:
+    path.write_text("\n".join(["path,label,patient_id", *(",".join(map(str, r)) for r in rows)]) + "\n")
+    return str(path)
+
+
+def test_training_data_that_cannot_train_or_select_a_model_is_refused_in_one_line(synthetic_csv, tmp_path, capsys):
+    """Found by a new user: a header-only CSV, one class, too few patients, a missing image of a test patient and a
+    file as --out were trained on (val AUC None), crashed, or named the wrong cause; each is now one line, the
+    documented exit code, and no run folder."""
+    from CovidCTDiagnosisLib.cli import main
+    from CovidCTDiagnosisLib.errors import UnreadableInputError
+
+    images = [(synthetic_csv.parent / f"img{i}.png", "COVID" if i % 2 == 0 else "NonCOVID", f"P{i}") for i in range(16)]
+    cases = {
+        "header only": (_labels_csv(tmp_path / "empty.csv", []), UnreadableInputError, "no rows"),
+        "one class": (_labels_csv(tmp_path / "covid.csv", [r for r in images if r[1] == "COVID"]), UnreadableInputError,
+                      "hold no Non-COVID-19"),
+        "three patients": (_labels_csv(tmp_path / "three.csv", images[:3]), UnreadableInputError,
+                           "3 patients are too few for the split by patient"),
+        "a missing image": (_labels_csv(tmp_path / "gone.csv", [*images, (tmp_path / "gone.png", "COVID", "P99")]),
+                            InputNotFoundError, f"1 of the 17 labelled images are not there, e.g. {tmp_path / 'gone.png'}"),
+    }
+    for name, (csv_path, error, message) in cases.items():
+        code = main(["train", "--data", csv_path, "--out", str(tmp_path / "run"), "--input-size", "64", "--no-pretrained",
+                     "--epochs", "1", "--quiet"])
+        err = capsys.readouterr().err.strip()
+        assert code == error.exit_code and message in err and len(err.splitlines()) == 1, (name, err)
+        assert not (tmp_path / "run").exists(), name
+    (tmp_path / "a-file").write_text("")
+    code = main(["train", "--data", str(synthetic_csv), "--out", str(tmp_path / "a-file"), "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert code == OutputError.exit_code and "not a folder" in err and len(err.splitlines()) == 1
+
+
+def test_evaluate_without_images_to_score_and_fine_tuning_into_other_classes_are_refused(synthetic_csv, tmp_path, capsys):
+    from CovidCTDiagnosisLib.cli import main
+    from CovidCTDiagnosisLib.errors import NoLungsError, UnreadableInputError
+
+    run = tmp_path / "run"
+    train([synthetic_csv], run, TrainConfig(input_size=64, epochs=1, batch_size=8, pretrained=False), progress=False)
+    model = str(run / BEST_PT)
+    cv2.imwrite(str(tmp_path / "black.png"), np.zeros((128, 128), np.uint8))
+    blank = _labels_csv(tmp_path / "blank.csv", [(tmp_path / "black.png", "COVID", "B1")])
+    others = _labels_csv(tmp_path / "others.csv", [(synthetic_csv.parent / "img0.png", "COVID", "Q1")])  # no test patient
+    (tmp_path / "a-file").write_text("")
+    for argv, error, message in (
+        (["--data", blank, "--out", str(tmp_path / "e1")], NoLungsError, "none of the 1 images has lungs"),
+        (["--split", model, "--data", others, "--out", str(tmp_path / "e2")], UnreadableInputError, "test patients recorded in"),
+        (["--data", str(synthetic_csv), "--out", str(tmp_path / "a-file")], OutputError, "not a folder"),
+    ):
+        code = main(["evaluate", "--model", model, *argv, "--quiet"])
+        err = capsys.readouterr().err.strip()
+        assert code == error.exit_code and message in err and len(err.splitlines()) == 1, (argv, err)
+    assert not (tmp_path / "e1").exists() and not (tmp_path / "e2").exists()
+    code = main(["train", "--init", model, "--classes", "COVID-19", "Non-COVID-19", "Pneumonia", "--data", str(synthetic_csv),
+                 "--out", str(tmp_path / "ft"), "--epochs", "1", "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert code == UsageError.exit_code and "the --init model's classes are COVID-19 Non-COVID-19" in err
+    assert not (tmp_path / "ft").exists()

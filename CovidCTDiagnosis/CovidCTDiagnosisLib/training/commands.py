@@ -26,8 +26,9 @@ def _add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
                         help="training-only labels CSV (e.g. MosMed-derived slices without patient ids), repeatable")
     parser.add_argument("--backbone", choices=BACKBONES, default=DEFAULTS.backbone, help="DRENet's backbone (default %(default)s)")
     parser.add_argument("--input-size", type=int, default=DEFAULTS.input_size, help="multiple of 64 (default %(default)s)")
-    parser.add_argument("--classes", nargs="+", default=list(DEFAULTS.classes), metavar="CLASS",
-                        help="class names in model order (2 or 3); the first is the positive (disease) class")
+    parser.add_argument("--classes", nargs="+", metavar="CLASS",
+                        help=f"class names in model order (2 or 3); the first is the positive (disease) class (default "
+                             f"{' '.join(DEFAULTS.classes)}; with --init, that model's: others are refused)")
     parser.add_argument("--epochs", type=int, help=f"epochs to train (default {DEFAULTS.epochs}; when continuing a run, "
                         "its own; larger than the run's trains it on)")
     parser.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size)
@@ -82,12 +83,13 @@ def add_compare_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _config(args) -> TrainConfig:
     """The recipe of the options, checked (UsageError) before any data is read or anything written."""
-    if not args.classes:
+    classes = tuple(DEFAULTS.classes if args.classes is None else args.classes)
+    if not classes:
         raise UsageError("--classes needs 2 or 3 class names, the disease first")
     config = TrainConfig(
         backbone=args.backbone,
-        classes=tuple(args.classes),
-        positive_class=args.classes[0],
+        classes=classes,
+        positive_class=classes[0],
         input_size=args.input_size,
         epochs=args.epochs,  # None: the default for a new run, a continued run's own
         batch_size=args.batch_size,
@@ -111,6 +113,13 @@ def _config(args) -> TrainConfig:
 
 def run_train(args) -> int:
     config = _config(args)
+    if args.init and args.classes is not None:  # a fine-tuned model keeps the classes of the model it starts from
+        from ..checkpoint import read_checkpoint
+
+        own = tuple(read_checkpoint(args.init)["config"]["classes"])
+        if own != config.classes:
+            raise UsageError(f"--classes {' '.join(config.classes)}: the --init model's classes are {' '.join(own)} "
+                             "(fine-tuning keeps them; leave --classes out, or train a new model without --init)")
     result = train(args.data, args.out, config, extra_train=args.extra_train, resume=args.resume, init=args.init,
                    split=read_split(args.split) if args.split else None, device=args.device, progress=not args.quiet)
     best = best_record(result.history)

@@ -79,11 +79,13 @@ def read_labels(csv_path, classes, training_only: bool = False) -> list[Labelled
     csv_path = Path(csv_path)
     if not csv_path.is_file():
         raise InputNotFoundError(f"labels file not found: {csv_path}")
-    with open(csv_path, newline="") as f:
+    with open(csv_path, newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
         rows = [(reader.line_num, row) for row in reader]  # the line each row ends on (1 is the header)
-    if not rows or not {"path", "label"} <= set(rows[0][1]):
+    if not {"path", "label"} <= set(reader.fieldnames or ()):
         raise UnreadableInputError(f"{csv_path} needs a header with at least the columns path,label")
+    if not rows:
+        raise UnreadableInputError(f"{csv_path} has a header but no rows: no labelled images")
     items = []
     for line, row in rows:
         pid = (row.get("patient_id") or "").strip()

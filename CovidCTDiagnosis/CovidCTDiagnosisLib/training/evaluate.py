@@ -26,7 +26,8 @@ from ..aggregation import METHODS as AGGREGATIONS, aggregate
 from ..checkpoint import check_ensemble, file_sha256, load_model, read_checkpoint
 from ..inference import resolve_device
 from ..preprocessing import to_three_channels
-from ..errors import InputNotFoundError
+from ..errors import InputNotFoundError, ModelFileError, NoLungsError, UnreadableInputError
+from ..outputs import check_writable
 from .baselines import is_baseline_file, load_baseline
 from .datasets import PreparedSet, prepare_set, read_labels, subset
 
@@ -260,7 +261,8 @@ def load_test_items(model_path, classes, data=None):
     CSVs, or of `data` (labels CSVs: your copy of the same data, wherever it lives)."""
     meta = read_checkpoint(model_path)["metadata"]
     if "split" not in meta or "data" not in meta:
-        raise ValueError(f"{model_path} does not record its training data and split")
+        raise ModelFileError(f"{model_path} does not record its training data and split: --split needs a model "
+                             "trained by `covidct train`")
     csvs = list(data) if data else meta["data"]
     if not data:
         missing = [p for p in csvs if not Path(p).is_file()]
@@ -268,7 +270,11 @@ def load_test_items(model_path, classes, data=None):
             raise InputNotFoundError(f"the data {model_path} was trained on is not here ({missing[0]}); "
                                      "pass your copy with --data CSV to apply its recorded test split")
     items = [it for csv_path in csvs for it in read_labels(csv_path, classes)]
-    return subset(items, meta["split"], "test")
+    test = subset(items, meta["split"], "test")
+    if not test:
+        raise UnreadableInputError(f"none of the {len(meta['split']['test'])} test patients recorded in {model_path} has "
+                                   f"an image in {', '.join(map(str, csvs))}: is it the data the model was trained on?")
+    return test
 
 
 def evaluate(models, data, out_dir, device: str = "auto", batch_size: int = EVAL_BATCH, progress: bool = False,
@@ -281,6 +287,7 @@ def evaluate(models, data, out_dir, device: str = "auto", batch_size: int = EVAL
     models: a DRENet or plain classifier, a model file of either, or a list (an ensemble: slice probabilities averaged).
     data: labels CSV(s), a list of LabelledImage, or a PreparedSet.
     """
+    check_writable(out_dir, result_folder=False)  # a file there, or a place that cannot be written: before any work
     models = models if isinstance(models, (list, tuple)) else [models]
     loaded = [m if isinstance(m, nn.Module) else _load_model_file(m) for m in models]
     names = ["in-memory model" if isinstance(src, nn.Module) else str(src) for src in models]
@@ -294,7 +301,10 @@ def evaluate(models, data, out_dir, device: str = "auto", batch_size: int = EVAL
         data = [it for csv_path in data for it in read_labels(csv_path, classes)]
     prepared = data if isinstance(data, PreparedSet) else prepare_set(data, classes, config.input_size, progress, (config.window_level, config.window_width))
     if len(prepared) == 0:
-        raise ValueError("no images to evaluate")
+        if prepared.skipped:
+            raise NoLungsError(f"nothing to evaluate: none of the {len(prepared.skipped)} images has lungs "
+                               f"(e.g. {prepared.skipped[0]})")
+        raise UnreadableInputError("nothing to evaluate: no labelled images")
     patients = [p if p is not None else path for p, path in zip(prepared.patients, prepared.paths)]
     dev = resolve_device(device)
     masks = prepared.masks if regions_over_lungs else None
@@ -317,7 +327,7 @@ def evaluate(models, data, out_dir, device: str = "auto", batch_size: int = EVAL
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / METRICS_JSON).write_text(json.dumps(result, indent=1))
-    with open(out_dir / PREDICTIONS_CSV, "w", newline="") as f:
+    with open(out_dir / PREDICTIONS_CSV, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
         writer.writerow(["path", "patient_id", "label"] + [f"p_{c}" for c in classes])
         for path, pid, lab, p in zip(prepared.paths, patients, labels, probs):

@@ -24,6 +24,7 @@ import copy
 import json
 import sys
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
@@ -36,11 +37,13 @@ from ..checkpoint import load_model, read_checkpoint, save_checkpoint, torch_sav
 from ..drenet import DRENet, DRENetConfig
 from ..errors import InputNotFoundError, ModelFileError, OutputError, UnreadableInputError, UsageError
 from ..inference import resolve_device
+from ..outputs import check_writable
 from ..performance import test_figures
 from ..preprocessing import to_three_channels
 from .augment import augment
 from .baselines import BaselineConfig, ClassifierOutput, PlainClassifier, save_baseline
-from .datasets import PreparedSet, load_split, prepare_set, read_labels, save_split, split_by_patient, subset
+from .datasets import (SPLIT_FRACTIONS, PreparedSet, load_split, prepare_set, read_labels, save_split, split_by_patient,
+                       subset)
 from .evaluate import EVAL_BATCH, predict, score_set
 from .losses import drenet_loss
 
@@ -275,6 +278,31 @@ def holds_run(out_dir) -> bool:
     return any((Path(out_dir) / name).exists() for name in RUN_FILES)
 
 
+def check_training_items(items, split: dict, classes) -> None:
+    """Refuse (one line, before any image is read or anything written) what cannot train or select a model:
+    a listed image that is not there (of any split: the test patients' too, for a later `evaluate --split`),
+    no validation patients (no patient ids, or too few patients for the split), and a training or validation
+    part without images of every class (a classifier learns, and AUC measures, the difference between them)."""
+    missing = [it.path for it in items if not Path(it.path).is_file()]
+    if missing:
+        raise InputNotFoundError(f"{len(missing)} of the {len(items)} labelled images are not there, e.g. {missing[0]}")
+    patients = {it.patient_id for it in items if it.patient_id is not None}
+    if not split["val"]:
+        raise UnreadableInputError(
+            "no validation patients: at least one labels CSV needs a patient_id column" if not patients else
+            f"no validation patients: {len(patients)} patients are too few for the split by patient "
+            f"({'/'.join(str(round(100 * f)) for f in SPLIT_FRACTIONS)} %: a class needs at least "
+            f"{next(n for n in range(1, 1000) if round(n * SPLIT_FRACTIONS[1]))} patients to give one for validation)")
+    for part in ("train", "val"):
+        counts = Counter(it.label for it in subset(items, split, part))
+        absent = [c for c in classes if not counts[c]]
+        if absent:
+            held = ", ".join(f"{c} {n}" for c, n in counts.items()) or "none"
+            raise UnreadableInputError(f"the {'training' if part == 'train' else 'validation'} images hold no "
+                                       f"{' or '.join(absent)} (images per class: {held}): every class "
+                                       f"({', '.join(classes)}) is needed; label more patients of it")
+
+
 def requested_recipe(config: TrainConfig | None, data, extra_train, init) -> tuple[TrainConfig, str | None]:
     """The recipe asked for, with data paths resolved and, with `init`, that model's architecture and classes."""
     cfg = replace(config or TrainConfig())
@@ -360,6 +388,7 @@ def train(data, out_dir, config: TrainConfig | None = None, *, extra_train=(), r
         if state["epoch"] == cfg.epochs:
             return TrainResult(out / BEST_PT, out, state["history"], load_split(out / SPLIT_JSON))
     else:
+        check_writable(out, result_folder=False)  # a file there, or a place that cannot be written: before any work
         if holds_run(out):
             raise OutputError(f"{out} already holds a training run: pass --resume to continue it, or choose a new --out")
         cfg, init = requested_recipe(config, data, extra_train, init)
@@ -378,8 +407,7 @@ def train(data, out_dir, config: TrainConfig | None = None, *, extra_train=(), r
         split = load_split(out / SPLIT_JSON)
     else:
         split = split or split_by_patient(items, cfg.seed)
-    if not split["val"]:
-        raise UnreadableInputError("no validation patients: at least one labels CSV needs a patient_id column")
+    check_training_items(items, split, cfg.classes)
     dev = resolve_device(device)
     torch.manual_seed(cfg.seed)
     model = _build_model(cfg, init).to(dev, memory_format=torch.channels_last)
