@@ -269,8 +269,11 @@ def _slices(value: str):
 
 
 def _check_series(args) -> None:
-    """--series picks one series of a DICOM folder; for a file it would be silently ignored."""
-    if args.series is not None and Path(args.input).is_file():
+    """--series picks one series of a DICOM folder (or of a DICOMDIR's, or a zipped one); for a volume file it would
+    be silently ignored."""
+    from .volume_io import is_dicom_series_input
+
+    if args.series is not None and Path(args.input).is_file() and not is_dicom_series_input(args.input):
         raise UsageError(f"--series picks a series of a DICOM folder; {args.input} is a file (leave --series out)")
 
 

@@ -51,6 +51,8 @@ TAG_SLICE_THICKNESS = "0018|0050"
 TAG_SERIES_DESCRIPTION = "0008|103e"
 TAG_POSITION = "0020|0032"  # ImagePositionPatient
 TAG_ORIENTATION = "0020|0037"  # ImageOrientationPatient
+TAG_PIXEL_SPACING = "0028|0030"  # PixelSpacing: row spacing \ column spacing, mm
+TAG_PHOTOMETRIC = "0028|0004"  # PhotometricInterpretation
 TAG_PADDING_VALUE = "0028|0120"  # PixelPaddingValue, in stored (pre-rescale) units
 TAG_PADDING_LIMIT = "0028|0121"  # PixelPaddingRangeLimit: padding is the stored range value..limit
 TAG_RESCALE_INTERCEPT = "0028|1052"
@@ -224,6 +226,9 @@ class _SliceHeader:
     cosines: np.ndarray | None  # ImageOrientationPatient: the row direction, then the column direction
     localizer: bool  # ImageType says LOCALIZER
     tilt_deg: float  # GantryDetectorTilt, 0 when absent
+    has_pixel_spacing: bool  # PixelSpacing present (ITK takes 1 mm without it)
+    modality: str | None
+    photometric: str | None
 
     @property
     def normal(self) -> np.ndarray:
@@ -259,7 +264,28 @@ def _slice_header(name: str) -> _SliceHeader:
         cosines=cosines,
         localizer=LOCALIZER in (_tag(header, TAG_IMAGE_TYPE) or "").upper(),
         tilt_deg=0.0 if tilt is None else float(tilt[0]),
+        has_pixel_spacing=numbers(TAG_PIXEL_SPACING, 2) is not None,
+        modality=_tag(header, TAG_MODALITY),
+        photometric=(_tag(header, TAG_PHOTOMETRIC) or "").strip().upper() or None,
     )
+
+
+def _check_headers(headers: list[_SliceHeader], folder: Path) -> None:
+    """NotACTError, from the headers, for what would be read silently wrong: an image of another modality than
+    CT, without ImagePositionPatient or ImageOrientationPatient (ITK would make up the slices' order, spacing and
+    direction) or PixelSpacing (ITK would take 1 mm), or stored as MONOCHROME1 (ITK inverts it: not HU)."""
+    for h in headers:
+        _check_modality(h.modality, Path(h.name))
+    for what, lacking in (("ImagePositionPatient", [h for h in headers if h.position is None]),
+                          ("ImageOrientationPatient", [h for h in headers if h.cosines is None]),
+                          ("PixelSpacing", [h for h in headers if not h.has_pixel_spacing])):
+        if lacking:
+            raise NotACTError(f"{len(lacking)} of the series' {len(headers)} images have no (valid) {what}, e.g. "
+                              f"{Path(lacking[0].name).name}: the volume's geometry would be a guess ({folder})")
+    inverted = [h for h in headers if h.photometric == "MONOCHROME1"]
+    if inverted:
+        raise NotACTError(f"{Path(inverted[0].name).name} is stored as MONOCHROME1, which this reader inverts: its "
+                          f"values would not be Hounsfield units; convert the series to MONOCHROME2 ({folder})")
 
 
 def _leave_out_localizers(headers: list[_SliceHeader]) -> list[_SliceHeader]:
@@ -352,12 +378,12 @@ def _series_files(names: list[str], folder: Path) -> tuple[list[str], list[str]]
             f"{len(left_out)} localizer image(s) left out (ImageType {LOCALIZER} or another orientation than the other "
             f"{len(kept)} images): {', '.join(left_out[:3])}{', ...' if len(left_out) > 3 else ''}"
         )
+    _check_headers(kept, folder)
     _check_matrix(kept, folder)
     _check_size((*kept[0].size[:2], sum(h.size[2] for h in kept)), folder)
-    if all(h.position is not None and h.cosines is not None for h in kept):
-        normal = kept[0].normal
-        kept = sorted(kept, key=lambda h: float(h.position @ normal))
-        _check_slice_positions(kept, folder)
+    normal = kept[0].normal
+    kept = sorted(kept, key=lambda h: float(h.position @ normal))
+    _check_slice_positions(kept, folder)
     return [h.name for h in kept], notes
 
 
@@ -521,14 +547,12 @@ def _series_in(folder: Path) -> dict[str, list[str]]:
 
 
 def _dicom_files(folder: Path) -> dict[str, list[str]]:
-    """The files of each DICOM series in `folder`; when it holds none itself (a CD or PACS export:
-    a DICOMDIR beside folders of images), those of every folder below it, a series' files gathered
-    across folders."""
+    """The files of each DICOM series in `folder` and every folder below it (a CD or PACS export: a DICOMDIR
+    beside folders of images; a series split across folders), a series' files gathered across folders."""
     files = _series_in(folder)
-    if not files:
-        for sub in sorted(p for p in folder.rglob("*") if p.is_dir()):
-            for uid, names in _series_in(sub).items():
-                files.setdefault(uid, []).extend(names)
+    for sub in sorted(p for p in folder.rglob("*") if p.is_dir()):
+        for uid, names in _series_in(sub).items():
+            files.setdefault(uid, []).extend(names)
     return files
 
 

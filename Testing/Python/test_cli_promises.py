@@ -283,6 +283,22 @@ def test_series_on_a_file_is_a_usage_error(tmp_path, ct_file, monkeypatch, capsy
         read_volume(ct_file, series_uid="1.2.3")
 
 
+def test_series_picks_a_series_of_a_zipped_folder_or_a_dicomdir(tmp_path, small_ct):  # noqa: F811
+    """The note of a zipped folder says "use --series UID for another": --series is accepted there (it was refused
+    as "a file"), as for a DICOMDIR, and read_volume reads the series it names."""
+    import argparse
+    import shutil
+
+    folder = tmp_path / "two-series"
+    write_dicom_series(small_ct, folder)
+    write_dicom_series(small_ct[:, :, :10], folder, uid=OTHER_SERIES_UID, prefix="other")
+    archive = shutil.make_archive(str(tmp_path / "study"), "zip", folder)
+    (folder / "DICOMDIR").write_bytes(b"")  # only its name matters to the option check
+    for given in (archive, folder / "DICOMDIR"):
+        cli._check_series(argparse.Namespace(series=OTHER_SERIES_UID, input=str(given)))
+    assert read_volume(archive, series_uid=OTHER_SERIES_UID).image.GetSize()[2] == 10
+
+
 def test_the_series_note_names_the_other_series(tmp_path, small_ct):  # noqa: F811
     folder = tmp_path / "two-series"
     write_dicom_series(small_ct, folder)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import locale
+import re
 
 import cv2
 import numpy as np
@@ -199,6 +200,54 @@ def test_two_series_in_one_folder(tmp_path, small_ct):
     assert chosen.image.GetSize()[2] == 9 and chosen.info.notes == []
     with pytest.raises(UnreadableInputError, match=OTHER_SERIES_UID):
         read_volume(folder, series_uid="1.2.3")
+
+
+def _edit_series(folder, edit, names=None):
+    """Apply `edit(dataset)` to the DICOM files of `folder` (or those named), in place, with pydicom."""
+    import pydicom
+
+    for path in sorted(folder.glob("*.dcm")):
+        if names is None or path.name in names:
+            ds = pydicom.dcmread(path)
+            edit(ds)
+            ds.save_as(path)
+
+
+@pytest.mark.parametrize("tag, message", [
+    ("ImagePositionPatient", "have no (valid) ImagePositionPatient"),  # ITK stacked them upside down at 0.5 mm
+    ("ImageOrientationPatient", "have no (valid) ImageOrientationPatient"),
+    ("PixelSpacing", "have no (valid) PixelSpacing"),  # ITK took 1 mm: lungs 79 % larger
+])
+def test_a_series_without_its_geometry_tags_is_refused(tmp_path, small_ct, tag, message):
+    """Found by a hospital-input trial: a series without these type-1 tags was read with made-up geometry, no warning."""
+    write_dicom_series(small_ct, tmp_path / "s")
+    _edit_series(tmp_path / "s", lambda ds: delattr(ds, tag), names={"slice005-0.dcm"} if tag != "PixelSpacing" else None)
+    with pytest.raises(NotACTError, match=re.escape(message)):
+        read_volume(tmp_path / "s")
+
+
+def test_monochrome1_and_one_image_of_another_modality_are_refused(tmp_path, small_ct):
+    write_dicom_series(small_ct, tmp_path / "m1")
+    _edit_series(tmp_path / "m1", lambda ds: setattr(ds, "PhotometricInterpretation", "MONOCHROME1"))
+    with pytest.raises(NotACTError, match="MONOCHROME1"):  # ITK inverts it: the values were not HU
+        read_volume(tmp_path / "m1")
+    write_dicom_series(small_ct, tmp_path / "mixed")
+    _edit_series(tmp_path / "mixed", lambda ds: setattr(ds, "Modality", "MR"), names={"slice006-0.dcm"})
+    with pytest.raises(NotACTError, match="not a CT: modality MR .*slice006-0.dcm"):  # only the first was checked
+        read_volume(tmp_path / "mixed")
+
+
+def test_a_series_split_between_a_folder_and_its_subfolders_is_read_whole(tmp_path, small_ct):
+    """Files directly in the folder no longer hide the series' files in folders below it (the slices there were
+    left out: a coarser or shorter volume without a warning)."""
+    folder = tmp_path / "export"
+    write_dicom_series(small_ct, folder)
+    (folder / "more").mkdir()
+    for k in range(1, 12, 2):
+        (folder / f"slice{k:03d}-0.dcm").rename(folder / "more" / f"slice{k:03d}-0.dcm")
+    loaded = read_volume(folder)
+    assert loaded.image.GetSize() == small_ct.GetSize()
+    assert loaded.image.GetSpacing() == pytest.approx(small_ct.GetSpacing(), abs=1e-3)
 
 
 # ---- pixel padding (no data outside the field of view) ---------------------------------------
