@@ -612,6 +612,8 @@ def dicom_series_files(folder: Path, series_uid: str | None) -> tuple[list[str],
         uid, note = _choose_series(files)
         notes += [note] if note else []
     _check_modality(_tag(_header(files[uid][0]), TAG_MODALITY), folder)
+    if len(files[uid]) == 1 and _frames_of(Path(files[uid][0])) > 1:  # one multi-frame image (Enhanced CT): read as a file
+        return files[uid], uid, notes
     names, series_notes = _series_files(files[uid], folder)
     return names, uid, notes + series_notes
 
@@ -625,6 +627,8 @@ def sort_series_files(names: list[str]) -> list[str]:
 def _read_dicom_series(folder: Path, series_uid: str | None) -> tuple[sitk.Image, str, list[str]]:
     """The chosen series of a DICOM folder (or of the folders below it, `_dicom_files`), its uid, and notes."""
     names, uid, notes = dicom_series_files(folder, series_uid)
+    if len(names) == 1 and _frames_of(Path(names[0])) > 1:
+        return _read_file(Path(names[0]))[0], uid, notes
     return read_dicom_files(names, folder, uid), uid, notes
 
 
@@ -693,6 +697,44 @@ def is_dicom_file(path: str | Path) -> bool:
     return _suffix(path) in DICOM_SUFFIXES or sitk.ImageFileReader.GetImageIOFromFileName(str(path)) == "GDCMImageIO"
 
 
+def _frames_of(path: Path) -> int:
+    """The number of frames of a DICOM image file (1 for a single-frame image)."""
+    header = _header(str(path))
+    return header.GetSize()[2] if header.GetDimension() == 3 else 1
+
+
+def _check_frames(path: Path) -> None:
+    """NotACTError unless the frames of a multi-frame DICOM image (e.g. Enhanced CT) lie in file order along the
+    slice normal, one per position, evenly spaced: the reader stacks them in file order at one step, whatever
+    their positions say (per-frame functional groups, PS3.3 C.7.6.16)."""
+    import pydicom
+
+    ds = pydicom.dcmread(str(path), stop_before_pixels=True)
+    shared = (ds.get("SharedFunctionalGroupsSequence") or [None])[0]
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence") or []
+
+    def value(group, sequence: str, keyword: str):
+        for source in (group, shared):
+            items = source.get(sequence) if source is not None else None
+            if items and keyword in items[0]:
+                return np.array(items[0].get(keyword), dtype=float)
+        return None
+
+    frames = int(ds.get("NumberOfFrames", 1))
+    positions = [value(per_frame[n] if n < len(per_frame) else None, "PlanePositionSequence", "ImagePositionPatient")
+                 for n in range(frames)]
+    cosines = value(per_frame[0] if per_frame else None, "PlaneOrientationSequence", "ImageOrientationPatient")
+    if cosines is None or any(p is None for p in positions):
+        raise NotACTError(f"{path.name}: its {frames} frames do not all have a position and orientation (per-frame "
+                          "functional groups): the volume's geometry would be a guess")
+    along = np.array(positions) @ np.cross(cosines[:3], cosines[3:])
+    steps = np.diff(along) * np.sign(along[-1] - along[0])
+    if len(steps) and (steps.min() < DUPLICATE_TOLERANCE_MM or steps.max() - steps.min() > SPACING_TOLERANCE * steps.mean()):
+        raise NotACTError(f"{path.name}: its frames are not one after the other along the slice normal at one step "
+                          f"(steps from {steps.min():.2f} to {steps.max():.2f} mm in file order: frames out of order, "
+                          "repeated or missing); the reader would stack them in file order")
+
+
 def _read_file(path: Path) -> tuple[sitk.Image, str]:
     """One image file and its format name."""
     suffix = _suffix(path)
@@ -700,6 +742,8 @@ def _read_file(path: Path) -> tuple[sitk.Image, str]:
     is_dicom = is_dicom_file(path)
     if is_dicom:
         _check_modality(_tag(reader, TAG_MODALITY), path)
+        if reader.GetDimension() == 3 and reader.GetSize()[2] > 1:
+            _check_frames(path)
     _check_size(reader.GetSize(), path)
     _check_grid(np.reshape(reader.GetDirection(), (reader.GetDimension(),) * 2), reader.GetSize(), reader.GetSpacing(), path)
     if VOLUME_FORMATS.get(suffix) == "nifti":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import locale
 import re
 
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from CovidCTDiagnosisLib import geometry
 from CovidCTDiagnosisLib.errors import InputNotFoundError, NotACTError, UnreadableInputError
 from CovidCTDiagnosisLib.phantom import make_chest_phantom
 from CovidCTDiagnosisLib.volume_io import (
@@ -248,6 +250,47 @@ def test_a_series_split_between_a_folder_and_its_subfolders_is_read_whole(tmp_pa
     loaded = read_volume(folder)
     assert loaded.image.GetSize() == small_ct.GetSize()
     assert loaded.image.GetSpacing() == pytest.approx(small_ct.GetSpacing(), abs=1e-3)
+
+
+def _enhanced_ct(small_ct, folder):
+    """small_ct as one multi-frame Enhanced CT file (highdicom's legacy conversion of a CT series)."""
+    import highdicom as hd
+    import pydicom
+
+    from dicom_series import write_ct_series
+
+    datasets = [pydicom.dcmread(f) for f in write_ct_series(small_ct, folder / "series")]
+    image = hd.legacy.LegacyConvertedEnhancedCTImage(datasets, series_instance_uid=hd.UID(), series_number=9,
+                                                     sop_instance_uid=hd.UID(), instance_number=1)
+    return image
+
+
+def test_an_enhanced_ct_is_read_only_when_its_frames_are_in_order(tmp_path, small_ct):
+    """A multi-frame image is stacked in file order at one step whatever its frames' positions say: frames out of
+    order or with a gap were read silently wrong (a hospital-input trial: P001 shuffled scored 0.30 instead of 0.72);
+    now refused. In order (either way along the normal), as a file or alone in a folder, it reads exactly."""
+    enhanced = _enhanced_ct(small_ct, tmp_path)
+    enhanced.save_as(tmp_path / "enhanced.dcm")
+    (tmp_path / "folder").mkdir()
+    enhanced.save_as(tmp_path / "folder" / "IM1")
+    series = geometry.orient_to_lps(read_volume(tmp_path / "series").image)  # the single-frame images it was made of
+    for given in (tmp_path / "enhanced.dcm", tmp_path / "folder"):
+        image = geometry.orient_to_lps(read_volume(given).image)
+        for get in ("GetSize", "GetSpacing", "GetOrigin", "GetDirection"):
+            assert getattr(image, get)() == pytest.approx(getattr(series, get)(), abs=1e-4), get
+        assert np.array_equal(sitk.GetArrayViewFromImage(image), sitk.GetArrayViewFromImage(series))
+    frames = enhanced.PerFrameFunctionalGroupsSequence
+    step = np.subtract(frames[1].PlanePositionSequence[0].ImagePositionPatient, frames[0].PlanePositionSequence[0].ImagePositionPatient)
+    swapped, gap = copy.deepcopy(enhanced), copy.deepcopy(enhanced)
+    a, b = (swapped.PerFrameFunctionalGroupsSequence[n].PlanePositionSequence[0] for n in (3, 4))
+    a.ImagePositionPatient, b.ImagePositionPatient = b.ImagePositionPatient, a.ImagePositionPatient
+    for frame in gap.PerFrameFunctionalGroupsSequence[6:]:  # a frame missing after the sixth
+        plane = frame.PlanePositionSequence[0]
+        plane.ImagePositionPatient = [float(v) for v in np.add(plane.ImagePositionPatient, step)]
+    for name, variant in (("swapped", swapped), ("gap", gap)):
+        variant.save_as(tmp_path / f"{name}.dcm")
+        with pytest.raises(NotACTError, match="frames are not one after the other"):
+            read_volume(tmp_path / f"{name}.dcm")
 
 
 # ---- pixel padding (no data outside the field of view) ---------------------------------------
