@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import locale
 import re
 
@@ -281,6 +280,8 @@ def test_an_enhanced_ct_is_read_only_when_its_frames_are_in_order(tmp_path, smal
         assert np.array_equal(sitk.GetArrayViewFromImage(image), sitk.GetArrayViewFromImage(series))
     frames = enhanced.PerFrameFunctionalGroupsSequence
     step = np.subtract(frames[1].PlanePositionSequence[0].ImagePositionPatient, frames[0].PlanePositionSequence[0].ImagePositionPatient)
+    import copy
+
     swapped, gap = copy.deepcopy(enhanced), copy.deepcopy(enhanced)
     a, b = (swapped.PerFrameFunctionalGroupsSequence[n].PlanePositionSequence[0] for n in (3, 4))
     a.ImagePositionPatient, b.ImagePositionPatient = b.ImagePositionPatient, a.ImagePositionPatient
