@@ -596,6 +596,28 @@ def dicom_folder(path: str | Path) -> Iterator[Path]:
         yield path if path.is_dir() else path.parent
 
 
+def _unread_members(folder: Path, files: dict[str, list[str]], uid: str) -> list[Path]:
+    """Files under `folder` that GDCM's series scan skipped (a truncated or corrupt image) but whose DICOM header
+    names series `uid`: without them the volume would silently lack those slices."""
+    import pydicom
+
+    listed = {os.path.realpath(name) for names in files.values() for name in names}
+    unread = []
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")):
+        if os.path.realpath(path) in listed or path.name.upper() == DICOMDIR:
+            continue
+        with open(path, "rb") as f:
+            if f.read(132)[128:] != b"DICM":
+                continue
+        try:
+            found = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SeriesInstanceUID"]).get("SeriesInstanceUID")
+        except Exception:  # a header pydicom cannot parse either: its series is unknown
+            continue
+        if found == uid:
+            unread.append(path)
+    return unread
+
+
 def dicom_series_files(folder: Path, series_uid: str | None) -> tuple[list[str], str, list[str]]:
     """The files of a DICOM folder's chosen series (`_choose_series`, or `series_uid`) in the order of the
     volume's slices (k), localizers left out; its uid; notes. The errors of `read_volume`, from the headers."""
@@ -611,6 +633,10 @@ def dicom_series_files(folder: Path, series_uid: str | None) -> tuple[list[str],
     else:
         uid, note = _choose_series(files)
         notes += [note] if note else []
+    unread = _unread_members(folder, files, uid)
+    if unread:
+        raise _unreadable(unread[0], f"an image of series {uid} that cannot be read (truncated or corrupt; "
+                                     f"{len(unread)} such file(s) in {folder}): the volume would lack its slice")
     _check_modality(_tag(_header(files[uid][0]), TAG_MODALITY), folder)
     if len(files[uid]) == 1 and _frames_of(Path(files[uid][0])) > 1:  # one multi-frame image (Enhanced CT): read as a file
         return files[uid], uid, notes

@@ -251,6 +251,17 @@ def test_a_series_split_between_a_folder_and_its_subfolders_is_read_whole(tmp_pa
     assert loaded.image.GetSpacing() == pytest.approx(small_ct.GetSpacing(), abs=1e-3)
 
 
+@pytest.mark.parametrize("slice_name", ["slice011-0.dcm", "slice005-0.dcm"])  # the last slice, one in the middle
+def test_a_truncated_image_of_the_series_is_named_not_dropped(tmp_path, small_ct, slice_name):
+    """GDCM's series scan skips a file it cannot read: the last slice was dropped without a word and a middle one
+    was refused as "missing slices". Now the file is named (exit 3)."""
+    write_dicom_series(small_ct, tmp_path / "s")
+    damaged = tmp_path / "s" / slice_name
+    damaged.write_bytes(damaged.read_bytes()[: damaged.stat().st_size // 2])
+    with pytest.raises(UnreadableInputError, match=f"cannot read {re.escape(str(damaged))}: an image of series"):
+        read_volume(tmp_path / "s")
+
+
 def _enhanced_ct(small_ct, folder):
     """small_ct as one multi-frame Enhanced CT file (highdicom's legacy conversion of a CT series)."""
     import highdicom as hd
