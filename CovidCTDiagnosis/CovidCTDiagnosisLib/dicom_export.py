@@ -177,6 +177,9 @@ def export_dicom(result_dir: str | PathLike, source_dicom: str | PathLike | Sequ
         raise UsageError(f"{result_dir} is the analysis of a {report['input']['format']} input, not of a DICOM series: "
                          "there is no study to add the results to")
     with _source_series(source_dicom, report["input"]["series_uid"]) as (names, where):
+        if len(names) == 1 and volume_io.dicom_frames(Path(names[0])) > 1:
+            raise UsageError(f"{names[0]} is one multi-frame image (Enhanced CT): the DICOM objects reference the "
+                             "single-frame CT images of a series; export from such a series")
         source = _SourceSeries.read(names, where, report)
     objects = _build_objects(source, report, result_dir)
     with staged_folder(dicom_out, is_ours=is_ours, what=DICOM_FOLDER_CONTENT) as staging:

@@ -51,6 +51,7 @@ TAG_SLICE_THICKNESS = "0018|0050"
 TAG_SERIES_DESCRIPTION = "0008|103e"
 TAG_POSITION = "0020|0032"  # ImagePositionPatient
 TAG_ORIENTATION = "0020|0037"  # ImageOrientationPatient
+TAG_SERIES_UID = "0020|000e"  # SeriesInstanceUID
 TAG_PIXEL_SPACING = "0028|0030"  # PixelSpacing: row spacing \ column spacing, mm
 TAG_PHOTOMETRIC = "0028|0004"  # PhotometricInterpretation
 TAG_PADDING_VALUE = "0028|0120"  # PixelPaddingValue, in stored (pre-rescale) units
@@ -638,7 +639,7 @@ def dicom_series_files(folder: Path, series_uid: str | None) -> tuple[list[str],
         raise _unreadable(unread[0], f"an image of series {uid} that cannot be read (truncated or corrupt; "
                                      f"{len(unread)} such file(s) in {folder}): the volume would lack its slice")
     _check_modality(_tag(_header(files[uid][0]), TAG_MODALITY), folder)
-    if len(files[uid]) == 1 and _frames_of(Path(files[uid][0])) > 1:  # one multi-frame image (Enhanced CT): read as a file
+    if len(files[uid]) == 1 and dicom_frames(Path(files[uid][0])) > 1:  # one multi-frame image (Enhanced CT): read as a file
         return files[uid], uid, notes
     names, series_notes = _series_files(files[uid], folder)
     return names, uid, notes + series_notes
@@ -653,7 +654,7 @@ def sort_series_files(names: list[str]) -> list[str]:
 def _read_dicom_series(folder: Path, series_uid: str | None) -> tuple[sitk.Image, str, list[str]]:
     """The chosen series of a DICOM folder (or of the folders below it, `_dicom_files`), its uid, and notes."""
     names, uid, notes = dicom_series_files(folder, series_uid)
-    if len(names) == 1 and _frames_of(Path(names[0])) > 1:
+    if len(names) == 1 and dicom_frames(Path(names[0])) > 1:
         return _read_file(Path(names[0]))[0], uid, notes
     return read_dicom_files(names, folder, uid), uid, notes
 
@@ -723,7 +724,7 @@ def is_dicom_file(path: str | Path) -> bool:
     return _suffix(path) in DICOM_SUFFIXES or sitk.ImageFileReader.GetImageIOFromFileName(str(path)) == "GDCMImageIO"
 
 
-def _frames_of(path: Path) -> int:
+def dicom_frames(path: Path) -> int:
     """The number of frames of a DICOM image file (1 for a single-frame image)."""
     header = _header(str(path))
     return header.GetSize()[2] if header.GetDimension() == 3 else 1
@@ -846,6 +847,8 @@ def read_volume(source: str | Path | sitk.Image, series_uid: str | None = None) 
             if series_uid is not None:
                 raise UsageError(f"--series picks a series of a DICOM folder; {path} is a file (leave --series out)")
             image, fmt = _read_file(path)
+            if fmt == "dicom" and image.HasMetaDataKey(TAG_SERIES_UID):  # one file: a multi-frame image's series
+                uid = image.GetMetaData(TAG_SERIES_UID).strip()
             if fmt == "nifti":
                 notes = qform_sform_notes(path, image)
     if image.GetNumberOfComponentsPerPixel() != 1:

@@ -289,6 +289,7 @@ def test_an_enhanced_ct_is_read_only_when_its_frames_are_in_order(tmp_path, smal
         for get in ("GetSize", "GetSpacing", "GetOrigin", "GetDirection"):
             assert getattr(image, get)() == pytest.approx(getattr(series, get)(), abs=1e-4), get
         assert np.array_equal(sitk.GetArrayViewFromImage(image), sitk.GetArrayViewFromImage(series))
+        assert read_volume(given).info.series_uid == enhanced.SeriesInstanceUID  # in report.json too (was "")
     frames = enhanced.PerFrameFunctionalGroupsSequence
     step = np.subtract(frames[1].PlanePositionSequence[0].ImagePositionPatient, frames[0].PlanePositionSequence[0].ImagePositionPatient)
     import copy
