@@ -4,8 +4,9 @@ A batch input is a folder (each DICOM sub-folder or volume file in it is a case)
 manifest with a `path` column (and optionally `case_id`). Each case's id names its result folder:
 ids must be distinct (also ignoring case) and plain folder names. Cases whose folder is already
 complete, analysed from the same input with the same options and model (report.json's `input.path`
-and resume key), are not analysed again, so an interrupted batch can simply be re-run. The cases run here one after the other, or on a Ray
-cluster (`ray_batch`); both analyse and write each case through `analyse_case`.
+and resume key), are not analysed again, so an interrupted batch can simply be re-run. The cases
+run here one after the other, or on a Ray cluster (`ray_batch`); both analyse and write each case
+through `analyse_case`.
 """
 
 from __future__ import annotations

@@ -413,9 +413,8 @@ def _natural_order(name: str) -> list:
 
 def _slice_images(paths: list[str]) -> list[str]:
     """The paths given, each folder replaced by its slice images (in natural order of their names: slice_2 before
-    slice_10), as batch takes folders: PNG, JPEG, BMP and
-    DICOM files by their names, and DICOM files named otherwise (as a PACS exports them: a UID, or no extension) by
-    their DICM preamble."""
+    slice_10), as batch takes folders: PNG, JPEG, BMP and DICOM files by their names, and DICOM files named
+    otherwise (as a PACS exports them: a UID, or no extension) by their content (`volume_io.is_dicom_file`)."""
     from .errors import UnreadableInputError
     from .volume_io import DICOM_SUFFIXES, IMAGE_FORMATS, is_dicom_file
 

@@ -638,7 +638,6 @@ def dicom_series_files(folder: Path, series_uid: str | None) -> tuple[list[str],
     if unread:
         raise _unreadable(unread[0], f"an image of series {uid} that cannot be read (truncated or corrupt; "
                                      f"{len(unread)} such file(s) in {folder}): the volume would lack its slice")
-    _check_modality(_tag(_header(files[uid][0]), TAG_MODALITY), folder)
     if len(files[uid]) == 1 and dicom_frames(Path(files[uid][0])) > 1:  # one multi-frame image (Enhanced CT): read as a file
         return files[uid], uid, notes
     names, series_notes = _series_files(files[uid], folder)
