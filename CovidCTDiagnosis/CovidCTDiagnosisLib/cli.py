@@ -234,22 +234,26 @@ def _analyzer(args):
 
 
 def _load_model_while_reading(args, progress):
-    """(Analyzer, preparation.LungCT): the model is loaded (torch imported) in a worker thread while
-    this one reads the CT and finds its lungs (SimpleITK's reader and OpenCV release the GIL; the
-    lungs stage waits for torch). Errors come as if the model had been loaded first: a bad model
-    file or device before a bad input. On any exit the worker is waited for (a thread still
-    importing torch when Python shuts down would print an error)."""
+    """(Analyzer, preparation.LungCT): the CT is read and its lungs found in a child process
+    (`forked`: SimpleITK holds the GIL; lung extraction needs no torch) while this process loads the
+    model (imports torch) in a worker thread. Errors come as if the model had been loaded first: a
+    bad model file or device before a bad input. On any exit the worker is waited for (a thread
+    still importing torch when Python shuts down would print an error) and the child stopped."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from .preparation import find_ct_lungs  # before the worker starts: its imports are then all torch's and the model's
+    from .forked import ForkedCall
+    from .preparation import FIND_LUNGS_PROGRESS, find_ct_lungs  # before the worker starts: its imports are then all torch's and the model's
 
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="covidct-model") as pool:
+    with ForkedCall(find_ct_lungs, args.input, args.series) as finding, \
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="covidct-model") as pool:
         loading = pool.submit(_analyzer, args)
         try:
-            found = find_ct_lungs(args.input, args.series, progress=progress)
+            found = finding.result()
         except CovidCTError:
             loading.result()
             raise
+        for stage in found.timings:  # done in the child
+            progress(stage, FIND_LUNGS_PROGRESS[stage])
         return loading.result(), found
 
 

@@ -35,9 +35,9 @@ def limit_threads(threads: int) -> None:
 
     Sets OpenCV's, SimpleITK's and PyTorch's intra-op thread counts; PyTorch not imported yet reads the
     limit from OMP_NUM_THREADS when it is (the command line sets the limit before it imports PyTorch,
-    beside the read). Threads that only overlap work (the command line's model loading beside the read,
-    the report drawn beside the volume writers) are not counted: one analysis with a limit of 1 uses
-    about 1.25 cores.
+    beside the read). Work that only overlaps other work is not counted: the command line's child process
+    that reads the CT and finds its lungs (`forked`, with this limit) beside its torch import, the report
+    drawn beside the volume writers.
     """
     global _limit
     if isinstance(threads, bool) or not isinstance(threads, numbers.Integral) or threads < 1:

@@ -27,6 +27,7 @@ import numpy as np
 
 from .cpu_threads import cpu_threads
 from .errors import NoLungsError
+from .lung_net import LUNG_PROBABILITY_THRESHOLD, lung_probability, lung_probability_hu, to_slice_size
 from .volume_io import has_data
 
 AIR_THRESHOLD_HU = -600.0  # lung parenchyma and air lie below
@@ -142,7 +143,6 @@ def _air_regions(
     probability, same shape): air regions the network mostly calls lung, plus every pixel it
     calls lung; the image border is not used (tight crops and clipped fields of view).
     """
-    from .lung_net import LUNG_PROBABILITY_THRESHOLD  # imports torch: not needed to read results
     valid = has_data(hu_slice)
     air = ((hu_slice < AIR_THRESHOLD_HU) & valid).astype(np.uint8)
     count, labels, stats, centroids = cv2.connectedComponentsWithStats(air, connectivity=8)
@@ -345,7 +345,6 @@ def extract_lungs(hu_kji: np.ndarray, spacing_ijk: Sequence[float], midline_col:
     (left of x = 0 is the patient's right, x < 0), and `Lungs.notes` says so.
     Raises NoLungsError when nothing lung-like is found.
     """
-    from .lung_net import lung_probability_hu  # imports torch: not needed to read results
     prob = lung_probability_hu(hu_kji, float(spacing_ijk[2]))
     return _extract(hu_kji, spacing_ijk, prob, midline_col)
 
@@ -357,7 +356,6 @@ def extract_aerated_lungs(hu_kji: np.ndarray, spacing_ijk: Sequence[float]) -> L
 
 
 def _regions_and_sides(hu_kji, spacing_ij, prob, midline_col, pool) -> tuple[list[_SliceRegions], list[np.ndarray]]:
-    from .lung_net import to_slice_size  # imports torch: not needed to read results
     slices = list(pool.map(
         lambda k: _air_regions(hu_kji[k], spacing_ij, None if prob is None else to_slice_size(prob[k], hu_kji.shape[1:]),
                                midline_col, in_volume=True),
@@ -468,7 +466,6 @@ def lung_mask_2d(gray_u8: np.ndarray) -> np.ndarray:
     part on its rows (heart, mediastinum, the liver's dome: `_clear_mediastinum`) are dropped,
     medial meaning towards the body's centre column, whichever way the image is flipped.
     """
-    from .lung_net import lung_probability  # imports torch: not needed to read results
     gray = _as_gray(gray_u8)
     prob = lung_probability(gray[None])[0]
     return _mask_2d(gray, prob)

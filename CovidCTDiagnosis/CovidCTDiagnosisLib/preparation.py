@@ -48,6 +48,9 @@ def _no_stages(name: str, done_fraction: float) -> AbstractContextManager:
     return nullcontext()
 
 
+FIND_LUNGS_PROGRESS = {"read": 0.05, "lungs": 0.25}  # an analysis's fraction done after each stage of `find_ct_lungs`
+
+
 class Stages:
     """A StageContext that times each stage into `timings` (seconds, rounded), reports progress after
     it, and honours cancellation (AnalysisCancelled) before it."""
@@ -156,8 +159,9 @@ def find_ct_lungs(
     """Read a CT (path or SimpleITK image) and find its lungs: the stages "read" and "lungs", timed.
 
     `prepare_ct` (and so `Analyzer.analyze`) goes on from the result, so that a caller can load the
-    model meanwhile (the command line does, in another thread). progress and cancel as in
-    `Analyzer.analyze`. Raises what `read_ct` raises, NoLungsError, and AnalysisCancelled.
+    model meanwhile (the command line does, calling this in a child process: `forked`). progress
+    and cancel as in `Analyzer.analyze`. Raises what `read_ct` raises, NoLungsError, and
+    AnalysisCancelled.
     """
     stages = Stages(progress, cancel)
     found = _read_and_find_lungs(source, series_uid, stages)
@@ -166,14 +170,9 @@ def find_ct_lungs(
 
 
 def _read_and_find_lungs(source, series_uid: str | None, stage: StageContext) -> LungCT:
-    with stage("read", 0.05):
+    with stage("read", FIND_LUNGS_PROGRESS["read"]):
         ct = read_ct(source, series_uid)
-    # imported only now: importing torch would wait for another thread's import of it (the command
-    # line loads the model meanwhile), and the read runs beside that import
-    from .lung_net import load_lung_net
-
-    load_lung_net()  # once per process, untimed: waits here while another thread imports torch
-    with stage("lungs", 0.25):
+    with stage("lungs", FIND_LUNGS_PROGRESS["lungs"]):
         lungs, warnings = find_lungs(ct)
     return LungCT(ct, lungs, warnings)
 

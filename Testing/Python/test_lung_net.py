@@ -1,4 +1,4 @@
-"""The lung network: shapes, the shipped file, lesion painting and a resumable training run."""
+"""The lung network: shapes, the shipped files, lesion painting and a resumable training run."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from CovidCTDiagnosisLib.volume_io import hu_to_u8
 
 
 def test_unet_shapes():
-    net = lung_net.LungUNet((4, 8, 16, 32)).eval()
+    net = lung_model.LungUNet((4, 8, 16, 32)).eval()
     with torch.no_grad():
         out = net(torch.zeros(2, 1, lung_net.LUNG_NET_SIZE, lung_net.LUNG_NET_SIZE))
     assert out.shape == (2, 1, lung_net.LUNG_NET_SIZE, lung_net.LUNG_NET_SIZE)
@@ -23,6 +23,27 @@ def test_probability_keeps_the_slice_size():
     prob = lung_net.lung_probability(slices)
     assert prob.shape == (3, 70, 90) and prob.dtype == np.float32
     assert 0.0 <= prob.min() and prob.max() <= 1.0
+
+
+def test_shipped_onnx_is_the_shipped_weights():
+    """lung_net runs the ONNX export on OpenCV; it must give the trained PyTorch weights' probabilities
+    (on the demo phantom's slices and on noise)."""
+    from CovidCTDiagnosisLib.phantom import make_demo_phantom
+
+    hu = sitk_array(make_demo_phantom(seed=0).image)
+    slices = np.stack([lung_net.to_network_input(hu_to_u8(s)) for s in hu[:: max(1, len(hu) // 12)]])
+    slices = np.concatenate([slices, np.random.default_rng(0).random((2,) + slices.shape[1:], np.float32)])
+    with torch.inference_mode():
+        expected = torch.sigmoid(lung_model.load_lung_unet()(torch.from_numpy(slices)[:, None]))[:, 0].numpy()
+    got = lung_net._probability_small(slices)
+    assert np.abs(got - expected).max() < 1e-4
+    assert ((got > 0.5) == (expected > 0.5)).mean() > 0.9999 and (expected > 0.5).any()
+
+
+def sitk_array(image):
+    import SimpleITK as sitk
+
+    return sitk.GetArrayFromImage(image).astype(np.float32)
 
 
 def test_hu_window():
@@ -62,8 +83,11 @@ def test_training_writes_a_loadable_model_and_resumes(tmp_path):
     lung_model.train(base, out, iterations=2, batch=2, log=lambda m: None)
     state = torch.load(out.with_suffix(".state"), weights_only=False)
     assert state["step"] == 2
-    net = lung_net.load_lung_net(str(out))
-    assert isinstance(net, lung_net.LungUNet) and not net.training
+    net = lung_model.load_lung_unet(out)
+    assert isinstance(net, lung_model.LungUNet) and not net.training
+    onnx = lung_net.load_lung_net(str(out.with_suffix(".onnx")))  # the export beside the weights runs on OpenCV
+    onnx.setInput(np.zeros((3, 1, lung_net.LUNG_NET_SIZE, lung_net.LUNG_NET_SIZE), np.float32))
+    assert onnx.forward().shape == (3, 1, lung_net.LUNG_NET_SIZE, lung_net.LUNG_NET_SIZE)
     lung_model.train(base, out, iterations=2, batch=2, log=lambda m: None)  # finished: nothing left to train
     assert torch.load(out.with_suffix(".state"), weights_only=False)["step"] == 2
     with pytest.raises(ValueError, match="run of 2 iterations"):
@@ -74,4 +98,6 @@ def test_not_a_lung_model_file(tmp_path):
     path = tmp_path / "other.pt"
     torch.save({"format": "something-else"}, path)
     with pytest.raises(ValueError, match="not a covidct-lung-unet"):
+        lung_model.load_lung_unet(path)
+    with pytest.raises(ValueError, match="not a readable ONNX lung network"):
         lung_net.load_lung_net(str(path))

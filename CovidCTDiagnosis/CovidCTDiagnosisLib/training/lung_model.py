@@ -1,4 +1,4 @@
-"""Training the lung network (`lung_net.LungUNet`): whole lungs, lesions included, from healthy lungs.
+"""The lung network (`LungUNet`) and its training: whole lungs, lesions included, from healthy lungs.
 
 No lung masks drawn by radiologists on diseased lungs can ship here, so the labels are the
 threshold-based lungs (`lungs.extract_aerated_lungs`, on CT volumes; `lungs.threshold_lung_mask_2d` on
@@ -11,8 +11,10 @@ tightly (cutting the chest wall and lungs), cut by field-of-view circles, and th
 blur, noise and JPEG quality varied, as published figures and other scanners show them.
 
 Run: `python -m CovidCTDiagnosisLib.training.lung_model --data ../shared/data --out lung-unet.pt`
-(resumable: it continues from `--out`'s checkpoint while it has iterations left). The shipped
-file was made in two stages; docs/training.md gives the exact commands.
+(resumable: it continues from `--out`'s checkpoint while it has iterations left). It writes the
+PyTorch weights (`--out`, what `--init` fine-tunes from) and their ONNX export beside them
+(`lung-unet.onnx`, what `lung_net` runs on OpenCV; the export needs the `onnx` package: the
+`train` extra). The shipped files were made in three stages; docs/training.md gives the commands.
 """
 
 from __future__ import annotations
@@ -27,13 +29,19 @@ import cv2
 import numpy as np
 import SimpleITK as sitk
 import torch
+from torch import nn
 
+from ..bundled_model import MODELS_DIR
 from ..geometry import orient_to_lps
-from ..lung_net import LUNG_NET_CHANNELS, LUNG_NET_FORMAT, LUNG_NET_SIZE, LungUNet
+from ..lung_net import LUNG_NET_SIZE
 from ..lungs import extract_aerated_lungs, threshold_lung_mask_2d
 from ..phantom import make_demo_phantom
 from ..volume_io import hu_to_u8, read_image_2d, read_volume
 
+LUNG_NET_CHANNELS = (16, 32, 64, 128)
+LUNG_NET_FORMAT = "covidct-lung-unet"
+LUNG_NET_WEIGHTS = MODELS_DIR / "lung-unet.pt"  # the shipped weights; lung_net.LUNG_NET_FILE is their ONNX export
+ONNX_OPSET = 17
 BASE_SIZE = 256  # base slices are stored at this size; crops are resized to LUNG_NET_SIZE
 CT_VOLUMES = ("ct/covid-ct-md/P001-covid", "ct/covid-ct-md/normal001-normal", "ct/totalsegmentator-example/example_ct_sm.nii.gz")
 NORMAL_SLICE_SET = "slices/mosmed-derived"  # its NonCOVID slices: healthy lungs from many scanners
@@ -42,6 +50,72 @@ LESION_PROBABILITY = 0.75
 POSTERIOR_BAND_PROBABILITY = 0.45  # dependent consolidation, the hardest case for a threshold
 PHANTOM_SEEDS = (0, 1)
 NEGATIVE_PROBABILITY = 0.05  # blank, noise or text images: no lung at all
+
+
+
+class _DoubleConv(nn.Sequential):
+    def __init__(self, cin: int, cout: int):
+        super().__init__(
+            nn.Conv2d(cin, cout, 3, padding=1, bias=False),
+            nn.BatchNorm2d(cout),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(cout, cout, 3, padding=1, bias=False),
+            nn.BatchNorm2d(cout),
+            nn.ReLU(inplace=True),
+        )
+
+
+class LungUNet(nn.Module):
+    """U-Net (Ronneberger et al. 2015) behind a stride-2 stem, one logit per pixel: (N, 1, S, S) -> (N, 1, S, S).
+
+    The stem halves the resolution first, so the U-Net's levels run at S/2 ... S/16: a quarter
+    of the cost of a full-resolution U-Net, which the CPU budget of a whole volume needs.
+    """
+
+    def __init__(self, channels=LUNG_NET_CHANNELS):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, channels[0], 5, stride=2, padding=2, bias=False), nn.BatchNorm2d(channels[0]), nn.ReLU(inplace=True))
+        self.down = nn.ModuleList()
+        cin = channels[0]
+        for c in channels:
+            self.down.append(_DoubleConv(cin, c))
+            cin = c
+        self.up = nn.ModuleList()
+        self.merge = nn.ModuleList()
+        for c in reversed(channels[:-1]):
+            self.up.append(nn.ConvTranspose2d(cin, c, 2, stride=2))
+            self.merge.append(_DoubleConv(2 * c, c))
+            cin = c
+        self.head = nn.Sequential(nn.ConvTranspose2d(cin, cin, 2, stride=2), nn.ReLU(inplace=True), nn.Conv2d(cin, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)  # (N, C0, S/2, S/2)
+        skips = []
+        for n, block in enumerate(self.down):
+            x = block(x if n == 0 else nn.functional.max_pool2d(x, 2))
+            skips.append(x)
+        for up, merge, skip in zip(self.up, self.merge, reversed(skips[:-1])):
+            x = merge(torch.cat([up(x), skip], dim=1))
+        return self.head(x)  # (N, 1, S, S)
+
+def load_lung_unet(path: Path | str = LUNG_NET_WEIGHTS) -> LungUNet:
+    """A lung network weights file (`train`'s output) as a LungUNet in eval mode on the CPU; ValueError
+    if it is not one."""
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(payload, dict) or payload.get("format") != LUNG_NET_FORMAT:
+        raise ValueError(f"{path} is not a {LUNG_NET_FORMAT} file")
+    net = LungUNet(tuple(payload["channels"]))
+    net.load_state_dict(payload["state_dict"])
+    return net.eval()
+
+
+def export_onnx(net: LungUNet, path: Path | str) -> Path:
+    """Write the network as ONNX (input "slices" (N, 1, S, S) float32 in [0, 1], output "logits"
+    (N, 1, S, S); N free), what `lung_net` runs on OpenCV's DNN module. Needs the `onnx` package."""
+    example = torch.zeros(1, 1, LUNG_NET_SIZE, LUNG_NET_SIZE)
+    torch.onnx.export(net.eval(), (example,), str(path), input_names=["slices"], output_names=["logits"],
+                      dynamic_axes={"slices": {0: "n"}, "logits": {0: "n"}}, opset_version=ONNX_OPSET, dynamo=False)
+    return Path(path)
 
 
 def hu_u8(value_hu: float) -> float:
@@ -244,12 +318,13 @@ def _loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 def train(base, out: Path, iterations: int, batch: int = 16, seed: int = 0, init: Path | None = None,
           max_lr: float = 2e-3, log=print) -> Path:
-    """Train the lung network and save it to `out`; an interrupted run of the same length continues
-    from `out`'s .state file (written every 50 steps). `init`: start from a lung network file."""
+    """Train the lung network and save it to `out` and its ONNX export beside it (`out` with suffix
+    .onnx); an interrupted run of the same length continues from `out`'s .state file (written every
+    50 steps). `init`: start from a lung network weights file."""
     torch.manual_seed(seed)
     net = LungUNet(LUNG_NET_CHANNELS)
     if init is not None:
-        net.load_state_dict(torch.load(init, map_location="cpu", weights_only=True)["state_dict"])
+        net.load_state_dict(load_lung_unet(init).state_dict())
     optimiser = torch.optim.AdamW(net.parameters(), lr=max_lr, weight_decay=1e-4)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=max_lr, total_steps=iterations, pct_start=0.1)
     step = 0
@@ -283,13 +358,14 @@ def train(base, out: Path, iterations: int, batch: int = 16, seed: int = 0, init
     torch.save({"format": LUNG_NET_FORMAT, "channels": list(LUNG_NET_CHANNELS),
                 "state_dict": net.state_dict(), "iterations": iterations, "seed": seed,
                 "init": None if init is None else Path(init).name}, out)
+    export_onnx(net, out.with_suffix(".onnx"))
     return out
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, required=True, help="the real data folder (shared/data)")
-    parser.add_argument("--out", type=Path, required=True, help="model file to write")
+    parser.add_argument("--out", type=Path, required=True, help="weights file to write (.pt; its ONNX export is written beside it)")
     parser.add_argument("--iterations", type=int, default=2000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--init", type=Path, help="continue from this lung network file (fine-tuning)")

@@ -1,0 +1,108 @@
+"""Work that needs no torch, run in a forked child process while this process imports torch.
+
+SimpleITK holds the GIL while it reads (its DICOM header scan, decoding and copying), so a CT read
+in a thread beside the torch import waits for that import's Python work: P001 (148-slice
+JPEG-lossless DICOM) reads in 1.9 s alone and in 3.5-3.7 s beside the import on this project's
+2-core machine. A child forked before torch is imported works on its own core instead (the command
+line reads the CT and finds its lungs there, `preparation.find_ct_lungs`) and sends the result back
+pickled through a pipe; the same function runs, so the result is the same.
+
+The child is forked only where `os.fork` is safe for this (Linux) and before torch is imported;
+elsewhere `result()` calls the function in this process.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+import sys
+import traceback
+from typing import Callable
+
+from .errors import CovidCTError
+
+FORK_PLATFORMS = ("linux",)  # macOS' system frameworks are not fork-safe; Windows has no fork
+
+
+class ForkedCall:
+    """`function(*args, **kwargs)` run in a forked child process from construction on.
+
+    `result()` waits for the return value (pickled back), or raises the `CovidCTError` the function
+    raised (same class and message, so the same exit code); any other exception, or a child that died
+    without a result, raises RuntimeError. `close()` (also on leaving a `with` block) stops a child
+    still working. Construct it before torch is imported (forking a process that runs torch's threads
+    is not safe); after that, or off Linux, `result()` calls the function here instead.
+    """
+
+    def __init__(self, function: Callable, *args, **kwargs):
+        self.call = (function, args, kwargs)
+        self.pid = self._status = None
+        if sys.platform.startswith(FORK_PLATFORMS) and "torch" not in sys.modules:
+            sys.stdout.flush()  # what is buffered now would be written twice
+            sys.stderr.flush()
+            read_end, write_end = os.pipe()
+            self.pid = os.fork()
+            if self.pid == 0:
+                os.close(read_end)
+                _child(write_end, function, args, kwargs)
+            os.close(write_end)
+            self._pipe = os.fdopen(read_end, "rb")
+
+    def result(self):
+        """The function's return value; raises what it raised (see the class)."""
+        function, args, kwargs = self.call
+        if self.pid is None:
+            return function(*args, **kwargs)
+        try:
+            outcome = pickle.load(self._pipe)
+        except EOFError:
+            outcome = None
+        finally:
+            self.close()
+        if isinstance(outcome, BaseException):
+            raise outcome
+        if outcome is None:
+            raise RuntimeError(f"the child process of {function.__name__} ended without a result (wait status {self._status})")
+        return outcome[0]
+
+    def close(self) -> None:
+        """Stop the child if it still runs and reap it (idempotent)."""
+        if self.pid is None or self._status is not None:
+            return
+        self._pipe.close()
+        try:
+            os.kill(self.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self._status = os.waitpid(self.pid, 0)[1]
+
+    def __enter__(self) -> "ForkedCall":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _child(write_end: int, function: Callable, args: tuple, kwargs: dict) -> None:
+    """The child's whole life: call, send `(value,)` or the error, exit without Python's teardown."""
+    status = 0
+    try:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the parent answers it
+        try:
+            outcome = (function(*args, **kwargs),)
+        except CovidCTError as error:
+            outcome = error
+        except Exception as error:  # a bug: its traceback is printed here, where it happened
+            traceback.print_exc()
+            outcome = RuntimeError(f"{function.__name__} failed: {type(error).__name__}: {error}")
+        with os.fdopen(write_end, "wb") as pipe:
+            pickle.dump(outcome, pipe, protocol=pickle.HIGHEST_PROTOCOL)
+    except BrokenPipeError:  # the parent stopped waiting
+        status = 1
+    except BaseException:
+        traceback.print_exc()
+        status = 1
+    finally:
+        sys.stderr.flush()
+        os._exit(status)

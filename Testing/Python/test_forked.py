@@ -1,0 +1,53 @@
+"""The command line's child process (`forked.ForkedCall`): values and errors come back, a dead child is
+reported, a child still working is stopped, and after torch is imported nothing is forked."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+SCRIPT = """
+import json, os, sys, time
+from CovidCTDiagnosisLib.forked import ForkedCall
+from CovidCTDiagnosisLib.preparation import read_ct
+
+def outcome(call):
+    try:
+        return ["value", call.result()]
+    except Exception as error:
+        return [type(error).__name__, str(error)]
+
+def crash():
+    raise KeyError("bug")
+
+found = {}
+found["value"] = outcome(ForkedCall(os.getpid))
+found["input error"] = outcome(ForkedCall(read_ct, sys.argv[1]))
+found["bug"] = outcome(ForkedCall(crash))
+found["died"] = outcome(ForkedCall(os._exit, 3))
+started = time.monotonic()
+with ForkedCall(time.sleep, 60) as sleeping:
+    child = sleeping.pid
+found["stopped"] = [time.monotonic() - started < 10, os.WEXITSTATUS(sleeping._status) if os.WIFEXITED(sleeping._status) else "killed"]
+import torch
+found["after torch"] = outcome(ForkedCall(os.getpid))
+print(json.dumps({"pid": os.getpid(), "child": child, "found": found}))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the child is forked on Linux only")
+def test_forked_call(tmp_path):
+    done = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path / "missing.nrrd")], capture_output=True, text=True,
+                          timeout=120)
+    report = json.loads(done.stdout.splitlines()[-1])
+    found, pid = report["found"], report["pid"]
+    assert found["value"][0] == "value" and found["value"][1] != pid  # computed in another process
+    assert found["input error"][0] == "InputNotFoundError" and "missing.nrrd" in found["input error"][1]
+    assert found["bug"] == ["RuntimeError", "crash failed: KeyError: 'bug'"]
+    assert "KeyError: 'bug'" in done.stderr  # the child's traceback, where it happened
+    assert found["died"][0] == "RuntimeError" and "ended without a result" in found["died"][1]
+    assert found["stopped"] == [True, "killed"] and report["child"] not in (None, pid)
+    assert found["after torch"] == ["value", pid]  # torch's threads run: called here, not forked
