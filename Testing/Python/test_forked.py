@@ -1,5 +1,6 @@
-"""The command line's child process (`forked.ForkedCall`): values and errors come back, a dead child is
-reported, a child still working is stopped, and after torch is imported nothing is forked."""
+"""The command line's child process (`forked.ForkedCall`): values (images and arrays among them) and errors
+come back, a dead child is reported, a child still working is stopped, and after torch is imported nothing
+is forked."""
 
 from __future__ import annotations
 
@@ -23,8 +24,20 @@ def outcome(call):
 def crash():
     raise KeyError("bug")
 
+def volumes():
+    import numpy as np, SimpleITK as sitk
+    image = sitk.GetImageFromArray(np.arange(40 * 50 * 60, dtype=np.int16).reshape(40, 50, 60))
+    image.SetSpacing((0.7, 0.8, 2.5))
+    return image, np.arange(10 ** 6, dtype=np.float32), "small"
+
 found = {}
 found["value"] = outcome(ForkedCall(os.getpid))
+image, array, small = ForkedCall(volumes).result()  # large buffers come through shared memory, the rest pickled
+expected = volumes()
+import numpy as np, SimpleITK as sitk
+array[0] = -1  # writable
+found["volumes"] = [bool((sitk.GetArrayViewFromImage(image) == sitk.GetArrayViewFromImage(expected[0])).all()),
+                    image.GetSpacing() == expected[0].GetSpacing(), bool((array[1:] == expected[1][1:]).all()), small]
 found["input error"] = outcome(ForkedCall(read_ct, sys.argv[1]))
 found["bug"] = outcome(ForkedCall(crash))
 found["died"] = outcome(ForkedCall(os._exit, 3))
@@ -45,6 +58,7 @@ def test_forked_call(tmp_path):
     report = json.loads(done.stdout.splitlines()[-1])
     found, pid = report["found"], report["pid"]
     assert found["value"][0] == "value" and found["value"][1] != pid  # computed in another process
+    assert found["volumes"] == [True, True, True, "small"]
     assert found["input error"][0] == "InputNotFoundError" and "missing.nrrd" in found["input error"][1]
     assert found["bug"] == ["RuntimeError", "crash failed: KeyError: 'bug'"]
     assert "KeyError: 'bug'" in done.stderr  # the child's traceback, where it happened
