@@ -189,6 +189,8 @@ def analyse_case(analyzer: Analyzer, case: Case, out_dir: Path, dicom_out: Path 
         report = finished_report(target, key, case.path)
         if report is None:
             result = analyzer.analyze(case.path, progress=progress, **analyze_options)
+            if dicom_out is not None:  # before anything is written
+                dicom_export.check_export_source(case.path, result.input.series_uid)
             write_outputs(result, result.ct, target)
             report = result.to_report()
             del result  # the export reads the result folder: the analysis's volumes are not needed beside it

@@ -342,10 +342,11 @@ def cmd_analyze(args) -> int:
     progress = _Progress("none" if args.quiet and args.progress == "bar" else args.progress, Path(args.input).name)
     try:
         analyzer, found = _load_model_while_reading(args, progress)
-        if args.dicom_out is not None:  # before the analysis: the export could not hold a larger series
-            from .dicom_export import check_export_size
+        if args.dicom_out is not None:  # before the analysis: the export could not hold a larger series, nor this one
+            from .dicom_export import check_export_size, check_export_source
 
             check_export_size(found.ct.loaded.image.GetSize(), args.input)
+            check_export_source(args.input, found.ct.loaded.info.series_uid)
         # what lives now (torch, the model, the CT) lives to the end: frozen, no later collection walks it again
         # (a collection of torch's 200 000 objects costs about 0.1 s on 2 cores; the process ends without one: `run`)
         gc.freeze()

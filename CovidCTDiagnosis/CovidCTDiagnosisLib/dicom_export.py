@@ -177,15 +177,26 @@ def export_dicom(result_dir: str | PathLike, source_dicom: str | PathLike | Sequ
         raise UsageError(f"{result_dir} is the analysis of a {report['input']['format']} input, not of a DICOM series: "
                          "there is no study to add the results to")
     with _source_series(source_dicom, report["input"]["series_uid"]) as (names, where):
-        if len(names) == 1 and volume_io.dicom_frames(Path(names[0])) > 1:
-            raise UsageError(f"{names[0]} is one multi-frame image (Enhanced CT): the DICOM objects reference the "
-                             "single-frame CT images of a series; export from such a series")
+        _check_single_frames(names)
         source = _SourceSeries.read(names, where, report)
     objects = _build_objects(source, report, result_dir)
     with staged_folder(dicom_out, is_ours=is_ours, what=DICOM_FOLDER_CONTENT) as staging:
         for name, dataset in objects.items():
             dataset.save_as(staging / name, enforce_file_format=True)
     return [dicom_out / name for name in objects]
+
+
+def check_export_source(source_dicom, series_uid: str) -> None:
+    """Before an analysis with --dicom-out: UsageError when the series `series_uid` of `source_dicom` (a
+    folder, DICOMDIR or .zip) cannot be exported, being one multi-frame image (`export_dicom` refuses it)."""
+    with _source_series(source_dicom, series_uid) as (names, _):
+        _check_single_frames(names)
+
+
+def _check_single_frames(names: list[str]) -> None:
+    if len(names) == 1 and volume_io.dicom_frames(Path(names[0])) > 1:
+        raise UsageError(f"{names[0]} is one multi-frame image (Enhanced CT): the DICOM objects reference the "
+                         "single-frame CT images of a series; export from such a series")
 
 
 @contextmanager

@@ -52,3 +52,14 @@ def write_ct_series(image: sitk.Image, folder: Path, *, patient_id: str = "PHANT
         ds.save_as(path, enforce_file_format=True)
         files.append(path)
     return files
+
+
+def enhanced_ct(image: sitk.Image, folder: Path):
+    """`image` as one multi-frame Enhanced CT dataset (highdicom's legacy conversion of `write_ct_series`'s
+    series, written to folder/series); save it with `save_as`."""
+    import highdicom as hd
+    import pydicom
+
+    datasets = [pydicom.dcmread(f) for f in write_ct_series(image, folder / "series")]
+    return hd.legacy.LegacyConvertedEnhancedCTImage(datasets, series_instance_uid=hd.UID(), series_number=9,
+                                                     sop_instance_uid=hd.UID(), instance_number=1)

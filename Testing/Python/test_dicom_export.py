@@ -247,6 +247,26 @@ def test_a_series_too_large_to_export_is_refused_before_the_analysis(phantom_cas
     assert not (tmp_path / "out").exists()
 
 
+def test_an_enhanced_ct_is_refused_before_anything_is_written(tmp_path, capsys):
+    """The DICOM objects reference single-frame CT images: a multi-frame Enhanced CT source is refused by
+    `analyze --dicom-out` before the analysis (was: after it, with the result folder written, exit 2) and by
+    `batch --dicom-out` before the case's result folder is written."""
+    from dicom_series import enhanced_ct
+
+    image = make_chest_phantom(origin=(159.0, 127.0, -120.0), direction=FLIPPED).image
+    (tmp_path / "cases" / "enhanced").mkdir(parents=True)
+    enhanced_ct(image, tmp_path / "made").save_as(tmp_path / "cases" / "enhanced" / "IM1")
+    code = main(["analyze", str(tmp_path / "cases" / "enhanced"), "--out", str(tmp_path / "result"),
+                 "--dicom-out", str(tmp_path / "dicom"), "--quiet"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "is one multi-frame image (Enhanced CT)" in err[0]
+    assert not (tmp_path / "result").exists() and not (tmp_path / "dicom").exists()
+    code = main(["batch", str(tmp_path / "cases"), "--out", str(tmp_path / "results"), "--dicom-out", str(tmp_path / "dicoms"),
+                 "--quiet"])
+    assert code == 9 and "multi-frame image" in (tmp_path / "results" / "summary.csv").read_text()
+    assert not (tmp_path / "results" / "enhanced").exists() and not (tmp_path / "dicoms" / "enhanced").exists()
+
+
 def test_another_series_is_refused_and_a_previous_export_replaced(phantom_case, tmp_path):
     source, result, dicom = phantom_case
     other = tmp_path / "other"

@@ -262,24 +262,13 @@ def test_a_truncated_image_of_the_series_is_named_not_dropped(tmp_path, small_ct
         read_volume(tmp_path / "s")
 
 
-def _enhanced_ct(small_ct, folder):
-    """small_ct as one multi-frame Enhanced CT file (highdicom's legacy conversion of a CT series)."""
-    import highdicom as hd
-    import pydicom
-
-    from dicom_series import write_ct_series
-
-    datasets = [pydicom.dcmread(f) for f in write_ct_series(small_ct, folder / "series")]
-    image = hd.legacy.LegacyConvertedEnhancedCTImage(datasets, series_instance_uid=hd.UID(), series_number=9,
-                                                     sop_instance_uid=hd.UID(), instance_number=1)
-    return image
-
-
 def test_an_enhanced_ct_is_read_only_when_its_frames_are_in_order(tmp_path, small_ct):
     """A multi-frame image is stacked in file order at one step whatever its frames' positions say: frames out of
     order or with a gap were read silently wrong (a hospital-input trial: P001 shuffled scored 0.30 instead of 0.72);
     now refused. In order (either way along the normal), as a file or alone in a folder, it reads exactly."""
-    enhanced = _enhanced_ct(small_ct, tmp_path)
+    from dicom_series import enhanced_ct
+
+    enhanced = enhanced_ct(small_ct, tmp_path)
     enhanced.save_as(tmp_path / "enhanced.dcm")
     (tmp_path / "folder").mkdir()
     enhanced.save_as(tmp_path / "folder" / "IM1")
