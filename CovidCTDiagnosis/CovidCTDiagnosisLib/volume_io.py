@@ -314,6 +314,12 @@ def _check_matrix(headers: list[_SliceHeader], folder: Path) -> None:
         )
 
 
+def _uneven(steps: np.ndarray, precision_mm: float = 0.0) -> bool:
+    """Whether slice steps (mm, along the normal) differ by more than SPACING_TOLERANCE of their mean, or
+    than the positions' precision where that is larger: missing slices or an irregular grid."""
+    return float(steps.max() - steps.min()) > max(SPACING_TOLERANCE * float(steps.mean()), precision_mm)
+
+
 def _check_slice_positions(headers: list[_SliceHeader], folder: Path) -> None:
     """NotACTError unless the images, sorted along the slice normal, form one regular grid: no two at
     one position, positions along the normal (no gantry tilt), steps even (no missing slices)."""
@@ -347,7 +353,7 @@ def _check_slice_positions(headers: list[_SliceHeader], folder: Path) -> None:
     if tag_tilt and geometry.shear_deg(implied, (columns, rows, length), spacing):
         raise _gantry_tilt(abs(tag_tilt), "GantryDetectorTilt, which the image orientation does not show", folder)
     low, high, mean = float(steps.min()), float(steps.max()), float(steps.mean())
-    if high - low > max(SPACING_TOLERANCE * mean, max(h.resolution_mm for h in headers)):
+    if _uneven(steps, max(h.resolution_mm for h in headers)):
         message = (
             f"uneven slice spacing: steps from {low:.2f} to {high:.2f} mm (they may differ by at most "
             f"{100 * SPACING_TOLERANCE:g} % of their mean, {mean:.2f} mm)"
@@ -755,7 +761,7 @@ def _check_frames(path: Path) -> None:
                           "functional groups): the volume's geometry would be a guess")
     along = np.array(positions) @ np.cross(cosines[:3], cosines[3:])
     steps = np.diff(along) * np.sign(along[-1] - along[0])
-    if len(steps) and (steps.min() < DUPLICATE_TOLERANCE_MM or steps.max() - steps.min() > SPACING_TOLERANCE * steps.mean()):
+    if len(steps) and (steps.min() < DUPLICATE_TOLERANCE_MM or _uneven(steps)):
         raise NotACTError(f"{path.name}: its frames are not one after the other along the slice normal at one step "
                           f"(steps from {steps.min():.2f} to {steps.max():.2f} mm in file order: frames out of order, "
                           "repeated or missing); the reader would stack them in file order")
