@@ -202,6 +202,47 @@ def _check_grid(axes, size, spacing, where) -> None:
         raise _gantry_tilt(tilt, f"two voxel axes {90 - tilt:.1f} degrees apart, not 90", where)
 
 
+def _check_nifti_complete(reader: sitk.ImageFileReader, path: Path) -> None:
+    """UnreadableInputError for a NIfTI file shorter than its header says (a truncated download or copy):
+    ITK reads what is there and fills the rest with zeros, 0 HU, without a word.
+
+    The data end at vox_offset + the voxels' bytes (NIfTI-1/2: dim[1..dim[0]], bitpix). A .nii file must
+    be at least that long; a .nii.gz must decompress to that many bytes, checked from gzip's trailer
+    (ISIZE, RFC 1952: the size modulo 2^32) and, only where the trailer disagrees (a multi-member file),
+    by decompressing it."""
+    try:
+        dims = [int(float(_tag(reader, f"dim[{n}]"))) for n in range(1, int(float(_tag(reader, "dim[0]"))) + 1)]
+        expected = int(float(_tag(reader, "vox_offset"))) + int(np.prod(dims, dtype=np.int64)) * int(_tag(reader, "bitpix")) // 8
+    except (TypeError, ValueError):
+        return  # a header ITK read without these fields: nothing to compare
+    if not path.name.lower().endswith(".gz"):
+        found = path.stat().st_size
+    else:
+        with open(path, "rb") as f:
+            f.seek(-4, os.SEEK_END)
+            found = int.from_bytes(f.read(4), "little")
+        if found != expected % 2 ** 32:
+            found = _gunzipped_size(path)
+    if found < expected:
+        raise _unreadable(path, f"the file is truncated: its image data end after {found} of the {expected} bytes its "
+                                "header gives (an interrupted download or copy?)")
+
+
+def _gunzipped_size(path: Path) -> int:
+    """Bytes a gzip file (any number of members) decompresses to, as far as it can be read."""
+    import gzip
+    import zlib
+
+    size = 0
+    with gzip.open(path, "rb") as f:
+        try:
+            while chunk := f.read(1 << 16):
+                size += len(chunk)
+        except (EOFError, OSError, zlib.error):  # truncated or corrupt: what was read
+            pass
+    return size
+
+
 def _check_nifti_sform(reader: sitk.ImageFileReader, where) -> None:
     """NotACTError for a NIfTI whose sform is sheared (ITK would silently read a rotated grid instead)."""
     try:
@@ -780,6 +821,7 @@ def _read_file(path: Path) -> tuple[sitk.Image, str]:
     _check_grid(np.reshape(reader.GetDirection(), (reader.GetDimension(),) * 2), reader.GetSize(), reader.GetSpacing(), path)
     if VOLUME_FORMATS.get(suffix) == "nifti":
         _check_nifti_sform(reader, path)
+        _check_nifti_complete(reader, path)
     try:
         with _itk_warnings_off(), _native_stderr_held():  # e.g. MetaImage's own lines on a short file
             image = reader.Execute()

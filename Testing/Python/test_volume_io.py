@@ -503,3 +503,23 @@ def test_a_series_read_in_parts_equals_one_reader(tmp_path, monkeypatch, directi
     assert np.array_equal(sitk.GetArrayViewFromImage(parts), sitk.GetArrayViewFromImage(whole))
     assert (parts.GetOrigin(), parts.GetDirection()) == (whole.GetOrigin(), whole.GetDirection())
     assert parts.GetSpacing() == pytest.approx(whole.GetSpacing(), rel=1e-12)
+
+
+def test_a_truncated_nifti_is_refused_not_zero_filled(tmp_path, small_ct):
+    """ITK reads a NIfTI cut short (an interrupted download) and fills the missing voxels with 0 HU: a trial's P001
+    cut to 40 MB scored 0.62 instead of 0.72 with exit 0. Now refused (exit 3), .nii and .nii.gz; a whole file,
+    and one gzip-compressed in two members (its trailer gives the last member's size only), still read."""
+    import gzip
+
+    sitk.WriteImage(small_ct, str(tmp_path / "ct.nii"))
+    sitk.WriteImage(small_ct, str(tmp_path / "ct.nii.gz"), True)
+    raw, packed = (tmp_path / "ct.nii").read_bytes(), (tmp_path / "ct.nii.gz").read_bytes()
+    (tmp_path / "cut.nii").write_bytes(raw[: len(raw) - 5000])
+    (tmp_path / "cut.nii.gz").write_bytes(packed[: len(packed) // 2])
+    (tmp_path / "two.nii.gz").write_bytes(gzip.compress(raw[:1000]) + gzip.compress(raw[1000:]))
+    for name in ("ct.nii", "ct.nii.gz", "two.nii.gz"):
+        image = read_volume(tmp_path / name).image
+        assert np.array_equal(sitk.GetArrayViewFromImage(image), sitk.GetArrayViewFromImage(small_ct)), name
+    for name in ("cut.nii", "cut.nii.gz"):
+        with pytest.raises(UnreadableInputError, match=f"cannot read .*{name}: the file is truncated: its image data end after"):
+            read_volume(tmp_path / name)
