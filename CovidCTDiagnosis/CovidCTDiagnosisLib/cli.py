@@ -220,7 +220,11 @@ class _Progress:
             self.bar.set_postfix_str(stage)
             self.bar.update(round(fraction * 100) - self.bar.n)
         elif self.mode == "lines":
-            print(f"{PROGRESS_PREFIX}{fraction:.3f} {stage}", flush=True)
+            try:
+                print(f"{PROGRESS_PREFIX}{fraction:.3f} {stage}", flush=True)
+            except BrokenPipeError:  # the reader went away (`| head -1`): the analysis goes on without progress lines
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+                self.mode = "none"
 
     def close(self) -> None:
         if self.bar is not None:
@@ -564,7 +568,8 @@ def run() -> NoReturn:
     code = main()
     for stream in (sys.stdout, sys.stderr):
         try:
-            stream.flush()
+            if stream is not None:  # None: started with that stream closed (`>&-`)
+                stream.flush()
         except (OSError, ValueError):  # a reader that went away (`| head`), a closed stream: nothing more to say there
             pass
     os._exit(code)

@@ -66,12 +66,18 @@ class SendError(CovidCTError):
     exit_code = 10
 
 
+class WorkerKilledError(CovidCTError):
+    """A process doing part of the analysis was killed (by the system, out of memory?) or ended without a result."""
+
+    exit_code = 1
+
+
 BATCH_CASES_FAILED = 9  # `covidct batch`: it ran to the end, but some or all cases failed (see summary.csv)
 INTERRUPTED = 130  # Ctrl-C (128 + SIGINT, the shell's convention)
 
 EXIT_CODES = {
     0: "success",
-    1: "internal error (a bug: please report it)",
+    1: "internal error (a bug: please report it), or a process of the analysis killed (out of memory?)",
     UsageError.exit_code: "command-line usage error",
     InputNotFoundError.exit_code: "input not found or unreadable (missing path, corrupt or empty DICOM, unknown format)",
     NotACTError.exit_code: "input is not a usable chest CT (not CT, 2-D, constant, NaNs, bad spacing, missing slices, "

@@ -23,18 +23,19 @@ import sys
 import traceback
 from typing import Callable
 
-from .errors import CovidCTError
+from .errors import CovidCTError, WorkerKilledError
 
 FORK_PLATFORMS = ("linux",)  # macOS' system frameworks are not fork-safe; Windows has no fork
+PR_SET_PDEATHSIG = 1  # prctl(2) option: the signal this process gets when its parent dies
 
 
 class ForkedCall:
     """`function(*args, **kwargs)` run in a forked child process from construction on.
 
     `result()` waits for the return value (pickled back), or raises the `CovidCTError` the function
-    raised (same class and message, so the same exit code); any other exception, or a child that died
-    without a result, raises RuntimeError. `close()` (also on leaving a `with` block) stops a child
-    still working. Construct it before torch is imported (forking a process that runs torch's threads
+    raised (same class and message, so the same exit code); any other exception raises RuntimeError, a
+    child that died without a result (killed: out of memory?) WorkerKilledError. `close()` (also on
+    leaving a `with` block) stops a child still working; a child whose parent dies is killed too. Construct it before torch is imported (forking a process that runs torch's threads
     is not safe); after that, or off Linux, `result()` calls the function here instead.
     """
 
@@ -42,14 +43,16 @@ class ForkedCall:
         self.call = (function, args, kwargs)
         self.pid = self._status = None
         if sys.platform.startswith(FORK_PLATFORMS) and "torch" not in sys.modules:
-            sys.stdout.flush()  # what is buffered now would be written twice
-            sys.stderr.flush()
+            for stream in (sys.stdout, sys.stderr):  # what is buffered now would be written twice
+                if stream is not None:  # None: a stream closed at start (`>&-`)
+                    stream.flush()
+            parent = os.getpid()
             read_end, write_end = os.pipe()
             self._buffers = os.memfd_create("covidct-forked-call", os.MFD_CLOEXEC)
             self.pid = os.fork()
             if self.pid == 0:
                 os.close(read_end)
-                _child(write_end, self._buffers, function, args, kwargs)
+                _child(parent, write_end, self._buffers, function, args, kwargs)
             os.close(write_end)
             self._pipe = os.fdopen(read_end, "rb")
 
@@ -73,7 +76,9 @@ class ForkedCall:
         if isinstance(outcome, BaseException):
             raise outcome
         if outcome is None:
-            raise RuntimeError(f"the child process of {function.__name__} ended without a result (wait status {self._status})")
+            ended = (f"was killed (signal {os.WTERMSIG(self._status)}; out of memory?)" if os.WIFSIGNALED(self._status)
+                     else f"ended without a result (exit status {os.WEXITSTATUS(self._status)})")
+            raise WorkerKilledError(f"the process running {function.__name__} {ended}")
         return outcome[0]
 
     def close(self) -> None:
@@ -95,12 +100,13 @@ class ForkedCall:
         self.close()
 
 
-def _child(write_end: int, buffers_fd: int, function: Callable, args: tuple, kwargs: dict) -> None:
+def _child(parent: int, write_end: int, buffers_fd: int, function: Callable, args: tuple, kwargs: dict) -> None:
     """The child's whole life: call; send the value (`(value,)` pickled, its large buffers written to
     `buffers_fd` one after the other) or the error; exit without Python's teardown."""
     status = 0
     try:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the parent answers it
+        _die_with_parent(parent)
         try:
             value, buffers = function(*args, **kwargs), []  # the value lives on: its buffers are views of it
             outcome = (pickle.dumps((value,), protocol=5, buffer_callback=buffers.append), [b.raw().nbytes for b in buffers])
@@ -122,3 +128,16 @@ def _child(write_end: int, buffers_fd: int, function: Callable, args: tuple, kwa
     finally:
         sys.stderr.flush()
         os._exit(status)
+
+
+def _die_with_parent(parent: int) -> None:
+    """Linux's PR_SET_PDEATHSIG: this process is killed when its parent dies (killed, `kill -9`), instead of
+    working on for nobody; if the parent is already gone, end now."""
+    import ctypes
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):  # no prctl: the pipe breaks when the child writes its result
+        pass
+    if os.getppid() != parent:
+        os._exit(1)

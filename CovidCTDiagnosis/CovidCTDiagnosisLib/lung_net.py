@@ -20,11 +20,13 @@ from __future__ import annotations
 
 import threading
 from functools import lru_cache
+from pathlib import Path
 
 import cv2
 import numpy as np
 
 from .bundled_model import MODELS_DIR
+from .errors import ModelFileError
 from .volume_io import hu_to_u8
 
 LUNG_NET_SIZE = 128  # slices are resized to this square for the network
@@ -43,11 +45,14 @@ def to_network_input(gray_u8: np.ndarray) -> np.ndarray:
 @lru_cache(maxsize=1)
 def load_lung_net(path: str = str(LUNG_NET_FILE)) -> cv2.dnn.Net:
     """The lung network as an OpenCV DNN net (ONNX: input (N, 1, S, S) float32 in [0, 1], output
-    (N, 1, S, S) logits), loaded once per process. ValueError if the file is not a readable ONNX model."""
+    (N, 1, S, S) logits), loaded once per process. ModelFileError (exit 6) if the file is missing or not a
+    readable ONNX model (a damaged installation)."""
     try:
         return cv2.dnn.readNetFromONNX(path)
     except cv2.error as error:
-        raise ValueError(f"{path} is not a readable ONNX lung network: {str(error).strip().splitlines()[-1]}") from None
+        reason = str(error).strip().splitlines()[-1] if Path(path).is_file() else "missing"
+        raise ModelFileError(f"the lung network {path} is not a readable ONNX lung network ({reason}); reinstall the "
+                             "package") from None
 
 
 def _probability_small(inputs: np.ndarray) -> np.ndarray:

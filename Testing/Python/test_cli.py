@@ -362,6 +362,24 @@ def test_module_command_analyzes_with_exit_code(tmp_path, ct_file, tiny_model):
     assert missing.returncode == 3 and len(missing.stderr.strip().splitlines()) == 1 and "missing.nrrd" in missing.stderr
 
 
+def test_closed_streams_and_a_reader_that_goes_away(tmp_path, ct_file, tiny_model):
+    """Started with stdout or stderr closed (`>&-`): the documented exit code, not a traceback from flushing a
+    stream that is None (was exit 1); progress lines to a reader that goes away (`| head -1`): the analysis
+    goes on and ends with exit 0, without a BrokenPipeError traceback."""
+    module = f"{sys.executable} -m CovidCTDiagnosisLib.cli"
+    for closed in (">&-", "2>&-"):
+        done = subprocess.run(f"{module} analyze {tmp_path / 'missing.nrrd'} --out {tmp_path / 'x'} {closed}", shell=True,
+                              capture_output=True, text=True)
+        assert done.returncode == 3 and "Traceback" not in done.stderr + done.stdout, (closed, done.stderr)
+    reading = subprocess.Popen([*module.split(), "analyze", str(ct_file), "--out", str(tmp_path / "out"), "--model", tiny_model,
+                                "--progress", "lines"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert reading.stdout.readline().startswith("PROGRESS ")
+    reading.stdout.close()  # the reader goes away
+    err = reading.stderr.read()
+    assert reading.wait(timeout=300) == 0 and "Traceback" not in err, err
+    assert json.loads((tmp_path / "out" / "report.json").read_text())["patient"]["label"]
+
+
 def test_score_images_lists_a_folder_in_natural_order(tmp_path):
     """A scan's slices exported as slice_1 ... slice_100 are scored in that order, not as 1, 10, 100, 2."""
     for n in (1, 2, 10, 100):

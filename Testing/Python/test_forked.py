@@ -41,6 +41,9 @@ found["volumes"] = [bool((sitk.GetArrayViewFromImage(image) == sitk.GetArrayView
 found["input error"] = outcome(ForkedCall(read_ct, sys.argv[1]))
 found["bug"] = outcome(ForkedCall(crash))
 found["died"] = outcome(ForkedCall(os._exit, 3))
+killed = ForkedCall(time.sleep, 60)
+os.kill(killed.pid, 9)
+found["killed"] = outcome(killed)
 started = time.monotonic()
 with ForkedCall(time.sleep, 60) as sleeping:
     child = sleeping.pid
@@ -62,6 +65,34 @@ def test_forked_call(tmp_path):
     assert found["input error"][0] == "InputNotFoundError" and "missing.nrrd" in found["input error"][1]
     assert found["bug"] == ["RuntimeError", "crash failed: KeyError: 'bug'"]
     assert "KeyError: 'bug'" in done.stderr  # the child's traceback, where it happened
-    assert found["died"][0] == "RuntimeError" and "ended without a result" in found["died"][1]
+    assert found["died"] == ["WorkerKilledError", "the process running _exit ended without a result (exit status 3)"]
+    assert found["killed"] == ["WorkerKilledError", "the process running sleep was killed (signal 9; out of memory?)"]
     assert found["stopped"] == [True, "killed"] and report["child"] not in (None, pid)
     assert found["after torch"] == ["value", pid]  # torch's threads run: called here, not forked
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the child is forked on Linux only")
+def test_the_child_dies_with_its_parent():
+    """A parent killed (`kill -9`, Slicer's Cancel) takes its child along instead of leaving it working for nobody."""
+    import os
+    import signal
+    import time
+
+    script = ("import time; from CovidCTDiagnosisLib.forked import ForkedCall; c = ForkedCall(time.sleep, 60); "
+              "print(c.pid, flush=True); time.sleep(60)")
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    child = int(parent.stdout.readline())
+    os.kill(parent.pid, signal.SIGKILL)
+    parent.wait(timeout=30)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and os.path.exists(f"/proc/{child}") and "Z" not in _state(child):
+        time.sleep(0.05)
+    assert not os.path.exists(f"/proc/{child}") or "Z" in _state(child)  # gone (or a zombie awaiting init)
+
+
+def _state(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return "gone"

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from CovidCTDiagnosisLib import lung_net
+from CovidCTDiagnosisLib.errors import ModelFileError
 from CovidCTDiagnosisLib.training import lung_model
 from CovidCTDiagnosisLib.volume_io import hu_to_u8
 
@@ -99,5 +100,5 @@ def test_not_a_lung_model_file(tmp_path):
     torch.save({"format": "something-else"}, path)
     with pytest.raises(ValueError, match="not a covidct-lung-unet"):
         lung_model.load_lung_unet(path)
-    with pytest.raises(ValueError, match="not a readable ONNX lung network"):
-        lung_net.load_lung_net(str(path))
+    with pytest.raises(ModelFileError, match="not a readable ONNX lung network .*; reinstall the package"):
+        lung_net.load_lung_net(str(path))  # a damaged installation: exit 6, one line
