@@ -12,8 +12,8 @@ through `analyse_case`.
 from __future__ import annotations
 
 import csv
-from collections.abc import Callable, Sequence
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -131,11 +131,7 @@ def run_batch(
     if dicom_out is not None:
         dicom_out = dicom_export.check_dicom_out(dicom_out, out_dir)
     key = resume_key(asdict(analyzer.model_info), analysis_options(**analyze_options))
-    with _cluster(ray, analyzer, workers, threads_per_worker) as plan:  # before anything is written
-        try:
-            out_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise OutputError(f"cannot create {out_dir}: {exc.strerror or exc}") from exc
+    with _cluster(ray, analyzer, workers, threads_per_worker) as plan, _created(out_dir):  # before anything is written
         outcomes: list[CaseOutcome | None] = [None] * len(cases)
 
         def record(n: int, outcome: CaseOutcome) -> None:
@@ -163,6 +159,23 @@ def run_batch(
                 record(todo[i], outcome)
         write_summary(outcomes, out_dir / SUMMARY_CSV, analyzer.model_info.classes)
     return outcomes
+
+
+@contextmanager
+def _created(out_dir: Path) -> Iterator[None]:
+    """out_dir created (OutputError if it cannot be) for the block; removed again if the block ends in an error
+    (Ctrl-C before any case finished) while it is still empty and was not there before."""
+    existed = out_dir.is_dir()
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"cannot create {out_dir}: {exc.strerror or exc}") from exc
+    try:
+        yield
+    except BaseException:
+        if not existed and not any(out_dir.iterdir()):
+            out_dir.rmdir()
+        raise
 
 
 def _cluster(ray: str | None, analyzer: Analyzer, workers: int | None, threads_per_worker: int | None):

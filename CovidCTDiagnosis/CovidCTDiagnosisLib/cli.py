@@ -18,7 +18,8 @@ try:  # Ctrl-C while Python is still starting: one line and 130, not an import t
     import time
     from pathlib import Path
 
-    from .errors import BATCH_CASES_FAILED, EXIT_CODES, INTERRUPTED, CovidCTError, NoLungsError, OutputError, UsageError
+    from .errors import (BATCH_CASES_FAILED, EXIT_CODES, INTERRUPTED, TERMINATED, CovidCTError, NoLungsError, OutputError,
+                         Terminated, UsageError)
 except KeyboardInterrupt:
     sys.stderr.write("covidct: interrupted\n")
     raise SystemExit(130) from None
@@ -338,8 +339,10 @@ def cmd_analyze(args) -> int:
     import gc
     from concurrent.futures import ThreadPoolExecutor
 
+    import shutil
+
     from .html_report import import_figure_modules
-    from .outputs import write_outputs
+    from .outputs import discard_leftovers, write_outputs
     from .result import UNTRAINED_WARNING
 
     slices, aggregate = _analysis_options(args)
@@ -359,6 +362,9 @@ def cmd_analyze(args) -> int:
             result = analyzer.analyze(found, slices=slices, aggregate=aggregate, progress=progress)
     finally:
         progress.close()
+    for folder in (args.out, args.dicom_out):  # what an earlier run killed mid-write left (`kill -9`, Slicer's Cancel)
+        if folder is not None:
+            discard_leftovers(folder)
     out = write_outputs(result, result.ct, args.out)
     summary = f"{Path(args.input).name}: {_summary_line(result.to_report())}{_trust_line(result.model)}\nresults in {out}"
     warnings = [w for w in result.warnings if w != UNTRAINED_WARNING]  # the summary line says that one already
@@ -369,7 +375,11 @@ def cmd_analyze(args) -> int:
 
         del result, found  # the export reads the result folder: the analysis's volumes are not needed beside it
         release_free_memory()
-        dicom = f"\nDICOM objects ({len(export_dicom(out, args.input, args.dicom_out))}) in {Path(args.dicom_out).resolve()}"
+        try:
+            dicom = f"\nDICOM objects ({len(export_dicom(out, args.input, args.dicom_out))}) in {Path(args.dicom_out).resolve()}"
+        except BaseException:  # the command failed or was interrupted: no result folder without its DICOM objects
+            shutil.rmtree(out, ignore_errors=True)
+            raise
     if not args.quiet:
         print(summary + dicom, file=sys.stderr)
         for warning in warnings:
@@ -552,9 +562,13 @@ def main(argv=None) -> int:
     except CovidCTError as exc:
         print(f"{ERROR_PREFIX}{exc}", file=sys.stderr)
         return exc.exit_code
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
-        return INTERRUPTED
+    except KeyboardInterrupt as exc:
+        print(f"{PROG}: {'terminated' if isinstance(exc, Terminated) else 'interrupted'}", file=sys.stderr)
+        return TERMINATED if isinstance(exc, Terminated) else INTERRUPTED
+
+
+def _terminate(signum, frame) -> NoReturn:
+    raise Terminated
 
 
 def run() -> NoReturn:
@@ -563,8 +577,11 @@ def run() -> NoReturn:
     Everything the command writes is complete and closed when `main` returns (outputs renamed into
     place, worker threads joined, Ray shut down); the interpreter's teardown would only free torch's
     memory object by object (0.3-0.9 s on 2 cores), so it is skipped (`os._exit`) once stdout and
-    stderr are flushed. In-process callers use `main`, which returns.
+    stderr are flushed. In-process callers use `main`, which returns. SIGTERM is unwound as Ctrl-C is (exit 143).
     """
+    import signal
+
+    signal.signal(signal.SIGTERM, _terminate)
     code = main()
     for stream in (sys.stdout, sys.stderr):
         try:

@@ -74,6 +74,7 @@ class WorkerKilledError(CovidCTError):
 
 BATCH_CASES_FAILED = 9  # `covidct batch`: it ran to the end, but some or all cases failed (see summary.csv)
 INTERRUPTED = 130  # Ctrl-C (128 + SIGINT, the shell's convention)
+TERMINATED = 143  # SIGTERM (128 + 15): the command line handles it as Ctrl-C
 
 EXIT_CODES = {
     0: "success",
@@ -89,8 +90,15 @@ EXIT_CODES = {
     BATCH_CASES_FAILED: "batch: some or all cases failed (the others were analysed; summary.csv has each case's status and error)",
     SendError.exit_code: "send: the PACS could not be reached in time, refused the association, or did not store every "
                          "file (the message says how many of how many were stored)",
-    INTERRUPTED: "interrupted (Ctrl-C); nothing was written",
+    INTERRUPTED: "interrupted (Ctrl-C); nothing of the interrupted analysis was written (`batch` keeps the cases it "
+                 "finished; a re-run goes on from them)",
+    TERMINATED: "terminated (SIGTERM), as interrupted",
 }
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the command line was (`cli.run` installs the handler): unwound as Ctrl-C is, so
+    that nothing partial is left, then exit TERMINATED."""
 
 
 class AnalysisCancelled(CovidCTError):

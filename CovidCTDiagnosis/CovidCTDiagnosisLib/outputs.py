@@ -126,8 +126,8 @@ def staged_folder(out_dir: Path, *, overwrite: bool = True, is_ours: Callable[[s
         staging.mkdir()  # honours the umask, unlike tempfile.mkdtemp's 0o700
         yield staging
         _move_into_place(staging, out_dir)
-    except OSError as exc:
-        raise OutputError(f"cannot write {out_dir}: {exc.strerror or exc}") from exc
+    except OSError as exc:  # the first line only: pydicom's writer puts a traceback into its message
+        raise OutputError(f"cannot write {out_dir}: {exc.strerror or str(exc).strip().splitlines()[0]}") from exc
     finally:
         if staging is not None and staging.exists():
             shutil.rmtree(staging, ignore_errors=True)

@@ -89,6 +89,21 @@ def test_leftovers_of_a_killed_writer_are_removed(tmp_path, cases, models):
 
 
 
+def test_ctrl_c_before_any_case_finished_leaves_no_folder(tmp_path, cases, models, monkeypatch):
+    """Interrupted before a case was written: the --out folder it created is not left behind (empty); one that was
+    there before stays."""
+    from CovidCTDiagnosisLib import batch
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(batch, "analyse_case", interrupted)
+    for out in (tmp_path / "new", tmp_path):
+        with pytest.raises(KeyboardInterrupt):
+            run_batch(Analyzer(models[0]), cases, out)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_summary_has_the_models_class_columns_when_no_case_succeeded(tmp_path):
     """Scripts read summary.csv by column: the class columns are there even when every case failed."""
     import csv as csv_module

@@ -168,6 +168,36 @@ def test_ctrl_c_while_the_model_loads_is_one_line_and_130(tmp_path, ct_file, tin
     assert not _model_loaders() and not (tmp_path / "o").exists()
 
 
+def test_sigterm_is_unwound_as_ctrl_c(tmp_path, ct_file, tiny_model):
+    """`kill -TERM` (a job scheduler, a service stopping): one line, exit 143, nothing written, no child left; it
+    was Python's default, an instant death that leaves a writer's staging folder behind."""
+    import signal
+    import time
+
+    command = [sys.executable, "-m", "CovidCTDiagnosisLib.cli", "analyze", str(ct_file), "--out", str(tmp_path / "o"),
+               "--model", tiny_model, "--quiet"]
+    running = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(1.0)  # reading the CT in its child, importing torch
+    children = Path(f"/proc/{running.pid}/task/{running.pid}/children")
+    child = children.read_text().split() if children.exists() else []
+    running.send_signal(signal.SIGTERM)
+    out, err = running.communicate(timeout=120)
+    assert (running.returncode, err) == (143, "covidct: terminated\n"), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+    assert all(not Path(f"/proc/{pid}").exists() for pid in child)
+
+
+def test_leftovers_of_a_killed_run_are_removed(tmp_path, ct_file, tiny_model, capsys):
+    """A run killed while writing (`kill -9`, Slicer's Cancel) leaves its hidden staging folder; the next run into
+    the same --out removes it (batch did, analyze did not)."""
+    leftover = tmp_path / ".o.partial-0123abcd"
+    leftover.mkdir()
+    (leftover / "report.json").write_text("{")
+    code, _, err = run(["analyze", ct_file, "--out", tmp_path / "o", "--model", tiny_model, "--quiet"], capsys)
+    assert code == 0, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o"]
+
+
 def test_no_lungs(tmp_path, tiny_model, capsys):
     arr = np.full((20, 64, 64), -1000, np.float32)
     arr[:, 8:56, 8:56] = 40

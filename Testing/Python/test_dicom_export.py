@@ -267,6 +267,25 @@ def test_an_enhanced_ct_is_refused_before_anything_is_written(tmp_path, capsys):
     assert not (tmp_path / "results" / "enhanced").exists() and not (tmp_path / "dicoms" / "enhanced").exists()
 
 
+def test_a_failed_export_leaves_no_result_folder(phantom_case, tmp_path, capsys, monkeypatch):
+    """The export fails (a full disk: pydicom's message carries a traceback) or is interrupted after the result
+    folder was written: the command's one line and exit code, and neither folder left (the result folder stayed)."""
+    source = phantom_case[0]
+
+    full_disk = OSError("With tag (7FE0,0010) got exception: [Errno 28] No space left on device\nTraceback (most recent call last):")
+    for failure, code in ((full_disk, 7), (KeyboardInterrupt(), 130)):
+        def export(*args, **kwargs):
+            with dicom_export.staged_folder(tmp_path / "dicom", is_ours=dicom_export.is_ours):
+                raise failure
+
+        monkeypatch.setattr(dicom_export, "export_dicom", export)
+        assert main(["analyze", str(source), "--out", str(tmp_path / "result"), "--dicom-out", str(tmp_path / "dicom"),
+                     "--quiet"]) == code
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and ("No space left on device" in err[0] if code == 7 else err[0] == "covidct: interrupted")
+        assert list(tmp_path.iterdir()) == []
+
+
 def test_another_series_is_refused_and_a_previous_export_replaced(phantom_case, tmp_path):
     source, result, dicom = phantom_case
     other = tmp_path / "other"
