@@ -644,13 +644,14 @@ def dicom_folder(path: str | Path) -> Iterator[Path]:
         yield path if path.is_dir() else path.parent
 
 
-def _unread_members(folder: Path, files: dict[str, list[str]], uid: str) -> list[Path]:
-    """Files under `folder` that GDCM's series scan skipped (a truncated or corrupt image) but whose DICOM header
-    names series `uid`: without them the volume would silently lack those slices."""
+def _unread_members(folder: Path, files: dict[str, list[str]], uid: str) -> tuple[list[Path], list[Path]]:
+    """Files under `folder` that GDCM's series scan skipped (a truncated or corrupt image): those whose DICOM
+    header names series `uid` (without them the volume would silently lack those slices), and those whose
+    series cannot be told (a file cut within its header: maybe one of this series' slices)."""
     import pydicom
 
     listed = {os.path.realpath(name) for names in files.values() for name in names}
-    unread = []
+    unread, unknown = [], []
     for path in sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")):
         if os.path.realpath(path) in listed or path.name.upper() == DICOMDIR:
             continue
@@ -660,10 +661,12 @@ def _unread_members(folder: Path, files: dict[str, list[str]], uid: str) -> list
         try:
             found = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SeriesInstanceUID"]).get("SeriesInstanceUID")
         except Exception:  # a header pydicom cannot parse either: its series is unknown
-            continue
+            found = None
         if found == uid:
             unread.append(path)
-    return unread
+        elif not found:
+            unknown.append(path)
+    return unread, unknown
 
 
 def dicom_series_files(folder: Path, series_uid: str | None) -> tuple[list[str], str, list[str]]:
@@ -681,13 +684,22 @@ def dicom_series_files(folder: Path, series_uid: str | None) -> tuple[list[str],
     else:
         uid, note = _choose_series(files)
         notes += [note] if note else []
-    unread = _unread_members(folder, files, uid)
+    unread, unknown = _unread_members(folder, files, uid)
     if unread:
         raise _unreadable(unread[0], f"an image of series {uid} that cannot be read (truncated or corrupt; "
                                      f"{len(unread)} such file(s) in {folder}): the volume would lack its slice")
     if len(files[uid]) == 1 and dicom_frames(Path(files[uid][0])) > 1:  # one multi-frame image (Enhanced CT): read as a file
         return files[uid], uid, notes
-    names, series_notes = _series_files(files[uid], folder)
+    try:
+        names, series_notes = _series_files(files[uid], folder)
+    except NotACTError as error:
+        if unknown and "missing slices" in str(error):  # name what may be the missing slice
+            raise NotACTError(f"{error}; {len(unknown)} DICOM file(s) here cannot be read at all (cut within the header? "
+                              f"e.g. {unknown[0]}): perhaps the missing slice") from None
+        raise
+    if unknown:
+        notes.append(f"{len(unknown)} DICOM file(s) in the folder cannot be read at all (cut within the header? e.g. "
+                     f"{unknown[0].name}); if one is a slice of the analysed series, the volume lacks it")
     return names, uid, notes + series_notes
 
 

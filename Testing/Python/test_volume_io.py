@@ -262,6 +262,22 @@ def test_a_truncated_image_of_the_series_is_named_not_dropped(tmp_path, small_ct
         read_volume(tmp_path / "s")
 
 
+@pytest.mark.parametrize("slice_name", ["slice011-0.dcm", "slice005-0.dcm"])  # the last slice, one in the middle
+def test_an_image_cut_within_its_header_is_named(tmp_path, small_ct, slice_name):
+    """A file cut before its SeriesInstanceUID cannot be given to a series: a middle one was refused as "missing
+    slices" without a word about it, the last one left out silently. Now the refusal names it, and a read that
+    goes on notes it."""
+    write_dicom_series(small_ct, tmp_path / "s")
+    damaged = tmp_path / "s" / slice_name
+    damaged.write_bytes(damaged.read_bytes()[:300])
+    if slice_name == "slice005-0.dcm":
+        with pytest.raises(NotACTError, match=f"missing slices.*1 DICOM file.*cannot be read at all.*{slice_name}"):
+            read_volume(tmp_path / "s")
+    else:
+        notes = read_volume(tmp_path / "s").info.notes
+        assert any("cannot be read at all" in n and slice_name in n for n in notes), notes
+
+
 def test_an_enhanced_ct_is_read_only_when_its_frames_are_in_order(tmp_path, small_ct):
     """A multi-frame image is stacked in file order at one step whatever its frames' positions say: frames out of
     order or with a gap were read silently wrong (a hospital-input trial: P001 shuffled scored 0.30 instead of 0.72);
