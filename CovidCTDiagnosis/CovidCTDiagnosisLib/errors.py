@@ -67,7 +67,8 @@ class SendError(CovidCTError):
 
 
 class WorkerKilledError(CovidCTError):
-    """A process doing part of the analysis was killed (by the system, out of memory?) or ended without a result."""
+    """A process doing part of the analysis was killed (by the system, out of memory?) or ended without a result:
+    exit 1 as an internal error, its one line saying which."""
 
     exit_code = 1
 
@@ -78,7 +79,7 @@ TERMINATED = 143  # SIGTERM (128 + 15): the command line handles it as Ctrl-C
 
 EXIT_CODES = {
     0: "success",
-    1: "internal error (a bug: please report it), or a process of the analysis killed (out of memory?)",
+    1: "internal error (a bug: please report it)",
     UsageError.exit_code: "command-line usage error",
     InputNotFoundError.exit_code: "input not found or unreadable (missing path, corrupt or empty DICOM, unknown format)",
     NotACTError.exit_code: "input is not a usable chest CT (not CT, 2-D, constant, NaNs, bad spacing, missing slices, "
