@@ -112,9 +112,13 @@ def load_lung_unet(path: Path | str = LUNG_NET_WEIGHTS) -> LungUNet:
 def export_onnx(net: LungUNet, path: Path | str) -> Path:
     """Write the network as ONNX (input "slices" (N, 1, S, S) float32 in [0, 1], output "logits"
     (N, 1, S, S); N free), what `lung_net` runs on OpenCV's DNN module. Needs the `onnx` package."""
+    import warnings
+
     example = torch.zeros(1, 1, LUNG_NET_SIZE, LUNG_NET_SIZE)
-    torch.onnx.export(net.eval(), (example,), str(path), input_names=["slices"], output_names=["logits"],
-                      dynamic_axes={"slices": {0: "n"}, "logits": {0: "n"}}, opset_version=ONNX_OPSET, dynamo=False)
+    with warnings.catch_warnings():  # the TorchScript-based exporter, chosen (dynamo=False: no onnxscript), warns it is old
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(net.eval(), (example,), str(path), input_names=["slices"], output_names=["logits"],
+                          dynamic_axes={"slices": {0: "n"}, "logits": {0: "n"}}, opset_version=ONNX_OPSET, dynamo=False)
     return Path(path)
 
 
