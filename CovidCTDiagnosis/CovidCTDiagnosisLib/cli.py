@@ -242,24 +242,32 @@ def _load_model_while_reading(args, progress):
     """(Analyzer, preparation.LungCT): the CT is read and its lungs found in a child process
     (`forked`: SimpleITK holds the GIL; lung extraction needs no torch) while this process loads the
     model (imports torch) in a worker thread. Errors come as if the model had been loaded first: a
-    bad model file or device before a bad input. On any exit the worker is waited for (a thread
-    still importing torch when Python shuts down would print an error) and the child stopped."""
+    bad model file or device before a bad input. On any exit the child is stopped; the worker is
+    waited for, except after Ctrl-C: an import cannot be interrupted (torch's takes seconds), and
+    the worker thread is joined when Python exits (`run` ends the process at once)."""
     from concurrent.futures import ThreadPoolExecutor
 
     from .forked import ForkedCall
     from .preparation import FIND_LUNGS_PROGRESS, find_ct_lungs  # before the worker starts: its imports are then all torch's and the model's
 
-    with ForkedCall(find_ct_lungs, args.input, args.series) as finding, \
-            ThreadPoolExecutor(max_workers=1, thread_name_prefix="covidct-model") as pool:
-        loading = pool.submit(_analyzer, args)
-        try:
-            found = finding.result()
-        except CovidCTError:
-            loading.result()
-            raise
-        for stage in found.timings:  # done in the child
-            progress(stage, FIND_LUNGS_PROGRESS[stage])
-        return loading.result(), found
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="covidct-model")
+    interrupted = False
+    try:
+        with ForkedCall(find_ct_lungs, args.input, args.series) as finding:
+            loading = pool.submit(_analyzer, args)
+            try:
+                found = finding.result()
+            except CovidCTError:
+                loading.result()
+                raise
+            for stage in found.timings:  # done in the child
+                progress(stage, FIND_LUNGS_PROGRESS[stage])
+            return loading.result(), found
+    except KeyboardInterrupt:
+        interrupted = True
+        raise
+    finally:
+        pool.shutdown(wait=not interrupted, cancel_futures=True)
 
 
 def _model_spec(args):
