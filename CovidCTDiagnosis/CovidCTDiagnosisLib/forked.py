@@ -35,8 +35,9 @@ class ForkedCall:
     `result()` waits for the return value (pickled back), or raises the `CovidCTError` the function
     raised (same class and message, so the same exit code); any other exception raises RuntimeError, a
     child that died without a result (killed: out of memory?) WorkerKilledError. `close()` (also on
-    leaving a `with` block) stops a child still working; a child whose parent dies is killed too. Construct it before torch is imported (forking a process that runs torch's threads
-    is not safe); after that, or off Linux, `result()` calls the function here instead.
+    leaving a `with` block) stops a child still working; a child whose parent dies is killed too.
+    Construct it before torch is imported (forking a process that runs torch's threads is not safe);
+    after that, or off Linux, `result()` calls the function here instead.
     """
 
     def __init__(self, function: Callable, *args, **kwargs):
@@ -65,10 +66,7 @@ class ForkedCall:
             outcome = pickle.load(self._pipe)
             if isinstance(outcome, tuple):  # (the pickle, its out-of-band buffers' sizes)
                 head, sizes = outcome
-                buffers = [bytearray(size) for size in sizes]
-                if buffers and os.preadv(self._buffers, buffers, 0) != sum(sizes):
-                    raise EOFError
-                outcome = pickle.loads(head, buffers=buffers)
+                outcome = pickle.loads(head, buffers=_read_buffers(self._buffers, sizes))
         except EOFError:
             outcome = None
         finally:
@@ -98,6 +96,20 @@ class ForkedCall:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _read_buffers(fd: int, sizes: list[int]) -> list[bytearray]:
+    """Buffers of `sizes` bytes read one after the other from the start of `fd` (a read returns at most about
+    2 GB); EOFError if it ends before."""
+    buffers, offset = [bytearray(size) for size in sizes], 0
+    for buffer in buffers:
+        view = memoryview(buffer)
+        while view:
+            count = os.preadv(fd, [view], offset)
+            if not count:
+                raise EOFError
+            view, offset = view[count:], offset + count
+    return buffers
 
 
 def _child(parent: int, write_end: int, buffers_fd: int, function: Callable, args: tuple, kwargs: dict) -> None:
