@@ -7,7 +7,7 @@ JPEG-lossless DICOM) reads in 1.9 s alone and in 3.5-3.7 s beside the import on 
 line reads the CT and finds its lungs there, `preparation.find_ct_lungs`) and sends the result back
 pickled: its large buffers (pickle protocol 5's out-of-band buffers: numpy arrays, SimpleITK images)
 through an anonymous shared-memory file, the rest through a pipe (P001's CT and lungs, 116 MB, in
-0.14-0.18 s instead of 0.41-0.44 s all through the pipe). The same function runs, so the result is
+0.31-0.35 s instead of 0.41-0.51 s all through the pipe). The same function runs, so the result is
 the same.
 
 The child is forked only where `os.fork` is safe for this (Linux) and before torch is imported;
@@ -138,8 +138,11 @@ def _child(parent: int, write_end: int, buffers_fd: int, function: Callable, arg
         traceback.print_exc()
         status = 1
     finally:
-        sys.stderr.flush()
-        os._exit(status)
+        try:
+            if sys.stderr is not None:  # None: started with stderr closed (`2>&-`)
+                sys.stderr.flush()
+        finally:
+            os._exit(status)  # never back into the parent's code
 
 
 def _die_with_parent(parent: int) -> None:

@@ -96,3 +96,25 @@ def _state(pid: int) -> str:
             return f.read().rsplit(")", 1)[1].split()[0]
     except FileNotFoundError:
         return "gone"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the child is forked on Linux only")
+def test_the_child_never_returns_into_the_parents_code(tmp_path):
+    """With stderr closed (`2>&-`: sys.stderr is None) the child's last flush raised, and the child went on as a
+    second copy of the command from where it was forked."""
+    marker = tmp_path / "escaped"
+    script = f"""
+import os, sys, time
+from CovidCTDiagnosisLib.forked import ForkedCall
+sys.stderr = None
+try:
+    call = ForkedCall(os.getpid)
+except BaseException as error:
+    open({str(marker)!r}, "a").write(f"{{os.getpid()}} {{error!r}}\\n")
+    os._exit(0)
+time.sleep(1.5)  # the child has long finished
+print(call.result() != os.getpid())
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.stdout.strip() == "True" and not marker.exists(), marker.read_text() if marker.exists() else done.stderr
+
