@@ -17,9 +17,10 @@
 5. What a user waits for: `covidct analyze <P001 or the phantom> --out DIR --quiet`, process start
    to exit, against a bare `python -c "import torch"` in the same run, fresh processes taken in
    turn, median of START_RUNS: target <= 2.5x (issue 12; the machine's speed cancels out).
-6. Memory: peak memory of `covidct analyze` (a fresh process, model loading included; with the child
-   process that reads the CT: the sum of both processes' proportional set sizes and the shared memory
-   the child's result comes back through, sampled every 20 ms on Linux) on
+6. Memory: peak memory of `covidct analyze` (a fresh process, model loading included, and its child
+   that reads the CT: the larger of the largest process's exact peak RSS and, on Linux, the sum of
+   both processes' proportional set sizes and the shared memory the child's result comes back
+   through, sampled every SAMPLE_S) on
    P001 (or the phantom), target <= 1.5 GB (issue 12), and on a CT of the largest accepted size
    (`volume_io.MAX_VOXELS` voxels: P001's or the phantom's slices repeated to 512 x 512 x K),
    target < 4 GB (issue 11).

@@ -345,9 +345,8 @@ def _summary_line(report: dict) -> str:
 
 def cmd_analyze(args) -> int:
     import gc
-    from concurrent.futures import ThreadPoolExecutor
-
     import shutil
+    from concurrent.futures import ThreadPoolExecutor
 
     from .html_report import import_figure_modules
     from .outputs import discard_leftovers, write_outputs

@@ -52,7 +52,6 @@ PHANTOM_SEEDS = (0, 1)
 NEGATIVE_PROBABILITY = 0.05  # blank, noise or text images: no lung at all
 
 
-
 class _DoubleConv(nn.Sequential):
     def __init__(self, cin: int, cout: int):
         super().__init__(
@@ -97,6 +96,7 @@ class LungUNet(nn.Module):
         for up, merge, skip in zip(self.up, self.merge, reversed(skips[:-1])):
             x = merge(torch.cat([up(x), skip], dim=1))
         return self.head(x)  # (N, 1, S, S)
+
 
 def load_lung_unet(path: Path | str = LUNG_NET_WEIGHTS) -> LungUNet:
     """A lung network weights file (`train`'s output) as a LungUNet in eval mode on the CPU; ValueError
