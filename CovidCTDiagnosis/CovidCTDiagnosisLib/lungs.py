@@ -7,8 +7,9 @@ lung probability; the candidates are the air regions the network calls lung plus
 network calls lung (lesions). Small pockets and the trachea are dropped; across slices the
 lungs' 3-D components are kept and right told from left; per slice and side the mask is closed,
 bites at the pleura and holes are filled, and soft tissue medial to the aerated lung (the heart,
-the mediastinum) is dropped, ground glass kept. Voxels without data (`volume_io.has_data`: padding
-outside the reconstruction circle) are never air.
+the mediastinum) is dropped, ground glass kept. Dense "lung" reaching the air around the body is
+the body wall, unless it is a lesion whose outline leaked to the skin (`_drop_body_wall`). Voxels
+without data (`volume_io.has_data`: padding outside the reconstruction circle) are never air.
 
 `extract_aerated_lungs` is the threshold-only method (air regions not connected to the image
 border): the labels the lung network was trained from, on healthy lungs.
@@ -51,6 +52,9 @@ FOV_MIN_SLICES = 3  # lungs at the image or field-of-view edge on this many slic
 MAX_REGIONS_PER_SLICE = 255  # candidates per slice beyond the largest 255 are ignored
 DENSE_LUNG_PROBABILITY = 0.5  # a non-air pixel is lung (a lesion) where the lung network is this sure
 OUTSIDE_MIN_SIDES = 3  # air touching this many sides of the image surrounds the body: never lung
+CHEST_WALL_MIN_MM = 5.0  # dense lung lies at least this deep under the skin (skin and subcutis)
+LEAK_MAX_CONTACT = 0.05  # a lesion's outline that leaked to the skin touches at most this share of the body's outline
+LEAK_MIN_MEAN_PROBABILITY = 0.85  # ... and the lung network is this sure of it (P001's bands >= 0.91, phantom wall <= 0.81)
 NOMINAL_FOV_MM = 350.0  # 2-D images have no spacing: assume this field of view across the width
 RIGHT, LEFT = 1, 2
 _JOINED = 3  # a candidate of a component that holds both lungs, cut per slice
@@ -173,13 +177,7 @@ def _air_regions(
         mean_prob = _region_means(prob, labels, stats, np.flatnonzero(~surrounding[1:]) + 1)
         dense = (lungish & valid & (labels == 0)).astype(np.uint8)
         if surrounding.any() and cv2.countNonZero(dense):
-            # dense lung lies inside the chest wall: dense "lung" reaching the air around the body is not lung
-            outside_air = _lookup(surrounding.view(np.uint8), labels)
-            dense_count, dense_labels = cv2.connectedComponents(dense, connectivity=8)
-            reach = cv2.bitwise_and(cv2.dilate(outside_air, np.ones((5, 5), np.uint8)), dense)
-            touching = np.zeros(dense_count, dtype=bool)
-            touching[dense_labels[reach > 0]] = True
-            dense[_lookup(touching, dense_labels)] = 0
+            _drop_body_wall(dense, _lookup(surrounding.view(np.uint8), labels), prob, spacing_ij)
         # per air region: 0 not lung (no region, or the air around the body), 1 lung where the network
         # calls the pixel lung, 2 lung (the network calls the region lung on average)
         air_lung = np.zeros(count, dtype=np.uint8)
@@ -210,6 +208,35 @@ def _air_regions(
         at_edge[n] = np.count_nonzero(member & edge_zone[y:y + h, x:x + w])
     areas = np.r_[0, stats[kept, cv2.CC_STAT_AREA]]
     return _SliceRegions(_lookup(lut, labels), areas, right, hu_sums, centre, at_edge)
+
+
+def _drop_body_wall(dense: np.ndarray, outside_air: np.ndarray, prob: np.ndarray, spacing_ij: Sequence[float]) -> None:
+    """Clear, in place, what of the dense "lung" (uint8 0/1; the lung network's probability `prob`)
+    reaches the air around the body (`outside_air`, uint8 0/1): dense lung lies inside the chest wall.
+
+    Such a component is the body wall taken for lung, cleared whole, unless it is a lesion whose
+    outline leaked to the skin: the network's outline of a large dense lesion (a dependent
+    consolidation band) can run on through the chest wall. A leak touches the body's outline
+    along a short stretch (at most LEAK_MAX_CONTACT of it) and the network is sure of the
+    component (mean probability at least LEAK_MIN_MEAN_PROBABILITY; on the body wall it is
+    unsure, on a band sure): then only its pixels within CHEST_WALL_MIN_MM of the air are cleared.
+    """
+    count, components, stats, _ = cv2.connectedComponentsWithStats(dense, connectivity=8)
+    outline = cv2.dilate(outside_air, np.ones((5, 5), np.uint8)) - outside_air  # the body's skin, 2 px wide
+    contact = np.bincount(components[outline > 0], minlength=count)
+    contact[0] = 0
+    touching = contact > 0
+    if not touching.any():
+        return
+    mean_prob = _region_means(prob, components, stats, np.flatnonzero(touching))
+    leaks = touching & (contact <= LEAK_MAX_CONTACT * cv2.countNonZero(outline)) & (mean_prob >= LEAK_MIN_MEAN_PROBABILITY)
+    dense[_lookup(touching & ~leaks, components)] = 0
+    if leaks.any():  # within the leaks' box and a margin that holds any air within CHEST_WALL_MIN_MM
+        margin = int(np.ceil(CHEST_WALL_MIN_MM / min(spacing_ij))) + 1
+        x, y, w, h = cv2.boundingRect(_lookup(leaks.view(np.uint8), components))
+        box = np.s_[max(y - margin, 0):y + h + margin, max(x - margin, 0):x + w + margin]
+        depth_mm = cv2.distanceTransform(1 - outside_air[box], cv2.DIST_L2, cv2.DIST_MASK_5) * min(spacing_ij)
+        dense[box][depth_mm < CHEST_WALL_MIN_MM] = 0
 
 
 def _components_3d(slices: list[_SliceRegions]) -> tuple[np.ndarray, np.ndarray]:

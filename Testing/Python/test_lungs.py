@@ -163,10 +163,10 @@ def test_infnet_infection_inside_2d_mask(shared_data):
     assert min(coverage) >= INFNET_MIN_COVERAGE, f"worst slice {min(coverage):.3f}"
 
 
-# the issue's target is 0.80 for both; measured 0.80+ and 0.52 (every 3rd slice): the 40 % case is
-# 28 points short (dense "lung" reaching the air around the body is dropped, and a band that deep
-# often does); a regression guard until the lung network is sure of such bands
-@pytest.mark.parametrize("fraction, inside", [(0.2, 0.75), (0.4, 0.50)])
+# the issue's target is 0.80 for both; measured 0.81 and 0.75 (every 3rd slice): near the lung bases and apex
+# the lung network does not call a band that deep lung (the 40 % case is 5 points short); before the body-wall
+# rule (`lungs._drop_body_wall`) such a band whose outline leaked through the chest wall was dropped whole (0.52)
+@pytest.mark.parametrize("fraction, inside", [(0.2, 0.78), (0.4, 0.70)])
 def test_dense_posterior_consolidation_stays_inside(p001_clean, fraction, inside):
     """The posterior 20 % / 40 % of each lung of P001 made dense (35 HU) stays inside the mask."""
     oriented, clean = p001_clean
@@ -182,6 +182,9 @@ def test_dense_posterior_consolidation_stays_inside(p001_clean, fraction, inside
     hu[dense] = 35.0 + np.random.default_rng(0).normal(0, 10, np.count_nonzero(dense))
     lungs = extract_lungs(hu, oriented.GetSpacing())
     assert np.count_nonzero(lungs.mask & dense) / np.count_nonzero(dense) >= inside
+    # and not the chest wall with it: what lies outside the clean lungs (measured 2 % and 10 % of them: the lung
+    # network's outline of the band, a few millimetres into the chest wall and between spine and lung)
+    assert np.count_nonzero(lungs.mask & ~clean.mask) <= 0.12 * np.count_nonzero(clean.mask)
 
 
 def test_medial_ground_glass_stays_inside(p001_clean):
