@@ -47,7 +47,8 @@ CT_VOLUMES = ("ct/covid-ct-md/P001-covid", "ct/covid-ct-md/normal001-normal", "c
 NORMAL_SLICE_SET = "slices/mosmed-derived"  # its NonCOVID slices: healthy lungs from many scanners
 MASK_FRACTION_RANGE = (0.08, 0.55)  # threshold masks of slice images outside this are not trusted as labels
 LESION_PROBABILITY = 0.75
-POSTERIOR_BAND_PROBABILITY = 0.45  # dependent consolidation, the hardest case for a threshold
+POSTERIOR_BAND_PROBABILITY = 0.6  # dependent consolidation, the hardest case for a threshold
+BAND_MAX_FRACTION = 0.7  # the deepest band: this share of the lung's height (a 40 % band of P001 was missed)
 PHANTOM_SEEDS = (0, 1)
 NEGATIVE_PROBABILITY = 0.05  # blank, noise or text images: no lung at all
 
@@ -204,7 +205,7 @@ def _posterior_band(rng, mask: np.ndarray) -> np.ndarray:
     rows = np.arange(mask.shape[0])[:, None]
     for n in range(1, count):
         top, height = stats[n, cv2.CC_STAT_TOP], stats[n, cv2.CC_STAT_HEIGHT]
-        cut = top + height * (1 - rng.uniform(0.1, 0.6))
+        cut = top + height * (1 - rng.uniform(0.1, BAND_MAX_FRACTION))
         edge = cut + rng.choice([0.0, 4.0]) * _smooth_field(rng, (1, mask.shape[1]), 6)  # a level or a wavy top
         band |= (labels == n) & (rows >= edge)
     return band
