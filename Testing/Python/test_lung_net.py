@@ -65,6 +65,14 @@ def test_painted_lesions_stay_in_the_lung():
     assert changed
 
 
+def test_soft_tissue_window_rendering():
+    """A lung-window slice re-windowed to the mediastinal window (level 40, width 400): lung black, soft tissue grey."""
+    hu = np.array([-1000.0, -850.0, -500.0, -160.0, 40.0])  # air, lung, ground glass, the window's bottom, muscle
+    shown = lung_model._soft_tissue_window(hu_to_u8(hu))
+    assert list(shown[:4]) == [0, 0, 0, 0]
+    assert abs(int(shown[4]) - 127) <= 4  # (40 + 160) / 400 of 255, within the lung window's 8-bit steps
+
+
 def cv2_dilate(mask):
     import cv2
 

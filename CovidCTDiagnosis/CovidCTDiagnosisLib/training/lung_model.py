@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from ..bundled_model import MODELS_DIR
+from ..display import LUNG_WINDOW_LEVEL, LUNG_WINDOW_WIDTH
 from ..geometry import orient_to_lps
 from ..lung_net import LUNG_NET_SIZE
 from ..lungs import extract_aerated_lungs, threshold_lung_mask_2d
@@ -51,6 +52,8 @@ POSTERIOR_BAND_PROBABILITY = 0.6  # dependent consolidation, the hardest case fo
 BAND_MAX_FRACTION = 0.7  # the deepest band: this share of the lung's height (a 40 % band of P001 was missed)
 PHANTOM_SEEDS = (0, 1)
 NEGATIVE_PROBABILITY = 0.05  # blank, noise or text images: no lung at all
+SOFT_TISSUE_WINDOW_PROBABILITY = 0.1  # slices shown in a mediastinal window (figures in papers): black lungs
+SOFT_TISSUE_WINDOW_HU = (-160.0, 240.0)  # that window (level 40, width 400)
 
 
 class _DoubleConv(nn.Sequential):
@@ -273,6 +276,15 @@ def _field_of_view(rng, image: np.ndarray, label: np.ndarray) -> None:
     label[outside] = False
 
 
+def _soft_tissue_window(image: np.ndarray) -> np.ndarray:
+    """A lung-window uint8 slice as it looks in SOFT_TISSUE_WINDOW_HU: lungs and ground glass black,
+    soft tissue grey (the lung window saturates above its top, so bone is grey here, not white)."""
+    low, high = SOFT_TISSUE_WINDOW_HU
+    top_hu = LUNG_WINDOW_LEVEL + LUNG_WINDOW_WIDTH / 2
+    scaled = (image.astype(np.float32) - hu_u8(low)) / (hu_u8(top_hu) - hu_u8(low)) * ((top_hu - low) / (high - low)) * 255.0
+    return np.clip(scaled, 0, 255).astype(np.uint8)
+
+
 def _intensity(rng, image: np.ndarray) -> np.ndarray:
     x = image.astype(np.float32) / 255.0
     x = np.clip(x * rng.uniform(0.75, 1.2) + rng.uniform(-0.12, 0.12), 0, 1) ** rng.uniform(0.6, 1.6)
@@ -307,6 +319,8 @@ def sample(rng, base) -> tuple[np.ndarray, np.ndarray]:
     if mask.any() and rng.random() < LESION_PROBABILITY:
         gray = paint_lesions(rng, gray, mask)
     image, label = _warp(rng, gray, mask)
+    if rng.random() < SOFT_TISSUE_WINDOW_PROBABILITY:
+        image = _soft_tissue_window(image)
     if rng.random() < 0.15:
         _field_of_view(rng, image, label)
     return _intensity(rng, image), label
