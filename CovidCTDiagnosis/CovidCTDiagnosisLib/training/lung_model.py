@@ -37,6 +37,7 @@ from ..geometry import orient_to_lps
 from ..lung_net import LUNG_NET_SIZE
 from ..lungs import extract_aerated_lungs, threshold_lung_mask_2d
 from ..phantom import make_demo_phantom
+from ..preprocessing import lung_window
 from ..volume_io import hu_to_u8, read_image_2d, read_volume
 
 LUNG_NET_CHANNELS = (16, 32, 64, 128)
@@ -53,7 +54,7 @@ BAND_MAX_FRACTION = 0.7  # the deepest band: this share of the lung's height (a 
 PHANTOM_SEEDS = (0, 1)
 NEGATIVE_PROBABILITY = 0.05  # blank, noise or text images: no lung at all
 SOFT_TISSUE_WINDOW_PROBABILITY = 0.1  # slices shown in a mediastinal window (figures in papers): black lungs
-SOFT_TISSUE_WINDOW_HU = (-160.0, 240.0)  # that window (level 40, width 400)
+SOFT_TISSUE_WINDOW = (40.0, 400.0)  # that window: level, width (HU)
 
 
 class _DoubleConv(nn.Sequential):
@@ -277,12 +278,10 @@ def _field_of_view(rng, image: np.ndarray, label: np.ndarray) -> None:
 
 
 def _soft_tissue_window(image: np.ndarray) -> np.ndarray:
-    """A lung-window uint8 slice as it looks in SOFT_TISSUE_WINDOW_HU: lungs and ground glass black,
-    soft tissue grey (the lung window saturates above its top, so bone is grey here, not white)."""
-    low, high = SOFT_TISSUE_WINDOW_HU
-    top_hu = LUNG_WINDOW_LEVEL + LUNG_WINDOW_WIDTH / 2
-    scaled = (image.astype(np.float32) - hu_u8(low)) / (hu_u8(top_hu) - hu_u8(low)) * ((top_hu - low) / (high - low)) * 255.0
-    return np.clip(scaled, 0, 255).astype(np.uint8)
+    """A lung-window uint8 slice as it looks in SOFT_TISSUE_WINDOW: lungs and ground glass black, soft
+    tissue grey (the lung window saturates above its top, so bone is grey here, not white)."""
+    hu = LUNG_WINDOW_LEVEL - LUNG_WINDOW_WIDTH / 2 + image.astype(np.float32) * (LUNG_WINDOW_WIDTH / 255.0)
+    return (lung_window(hu, *SOFT_TISSUE_WINDOW) * 255.0).astype(np.uint8)
 
 
 def _intensity(rng, image: np.ndarray) -> np.ndarray:
