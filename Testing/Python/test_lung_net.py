@@ -103,6 +103,30 @@ def test_training_writes_a_loadable_model_and_resumes(tmp_path):
         lung_model.train(base, out, iterations=5, batch=2, log=lambda m: None)
 
 
+def test_average_of_lung_networks(tmp_path):
+    """`--average`: the parameters and batch-norm statistics are the mean of the files', written with the ONNX export."""
+    paths = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        net = lung_model.LungUNet()
+        net.stem[1].running_mean.fill_(seed)  # batch-norm statistics differ too
+        paths.append(lung_model._save(net.eval(), tmp_path / f"stage{seed}.pt", iterations=1, seed=seed, init=None))
+    out = tmp_path / "averaged.pt"
+    assert lung_model.main(["--out", str(out), "--average", *map(str, paths)]) == 0
+    a, b, mean = (lung_model.load_lung_unet(p).state_dict() for p in (*paths, out))
+    for key in ("stem.0.weight", "head.2.bias", "stem.1.running_mean"):
+        assert torch.allclose(mean[key], (a[key] + b[key]) / 2)
+    assert torch.load(out, weights_only=True)["averaged"] == ["stage0.pt", "stage1.pt"]
+    onnx = lung_net.load_lung_net(str(out.with_suffix(".onnx")))
+    x = np.random.default_rng(0).random((1, 1, lung_net.LUNG_NET_SIZE, lung_net.LUNG_NET_SIZE), np.float32)
+    onnx.setInput(x)
+    with torch.inference_mode():
+        expected = lung_model.load_lung_unet(out)(torch.from_numpy(x)).numpy()
+    assert np.abs(onnx.forward() - expected).max() < 1e-3
+    with pytest.raises(SystemExit):
+        lung_model.main(["--out", str(out)])  # training needs --data
+
+
 def test_not_a_lung_model_file(tmp_path):
     path = tmp_path / "other.pt"
     torch.save({"format": "something-else"}, path)

@@ -163,10 +163,10 @@ def test_infnet_infection_inside_2d_mask(shared_data):
     assert min(coverage) >= INFNET_MIN_COVERAGE, f"worst slice {min(coverage):.3f}"
 
 
-# the issue's target is 0.80 for both; measured 0.81 and 0.75 (every 3rd slice): near the lung bases and apex
-# the lung network does not call a band that deep lung (the 40 % case is 5 points short); before the body-wall
-# rule (`lungs._drop_body_wall`) such a band whose outline leaked through the chest wall was dropped whole (0.52)
-@pytest.mark.parametrize("fraction, inside", [(0.2, 0.78), (0.4, 0.70)])
+# the issue's target, 0.80 for both; measured 0.82 and 0.88 (every 3rd slice) with the lung network of
+# 2026-12-01 (0.81 and 0.75 with the one before; 0.52 for the 40 % band before the body-wall rule,
+# `lungs._drop_body_wall`, kept a band whose outline leaked through the chest wall)
+@pytest.mark.parametrize("fraction, inside", [(0.2, 0.80), (0.4, 0.80)])
 def test_dense_posterior_consolidation_stays_inside(p001_clean, fraction, inside):
     """The posterior 20 % / 40 % of each lung of P001 made dense (35 HU) stays inside the mask."""
     oriented, clean = p001_clean
@@ -182,9 +182,9 @@ def test_dense_posterior_consolidation_stays_inside(p001_clean, fraction, inside
     hu[dense] = 35.0 + np.random.default_rng(0).normal(0, 10, np.count_nonzero(dense))
     lungs = extract_lungs(hu, oriented.GetSpacing())
     assert np.count_nonzero(lungs.mask & dense) / np.count_nonzero(dense) >= inside
-    # and not the chest wall with it: what lies outside the clean lungs (measured 2 % and 10 % of them: the lung
-    # network's outline of the band, a few millimetres into the chest wall and between spine and lung)
-    assert np.count_nonzero(lungs.mask & ~clean.mask) <= 0.12 * np.count_nonzero(clean.mask)
+    # and not the chest wall with it: what lies outside the clean lungs (measured 1.3 % and 5.7 % of them: the
+    # lung network's outline of the band, a few millimetres into the chest wall and between spine and lung)
+    assert np.count_nonzero(lungs.mask & ~clean.mask) <= 0.08 * np.count_nonzero(clean.mask)
 
 
 def test_medial_ground_glass_stays_inside(p001_clean):
@@ -264,13 +264,15 @@ def test_field_of_view_of_one_side(shared_data):
     assert any("field of view" in note for note in lungs.notes)
 
 
-@pytest.mark.parametrize("kind", ["black", "noise", "text"])
+@pytest.mark.parametrize("kind", ["black", "noise", "large-noise", "dark-noise", "text"])
 def test_no_lungs_in_a_non_ct_image(kind):
-    """Blank, noise and text images hold no lung."""
+    """Blank, noise and text images hold no lung (black ones matter: lungs are black in a mediastinal window)."""
     import cv2
 
     rng = np.random.default_rng(0)
-    image = {"black": np.zeros((256, 256), np.uint8), "noise": rng.integers(0, 256, (256, 256)).astype(np.uint8)}.get(kind)
+    image = {"black": np.zeros((256, 256), np.uint8), "noise": rng.integers(0, 256, (256, 256)).astype(np.uint8),
+             "large-noise": rng.integers(0, 256, (512, 512)).astype(np.uint8),
+             "dark-noise": np.clip(rng.normal(10, 8, (512, 512)), 0, 255).astype(np.uint8)}.get(kind)
     if image is None:
         image = np.full((256, 384), 255, np.uint8)
         for row in range(20, 256, 24):

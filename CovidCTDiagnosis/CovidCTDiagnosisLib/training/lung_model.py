@@ -14,7 +14,8 @@ Run: `python -m CovidCTDiagnosisLib.training.lung_model --data ../shared/data --
 (resumable: it continues from `--out`'s checkpoint while it has iterations left). It writes the
 PyTorch weights (`--out`, what `--init` fine-tunes from) and their ONNX export beside them
 (`lung-unet.onnx`, what `lung_net` runs on OpenCV; the export needs the `onnx` package: the
-`train` extra). The shipped files were made in three stages; docs/training.md gives the commands.
+`train` extra). The shipped files were made in seven stages and an average (`--average`);
+docs/training.md gives the commands.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ LESION_PROBABILITY = 0.75
 POSTERIOR_BAND_PROBABILITY = 0.6  # dependent consolidation, the hardest case for a threshold
 BAND_MAX_FRACTION = 0.7  # the deepest band: this share of the lung's height (a 40 % band of P001 was missed)
 PHANTOM_SEEDS = (0, 1)
-NEGATIVE_PROBABILITY = 0.05  # blank, noise or text images: no lung at all
+NEGATIVE_PROBABILITY = 0.12  # blank, noise or text images: no lung at all (black ones most: black lungs in SOFT_TISSUE_WINDOW)
 SOFT_TISSUE_WINDOW_PROBABILITY = 0.1  # slices shown in a mediastinal window (figures in papers): black lungs
 SOFT_TISSUE_WINDOW = (40.0, 400.0)  # that window: level, width (HU)
 
@@ -297,12 +298,16 @@ def _intensity(rng, image: np.ndarray) -> np.ndarray:
 
 
 def _negative(rng) -> np.ndarray:
+    """An image with no lung: blank (black most often), noise or a page of text."""
     size = LUNG_NET_SIZE
     kind = rng.integers(3)
     if kind == 0:
-        return np.full((size, size), rng.integers(0, 256), np.uint8)
+        level = rng.integers(0, 16) if rng.random() < 0.5 else rng.integers(0, 256)
+        return np.full((size, size), level, np.uint8)
     if kind == 1:
-        return rng.integers(0, 256, (size, size)).astype(np.uint8)
+        if rng.random() < 0.5:
+            return rng.integers(0, 256, (size, size)).astype(np.uint8)
+        return np.clip(rng.normal(rng.uniform(0, 255), rng.uniform(5, 60), (size, size)), 0, 255).astype(np.uint8)
     page = np.full((size, size), 255, np.uint8)
     for row in range(8, size, 12):
         cv2.putText(page, "".join(rng.choice(list("abcdefghij COVID lung 0123")) for _ in range(20)), (2, row),
@@ -313,7 +318,7 @@ def _negative(rng) -> np.ndarray:
 def sample(rng, base) -> tuple[np.ndarray, np.ndarray]:
     """One augmented training pair: (S, S) float32 image in [0, 1], (S, S) bool lung label."""
     if rng.random() < NEGATIVE_PROBABILITY:
-        return _negative(rng).astype(np.float32) / 255.0, np.zeros((LUNG_NET_SIZE,) * 2, bool)
+        return _intensity(rng, _negative(rng)), np.zeros((LUNG_NET_SIZE,) * 2, bool)
     gray, mask = base[rng.integers(len(base))]
     if mask.any() and rng.random() < LESION_PROBABILITY:
         gray = paint_lesions(rng, gray, mask)
@@ -372,23 +377,43 @@ def train(base, out: Path, iterations: int, batch: int = 16, seed: int = 0, init
             log(f"step {step}/{iterations} loss {loss.item():.4f} ({time.time() - start:.0f} s)")
             torch.save({"net": net.state_dict(), "optimiser": optimiser.state_dict(),
                         "scheduler": scheduler.state_dict(), "step": step, "iterations": iterations}, state_file)
-    net.eval()
-    torch.save({"format": LUNG_NET_FORMAT, "channels": list(LUNG_NET_CHANNELS),
-                "state_dict": net.state_dict(), "iterations": iterations, "seed": seed,
-                "init": None if init is None else Path(init).name}, out)
+    return _save(net.eval(), out, iterations=iterations, seed=seed, init=None if init is None else Path(init).name)
+
+
+def _save(net: LungUNet, out: Path, **provenance) -> Path:
+    torch.save({"format": LUNG_NET_FORMAT, "channels": list(LUNG_NET_CHANNELS), "state_dict": net.state_dict(), **provenance}, out)
     export_onnx(net, out.with_suffix(".onnx"))
     return out
 
 
+def average(paths: list[Path], out: Path) -> Path:
+    """Average lung network weights files of one fine-tuning lineage (a uniform "model soup",
+    Wortsman et al., ICML 2022; batch-norm statistics averaged too) and save the result to `out`
+    and its ONNX export beside it. Fine-tunes of the same start lie in one basin, so their average
+    keeps what each learnt; it costs no training."""
+    nets = [load_lung_unet(p) for p in paths]
+    states = [n.state_dict() for n in nets]
+    merged = {k: sum(s[k].float() for s in states) / len(states) if v.is_floating_point() else v for k, v in states[0].items()}
+    nets[0].load_state_dict(merged)
+    return _save(nets[0].eval(), out, averaged=[Path(p).name for p in paths])
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, required=True, help="the real data folder (shared/data)")
+    parser.add_argument("--data", type=Path, help="the real data folder (shared/data); needed to train")
     parser.add_argument("--out", type=Path, required=True, help="weights file to write (.pt; its ONNX export is written beside it)")
     parser.add_argument("--iterations", type=int, default=2000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--init", type=Path, help="continue from this lung network file (fine-tuning)")
     parser.add_argument("--max-lr", type=float, default=2e-3)
+    parser.add_argument("--average", type=Path, nargs="+", metavar="PT",
+                        help="instead of training: write the average of these lung network files to --out")
     args = parser.parse_args(argv)
+    if args.average:
+        average(args.average, args.out)
+        return 0
+    if args.data is None:
+        parser.error("--data is needed to train")
     real = load_real(args.data)
     if not real:
         print(f"error: no CT volumes or normal slices found under {args.data}", file=sys.stderr)
