@@ -108,7 +108,7 @@ def test_average_of_lung_networks(tmp_path):
     paths = []
     for seed in (0, 1):
         torch.manual_seed(seed)
-        net = lung_model.LungUNet()
+        net = lung_model.LungUNet((4, 8, 16, 32))  # the channels travel with the file
         net.stem[1].running_mean.fill_(seed)  # batch-norm statistics differ too
         paths.append(lung_model._save(net.eval(), tmp_path / f"stage{seed}.pt", iterations=1, seed=seed, init=None))
     out = tmp_path / "averaged.pt"

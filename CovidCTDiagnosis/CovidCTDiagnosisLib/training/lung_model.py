@@ -381,7 +381,8 @@ def train(base, out: Path, iterations: int, batch: int = 16, seed: int = 0, init
 
 
 def _save(net: LungUNet, out: Path, **provenance) -> Path:
-    torch.save({"format": LUNG_NET_FORMAT, "channels": list(LUNG_NET_CHANNELS), "state_dict": net.state_dict(), **provenance}, out)
+    channels = [block[0].out_channels for block in net.down]
+    torch.save({"format": LUNG_NET_FORMAT, "channels": channels, "state_dict": net.state_dict(), **provenance}, out)
     export_onnx(net, out.with_suffix(".onnx"))
     return out
 
